@@ -1,0 +1,15 @@
+"""dms-jax: Dynamic Memory Sparsification (learned KV-cache eviction) in JAX / Flax NNX."""
+from dms_jax.config import DMSConfig, ModelConfig
+from dms_jax.hf import from_pretrained, load_tokenizer, save_pretrained
+from dms_jax.model import Decoder, ModelOutput
+
+__all__ = [
+    "DMSConfig",
+    "Decoder",
+    "ModelConfig",
+    "ModelOutput",
+    "from_pretrained",
+    "load_tokenizer",
+    "save_pretrained",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,287 @@
+"""Flax NNX decoder for the Llama family (Llama 3.x, Qwen2, Qwen3, Mistral) with DMS.
+
+One model, three forward modes (see `Decoder.forward`):
+  * "plain": the original model, nothing evicted (the teacher);
+  * "train": DMS training forward, Gumbel-sigmoid soft mask, needs a PRNG key;
+  * "eval":  DMS evaluation forward, hard mask, no noise.
+Family differences are ModelConfig fields (biases, q/k norm, sliding window, rope scaling).
+"""
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from dms_jax.config import ModelConfig, resolve_dtype
+from dms_jax.layers import MLP, RMSNorm, apply_rope, rope_inv_freq
+from dms_jax.ops import gating
+from dms_jax.ops.attention import dense_attention
+
+MODES = ("plain", "train", "eval")
+ATTENTION_IMPLS = ("auto", "dense", "blockwise")
+# "auto" switches from dense to blockwise attention above this many tokens.
+DENSE_MAX_TOKENS = 1024
+
+
+class ModelOutput(NamedTuple):
+    logits: Any  # [B, T, V] float32, or None when return_logits=False
+    hidden: Any  # [B, T, d] after the final norm
+    decisions: Any  # [L, B, T, Hkv] float32: train = straight-through hard, eval = 0/1; None in plain
+    alpha: Any  # [L, B, T, Hkv] float32 soft alpha (train), None otherwise
+    decision_logits: Any  # [L, B, T, Hkv] float32 z (train/eval), None in plain
+    cache: Any = None  # updated KV cache when one was passed
+
+
+class LayerContext(NamedTuple):
+    """What every layer needs besides its input (built once per forward)."""
+
+    mode: str
+    positions: Any  # int32 [B, T]
+    k_valid: Any  # bool [B, T] or None
+    attention_impl: str
+    inv_freq: Any  # [D // 2]
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        dtype, param_dtype = resolve_dtype(cfg.dtype), resolve_dtype(cfg.param_dtype)
+        d, h, hkv, hd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.q_proj = nnx.Linear(d, h * hd, use_bias=cfg.qkv_bias, **kw)
+        self.k_proj = nnx.Linear(d, hkv * hd, use_bias=cfg.qkv_bias, **kw)
+        self.v_proj = nnx.Linear(d, hkv * hd, use_bias=cfg.qkv_bias, **kw)
+        self.o_proj = nnx.Linear(h * hd, d, use_bias=cfg.o_bias, **kw)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(hd, cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
+            self.k_norm = RMSNorm(hd, cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
+        if cfg.dms is not None and cfg.dms.mode == "adapter":
+            self.dms_norm = RMSNorm(d, cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
+            self.dms_proj = nnx.Linear(
+                d, hkv, use_bias=False, kernel_init=nnx.initializers.zeros_init(), **kw
+            )
+        self.cfg = cfg
+
+    def decision_logits(self, residual, q):
+        """z [B, T, Hkv] float32 (spec section 1) and q with the neuron zeroed (neuron mode)."""
+        dms = self.cfg.dms
+        if dms.mode == "neuron":
+            z = gating.neuron_decision_logits(q, self.cfg.num_kv_heads, dms.scale, dms.offset)
+            q = gating.zero_decision_neuron(q, self.cfg.num_kv_heads)
+        else:
+            weight = self.dms_proj.kernel[...].T  # [Hkv, d]
+            z = gating.adapter_decision_logits(self.dms_norm(residual), weight, dms.scale, dms.offset)
+        if dms.per == "layer":
+            z = z[..., :1]
+        return z, q
+
+    def __call__(self, residual, x, ctx: LayerContext, key=None, cache=None):
+        """residual: stream entering the layer, x: its input-normed version, both [B, T, d]."""
+        cfg = self.cfg
+        batch, seq = x.shape[:2]
+        q = self.q_proj(x).reshape(batch, seq, cfg.num_heads, cfg.head_dim)
+        k = self.k_proj(x).reshape(batch, seq, cfg.num_kv_heads, cfg.head_dim)
+        v = self.v_proj(x).reshape(batch, seq, cfg.num_kv_heads, cfg.head_dim)
+        if cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+
+        dms_on = ctx.mode != "plain" and cfg.dms is not None
+        z = alpha = decisions = evict_bias = None
+        if dms_on:
+            z, q = self.decision_logits(residual, q)  # z: [B, T, Hkv or 1]
+            if ctx.mode == "train":
+                zt, alpha, decisions = gating.gumbel_sigmoid(z, key, cfg.dms.tau)
+                evict_bias = gating.soft_evict_bias(zt)
+            else:
+                hard = gating.hard_decisions(z)
+                decisions = hard.astype(jnp.float32)
+                evict_bias = gating.hard_evict_bias_from_decisions(hard)
+            shape = (batch, seq, cfg.num_kv_heads)
+            z, decisions, evict_bias = (jnp.broadcast_to(a, shape) for a in (z, decisions, evict_bias))
+            alpha = None if alpha is None else jnp.broadcast_to(alpha, shape)
+
+        q = apply_rope(q, ctx.positions, ctx.inv_freq)
+        k = apply_rope(k, ctx.positions, ctx.inv_freq)
+        if dms_on and cfg.dms.mode == "neuron":
+            q = gating.zero_decision_neuron(q, cfg.num_kv_heads)
+
+        window = cfg.dms.window if dms_on else 0
+        if cache is not None:
+            from dms_jax.cache_attention import attend_with_cache  # wired by the inference engine
+
+            out, cache = attend_with_cache(self, cache, q, k, v, z, ctx)
+        else:
+            out = self._attend(q, k, v, evict_bias, window, ctx)
+        out = self.o_proj(out.reshape(batch, seq, cfg.num_heads * cfg.head_dim))
+        return out, (decisions, alpha, z), cache
+
+    def _attend(self, q, k, v, evict_bias, window, ctx: LayerContext):
+        seq = q.shape[1]
+        impl = ctx.attention_impl
+        if impl == "auto":
+            impl = "dense" if seq <= DENSE_MAX_TOKENS else "blockwise"
+        bias = None if evict_bias is None else jnp.swapaxes(evict_bias, 1, 2)  # [B, Hkv, T]
+        kwargs = dict(
+            q_pos=ctx.positions, k_pos=ctx.positions, evict_bias=bias, window=window,
+            k_valid=ctx.k_valid, sliding_window=self.cfg.sliding_window,
+        )
+        if impl == "dense":
+            return dense_attention(q, k, v, **kwargs)
+        from dms_jax.ops.blockwise import blockwise_attention
+
+        return blockwise_attention(q, k, v, **kwargs)
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        dtype, param_dtype = resolve_dtype(cfg.dtype), resolve_dtype(cfg.param_dtype)
+        norm_kw = dict(dtype=dtype, param_dtype=param_dtype)
+        self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **norm_kw)
+        self.attn = Attention(cfg, rngs=rngs)
+        self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **norm_kw)
+        self.mlp = MLP(
+            cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias, dtype=dtype,
+            param_dtype=param_dtype, rngs=rngs,
+        )
+
+    def __call__(self, x, ctx: LayerContext, key=None, cache=None):
+        attn_out, aux, cache = self.attn(x, self.input_norm(x), ctx, key=key, cache=cache)
+        x = x + attn_out
+        x = x + self.mlp(self.post_attn_norm(x))
+        return x, aux, cache
+
+
+class Decoder(nnx.Module):
+    """Decoder-only transformer. `model(input_ids)` is the plain causal forward -> logits."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        dtype, param_dtype = resolve_dtype(cfg.dtype), resolve_dtype(cfg.param_dtype)
+        self.config = cfg
+        self.embed = nnx.Embed(
+            cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+        )
+        self.layers = nnx.List([DecoderLayer(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+        self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = nnx.Linear(
+                cfg.hidden_size, cfg.vocab_size, use_bias=False, dtype=dtype,
+                param_dtype=param_dtype, rngs=rngs,
+            )
+
+    def unembed(self, hidden):
+        """hidden [..., d] (after the final norm) -> logits [..., V] float32."""
+        if self.config.tie_word_embeddings:
+            logits = self.embed.attend(hidden)
+        else:
+            logits = self.lm_head(hidden)
+        return logits.astype(jnp.float32)
+
+    def forward(self, input_ids, *, attention_mask=None, positions=None, mode="plain", key=None,
+                return_logits=True, attention_impl="auto", cache=None):
+        """Run the decoder.
+
+        input_ids: int [B, T]; attention_mask: [B, T] (1 real, 0 padding) or None;
+        positions: int [B, T] or None (0..T-1, as transformers does);
+        mode: "plain" | "train" (needs `key`) | "eval"; attention_impl: "auto" | "dense" | "blockwise".
+        """
+        cfg = self.config
+        validate_input_ids(input_ids, cfg.vocab_size)
+        if mode not in MODES:
+            raise ValueError(f"mode={mode!r}; use one of {MODES}")
+        if attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(f"attention_impl={attention_impl!r}; use one of {ATTENTION_IMPLS}")
+        if mode != "plain" and cfg.dms is None:
+            raise ValueError(
+                f"mode={mode!r} needs a DMS model; load it with dms=DMSConfig(...) "
+                "(dms_jax.from_pretrained(path, dms=DMSConfig()))"
+            )
+        if mode == "train" and key is None:
+            raise ValueError("mode='train' samples Gumbel noise: pass key=jax.random.key(...)")
+        batch, seq = input_ids.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
+        k_valid = None if attention_mask is None else jnp.asarray(attention_mask).astype(bool)
+        ctx = LayerContext(
+            mode=mode, positions=positions.astype(jnp.int32), k_valid=k_valid,
+            attention_impl=attention_impl,
+            inv_freq=rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling_dict),
+        )
+        keys = jax.random.split(key, cfg.num_layers) if mode == "train" else [None] * cfg.num_layers
+        x = self.embed(input_ids)
+        per_layer, new_caches = [], []
+        for i, layer in enumerate(self.layers):
+            layer_cache = None if cache is None else cache[i]
+            x, aux, layer_cache = layer(x, ctx, key=keys[i], cache=layer_cache)
+            per_layer.append(aux)
+            new_caches.append(layer_cache)
+        hidden = self.final_norm(x)
+        logits = self.unembed(hidden) if return_logits else None
+        decisions = alpha = z = None
+        if mode != "plain":
+            decisions = jnp.stack([a[0] for a in per_layer])
+            z = jnp.stack([a[2] for a in per_layer])
+            if mode == "train":
+                alpha = jnp.stack([a[1] for a in per_layer])
+        return ModelOutput(logits, hidden, decisions, alpha, z,
+                           None if cache is None else new_caches)
+
+    def __call__(self, input_ids, attention_mask=None):
+        return self.forward(input_ids, attention_mask=attention_mask).logits
+
+    def train_forward(self, input_ids, key, attention_mask=None, **kw) -> ModelOutput:
+        """DMS training forward: soft Gumbel-sigmoid mask; logits, decisions and alpha."""
+        return self.forward(input_ids, attention_mask=attention_mask, mode="train", key=key, **kw)
+
+    def eval_forward(self, input_ids, attention_mask=None, **kw):
+        """DMS evaluation forward (hard mask). Returns (ModelOutput, compression ratio).
+
+        The ratio is 1 / mean(held / seen) over layers, rows and KV heads at the end of each
+        row (spec section 6), counted from the hard decisions and the window.
+        """
+        out = self.forward(input_ids, attention_mask=attention_mask, mode="eval", **kw)
+        return out, compression_ratio_from_decisions(out.decisions, attention_mask, self.config.dms.window)
+
+
+def compression_ratio_from_decisions(decisions, attention_mask, window):
+    """1 / mean(held / seen) after the whole sequence (spec sections 5-6).
+
+    decisions: [L, B, T, Hkv] 0/1 (decision at t flags token t-1); attention_mask [B, T] or None.
+    A token j of a row with n real tokens is held at the end iff it is inside the window
+    (n - 1 - j <= w) or its flag d[j+1] is 0.
+    """
+    num_layers, batch, seq, _ = decisions.shape
+    valid = jnp.ones((batch, seq), bool) if attention_mask is None else jnp.asarray(attention_mask).astype(bool)
+    n = valid.sum(axis=1)  # [B] real tokens (left- or right-padded rows: positions are ranks)
+    rank = jnp.cumsum(valid, axis=1) - 1  # [B, T] index of each real token
+    flags = gating.shift_to_keys(jnp.moveaxis(decisions, 0, 1) > 0.5, False)  # [B, L, T, Hkv]
+    flags = jnp.moveaxis(flags, 1, 0)  # [L, B, T, Hkv]
+    # the decision of a pad token never flags a real one: zero flags whose successor is padding
+    next_valid = jnp.concatenate([valid[:, 1:], jnp.zeros((batch, 1), bool)], axis=1)
+    flags = flags & next_valid[None, :, :, None]
+    in_window = (n[:, None] - 1 - rank) <= window  # [B, T]
+    held = valid[None, :, :, None] & (in_window[None, :, :, None] | ~flags)
+    ratio = held.sum(axis=2) / jnp.maximum(n, 1)[None, :, None]  # [L, B, Hkv]
+    return 1.0 / jnp.mean(ratio)
+
+
+def validate_input_ids(input_ids, vocab_size):
+    """Rank check always; value check when the ids are concrete (not under jit)."""
+    shape = getattr(input_ids, "shape", None)
+    if shape is None or len(shape) != 2:
+        raise ValueError(
+            f"input_ids must be a [batch, seq] integer array, got shape {shape}; "
+            "wrap a single sequence as ids[None, :]"
+        )
+    if not jnp.issubdtype(input_ids.dtype, jnp.integer):
+        raise ValueError(f"input_ids must be integers, got dtype {input_ids.dtype}")
+    if isinstance(input_ids, jax.core.Tracer):
+        return
+    arr = np.asarray(input_ids)
+    if arr.size and (arr.min() < 0 or arr.max() >= vocab_size):
+        bad = arr[(arr < 0) | (arr >= vocab_size)]
+        raise ValueError(
+            f"token ids must lie in [0, {vocab_size}); found {bad[:5].tolist()} "
+            f"(min {arr.min()}, max {arr.max()}): check the tokenizer matches the model"
+        )

@@ -1,0 +1,1 @@
+"""Pure functions on arrays: the mask rule, gating, attention."""

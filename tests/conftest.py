@@ -1,0 +1,22 @@
+"""Test set-up: 8 simulated CPU devices and full float32 matmul precision, set before JAX starts;
+tiny random Hugging Face models (built with transformers, saved locally) as session fixtures."""
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import jax  # noqa: E402
+
+jax.config.update("jax_num_cpu_devices", 8)
+jax.config.update("jax_default_matmul_precision", "highest")
+
+import pytest  # noqa: E402
+
+from tests import hf_models  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def hf_model_dirs(tmp_path_factory):
+    """{family: directory} of tiny random HF models saved with save_pretrained (built once)."""
+    root = tmp_path_factory.mktemp("hf_models")
+    return {name: hf_models.build(name, str(root / name)) for name in hf_models.FAMILIES}

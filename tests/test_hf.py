@@ -1,0 +1,182 @@
+"""Hugging Face import / export against transformers itself (the independent reference)."""
+import json
+import os
+import shutil
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+import dms_jax
+from dms_jax.hf import CheckpointError
+from tests import hf_models
+
+TOL = 1e-4
+
+
+def _ids(seed, shape=(3, 21), vocab=97):
+    return np.random.RandomState(seed).randint(0, vocab, shape).astype(np.int32)
+
+
+@pytest.mark.parametrize("family", hf_models.FAMILIES)
+def test_logits_match_transformers(hf_model_dirs, family):
+    path = hf_model_dirs[family]
+    reference = hf_models.load_torch(path)
+    model = dms_jax.from_pretrained(path)
+    ids = _ids(1)
+    np.testing.assert_allclose(np.asarray(model(ids)), hf_models.torch_logits(reference, ids), atol=TOL, rtol=0)
+
+    # a padded batch: row 0 right-padded, row 1 left-padded, row 2 full
+    mask = np.ones_like(ids)
+    mask[0, -6:] = 0
+    mask[1, :4] = 0
+    ours = np.asarray(model(ids, attention_mask=mask))
+    theirs = hf_models.torch_logits(reference, ids, mask)
+    valid = mask.astype(bool)
+    np.testing.assert_allclose(ours[valid], theirs[valid], atol=TOL, rtol=0)
+
+
+def test_family_features_are_read(hf_model_dirs):
+    cfgs = {f: dms_jax.from_pretrained(hf_model_dirs[f]).config for f in hf_models.FAMILIES}
+    assert cfgs["llama"].tie_word_embeddings and dict(cfgs["llama"].rope_scaling)["rope_type"] == "llama3"
+    assert cfgs["qwen2"].qkv_bias and not cfgs["qwen2"].o_bias
+    assert cfgs["qwen3"].qk_norm and cfgs["qwen3"].head_dim == 12
+    assert cfgs["mistral"].sliding_window == 7
+    assert all(c.num_kv_heads == 2 and c.num_heads == 6 for c in cfgs.values())
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_round_trip_through_transformers(hf_model_dirs, family, tmp_path):
+    model = dms_jax.from_pretrained(hf_model_dirs[family])
+    ids = _ids(2)
+    ours = np.asarray(model(ids))
+    out = dms_jax.save_pretrained(model, str(tmp_path / "export"))
+    reloaded_hf = hf_models.load_torch(out)  # transformers reads our export
+    np.testing.assert_allclose(hf_models.torch_logits(reloaded_hf, ids), ours, atol=TOL, rtol=0)
+    again = dms_jax.from_pretrained(out)  # and we read it back
+    np.testing.assert_array_equal(np.asarray(again(ids)), ours)
+    # and once more through transformers' own save
+    reloaded_hf.save_pretrained(str(tmp_path / "hf_again"))
+    third = dms_jax.from_pretrained(str(tmp_path / "hf_again"))
+    np.testing.assert_allclose(np.asarray(third(ids)), ours, atol=TOL, rtol=0)
+
+
+def test_dms_settings_survive_export(hf_model_dirs, tmp_path):
+    dms = dms_jax.DMSConfig(mode="adapter", window=8)
+    model = dms_jax.from_pretrained(hf_model_dirs["qwen2"], dms=dms)
+    out = dms_jax.save_pretrained(model, str(tmp_path / "dms"))
+    assert json.load(open(os.path.join(out, "config.json")))["dms"]["window"] == 8
+    back = dms_jax.from_pretrained(out)
+    assert back.config.dms == dms
+
+
+def test_sharded_safetensors_load_identically(hf_model_dirs, tmp_path):
+    model = dms_jax.from_pretrained(hf_model_dirs["qwen2"])
+    out = dms_jax.save_pretrained(model, str(tmp_path / "sharded"), max_shard_bytes=20_000)
+    files = sorted(f for f in os.listdir(out) if f.endswith(".safetensors"))
+    assert len(files) > 2 and os.path.exists(os.path.join(out, "model.safetensors.index.json"))
+    ids = _ids(3)
+    np.testing.assert_array_equal(np.asarray(dms_jax.from_pretrained(out)(ids)), np.asarray(model(ids)))
+    reference = hf_models.load_torch(out)  # transformers reads the sharded layout too
+    np.testing.assert_allclose(hf_models.torch_logits(reference, ids), np.asarray(model(ids)), atol=TOL, rtol=0)
+
+
+def test_bfloat16_parameters_and_compute(hf_model_dirs):
+    model = dms_jax.from_pretrained(hf_model_dirs["llama"], dtype="bfloat16", param_dtype="bfloat16")
+    assert model.embed.embedding[...].dtype == jnp.bfloat16
+    ref = np.asarray(dms_jax.from_pretrained(hf_model_dirs["llama"])(_ids(4)))
+    got = np.asarray(model(_ids(4)))
+    assert np.abs(got - ref).max() < 0.1 * np.abs(ref).max()
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+
+
+def _copy(src, dst):
+    shutil.copytree(src, dst)
+    return str(dst)
+
+
+def test_unknown_architecture_lists_supported(hf_model_dirs, tmp_path):
+    d = _copy(hf_model_dirs["llama"], tmp_path / "m")
+    cfg = json.load(open(os.path.join(d, "config.json")))
+    cfg["model_type"], cfg["architectures"] = "gpt2", ["GPT2LMHeadModel"]
+    json.dump(cfg, open(os.path.join(d, "config.json"), "w"))
+    with pytest.raises(ValueError, match="LlamaForCausalLM.*Qwen2ForCausalLM.*Qwen3ForCausalLM.*MistralForCausalLM"):
+        dms_jax.from_pretrained(d)
+
+
+def _edit_tensors(d, edit):
+    path = os.path.join(d, "model.safetensors")
+    tensors = load_file(path)
+    edit(tensors)
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+def test_missing_tensor_is_named(hf_model_dirs, tmp_path):
+    d = _copy(hf_model_dirs["qwen2"], tmp_path / "m")
+    _edit_tensors(d, lambda t: t.pop("model.layers.1.self_attn.k_proj.bias"))
+    with pytest.raises(CheckpointError, match=r"missing.*model\.layers\.1\.self_attn\.k_proj\.bias"):
+        dms_jax.from_pretrained(d)
+
+
+def test_unexpected_tensor_is_named(hf_model_dirs, tmp_path):
+    d = _copy(hf_model_dirs["qwen2"], tmp_path / "m")
+    _edit_tensors(d, lambda t: t.update({"model.layers.0.self_attn.rotary.weight": np.zeros(3, np.float32)}))
+    with pytest.raises(CheckpointError, match=r"unexpected.*rotary"):
+        dms_jax.from_pretrained(d)
+
+
+def test_shape_mismatch_names_both_shapes(hf_model_dirs, tmp_path):
+    d = _copy(hf_model_dirs["mistral"], tmp_path / "m")
+    _edit_tensors(d, lambda t: t.update({"model.layers.2.mlp.up_proj.weight": np.zeros((70, 48), np.float32)}))
+    with pytest.raises(CheckpointError, match=r"up_proj\.weight.*\(70, 48\).*\(48, 72\)"):
+        dms_jax.from_pretrained(d)
+
+
+def test_pickle_checkpoints_refused_unless_opted_in(hf_model_dirs, tmp_path):
+    import torch
+
+    d = _copy(hf_model_dirs["llama"], tmp_path / "m")
+    tensors = load_file(os.path.join(d, "model.safetensors"))
+    os.remove(os.path.join(d, "model.safetensors"))
+    torch.save({k: torch.from_numpy(v) for k, v in tensors.items()}, os.path.join(d, "pytorch_model.bin"))
+    with pytest.raises(CheckpointError, match="pickle.*allow_pickle=True"):
+        dms_jax.from_pretrained(d)
+    ids = _ids(5)
+    np.testing.assert_array_equal(
+        np.asarray(dms_jax.from_pretrained(d, allow_pickle=True)(ids)),
+        np.asarray(dms_jax.from_pretrained(hf_model_dirs["llama"])(ids)),
+    )
+
+
+def test_bad_token_ids_and_rank(hf_model_dirs):
+    model = dms_jax.from_pretrained(hf_model_dirs["llama"])
+    with pytest.raises(ValueError, match=r"\[0, 97\).*97"):
+        model(np.array([[1, 2, 97]]))
+    with pytest.raises(ValueError, match=r"\[0, 97\).*-1"):
+        model(np.array([[-1, 2]]))
+    with pytest.raises(ValueError, match=r"\[batch, seq\]"):
+        model(np.array([1, 2, 3]))
+
+
+def test_failed_export_leaves_nothing_that_looks_valid(hf_model_dirs, tmp_path, monkeypatch):
+    import dms_jax.hf as hf
+
+    model = dms_jax.from_pretrained(hf_model_dirs["llama"])
+    target = tmp_path / "export"
+
+    def broken_config(cfg):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(hf, "hf_config_from_model_config", broken_config)
+    with pytest.raises(RuntimeError, match="disk full"):
+        dms_jax.save_pretrained(model, str(target))
+    assert not target.exists()
+    assert os.listdir(tmp_path) == []  # no temporary directory left behind either
+
+
+def test_missing_directory_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a local directory"):
+        dms_jax.from_pretrained(str(tmp_path / "nope"))
