@@ -255,8 +255,7 @@ def compression_ratio_from_decisions(decisions, attention_mask, window):
     valid = jnp.ones((batch, seq), bool) if attention_mask is None else jnp.asarray(attention_mask).astype(bool)
     n = valid.sum(axis=1)  # [B] real tokens (left- or right-padded rows: positions are ranks)
     rank = jnp.cumsum(valid, axis=1) - 1  # [B, T] index of each real token
-    flags = gating.shift_to_keys(jnp.moveaxis(decisions, 0, 1) > 0.5, False)  # [B, L, T, Hkv]
-    flags = jnp.moveaxis(flags, 1, 0)  # [L, B, T, Hkv]
+    flags = gating.shift_to_keys(decisions > 0.5, False, axis=2)  # [L, B, T, Hkv]
     # the decision of a pad token never flags a real one: zero flags whose successor is padding
     next_valid = jnp.concatenate([valid[:, 1:], jnp.zeros((batch, 1), bool)], axis=1)
     flags = flags & next_valid[None, :, :, None]

@@ -67,10 +67,14 @@ def hard_decisions(z):
     return z > 0
 
 
-def shift_to_keys(x, fill):
-    """The shift by one: e[:, j] = x[:, j + 1]; the last token gets `fill`. x: [B, T, ...]."""
-    pad = jnp.full_like(x[:, :1], fill)
-    return jnp.concatenate([x[:, 1:], pad], axis=1)
+def shift_to_keys(x, fill, axis=1):
+    """The shift by one: e[j] = x[j + 1] along the token axis; the last token gets `fill`.
+
+    x: [B, T, ...] (axis=1) or any layout with the token axis given.
+    """
+    x = jnp.moveaxis(x, axis, 0)
+    shifted = jnp.concatenate([x[1:], jnp.full_like(x[:1], fill)], axis=0)
+    return jnp.moveaxis(shifted, 0, axis)
 
 
 def soft_evict_bias(zt):
