@@ -393,6 +393,7 @@ def save_pretrained(model: Decoder, out_dir: str, *, max_shard_bytes: int = 2 * 
                 src = os.path.join(cfg.name_or_path, fn)
                 if os.path.exists(src):
                     shutil.copy2(src, os.path.join(tmp, fn))
+        _make_readable(tmp)
         if os.path.exists(out_dir):
             old = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old-", dir=parent)
             os.rename(out_dir, os.path.join(old, "x"))
@@ -404,6 +405,15 @@ def save_pretrained(model: Decoder, out_dir: str, *, max_shard_bytes: int = 2 * 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+def _make_readable(directory):
+    """mkdtemp makes a private (0700) directory: give the export the usual permissions."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(directory, 0o777 & ~umask)
+    for fn in os.listdir(directory):
+        os.chmod(os.path.join(directory, fn), 0o666 & ~umask)
 
 
 def _shard(tensors: dict, max_bytes: int) -> list[dict]:

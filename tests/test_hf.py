@@ -180,3 +180,16 @@ def test_failed_export_leaves_nothing_that_looks_valid(hf_model_dirs, tmp_path, 
 def test_missing_directory_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a local directory"):
         dms_jax.from_pretrained(str(tmp_path / "nope"))
+
+
+def test_tokenizer_travels_with_the_model(tmp_path):
+    from dms_jax.assets import DEFAULT_MODEL_DIR
+
+    tok = dms_jax.load_tokenizer(DEFAULT_MODEL_DIR)
+    model = dms_jax.from_pretrained(DEFAULT_MODEL_DIR)
+    assert tok is not None and len(tok) == model.config.vocab_size
+    out = dms_jax.save_pretrained(model, str(tmp_path / "copy"))
+    again = dms_jax.load_tokenizer(out)
+    text = "def forward(self, x): return x"
+    assert again(text)["input_ids"] == tok(text)["input_ids"]
+    assert dms_jax.load_tokenizer(str(tmp_path)) is None  # a directory without one
