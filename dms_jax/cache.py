@@ -1,0 +1,379 @@
+"""The fixed-shape KV cache with DMS delayed eviction (dms-spec.md section 5).
+
+Layout, per layer (`LayerCache`, a registered pytree): S slots per (batch row, KV head), each
+holding one token's key, value, position (-1: free) and evict flag. Heads hold different tokens in
+different slots; a freed slot is reused by the next token to be stored. Nothing is kept in order:
+every mask is built from the stored positions and flags through the one rule of `ops/mask.py`.
+
+One step (`attend_and_update`, pure and jittable; the model calls it once per layer):
+  1. flags: the decision of the chunk's first real token sets the flag of the newest cached token
+     (kept in `last_slot`); inside the chunk the decision of the next real token flags a token;
+     the newest real token's flag stays pending (False);
+  2. attention: the chunk's C queries attend to the S cached slots and to the chunk's own tokens
+     (causally) under the visibility rule, one softmax over both (no [S + C] copy of K/V);
+  3. eviction: the policy keeps what the newest query may still see (DMS: the window t-w .. t
+     and every older unflagged token); the chunk's kept tokens go into free slots.
+  A decode step (C = 1) does 3 before 2, so the donated cache is updated in place (a read before
+  an in-place write makes XLA copy the whole buffer); the result is the same.
+So after a step a stream holds exactly min(seen, w+1) + (# unflagged tokens older than the
+window), until the capacity S is reached. Memory for a chunk is S + C tokens, never the prompt.
+
+Overflow (more than S tokens to keep): the newest out-of-window tokens are dropped (see
+`dms_jax.policies`), counted per (row, head) in `overflow`. The cache stays consistent. For a
+strict run call `assert_no_overflow(caches)` on the host after a jitted step or loop (it reads the
+counters; nothing inside jit synchronises with the host).
+
+Assumptions on the caller: within a row, real tokens arrive in order with consecutive positions
+across calls; `new_valid` may hold any pattern (left or right padding, holes); outputs at padding
+queries are finite and meaningless.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, NamedTuple, Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dms_jax.config import resolve_dtype
+from dms_jax.ops.mask import MASK_VALUE, hard_evict_bias, visibility_bias
+from dms_jax.policies import DMS, Candidates, Policy, get_policy
+
+
+@flax.struct.dataclass
+class LayerCache:
+    keys: jax.Array  # [B, Hkv, S, D] (RoPE applied)
+    values: jax.Array  # [B, Hkv, S, D]
+    pos: jax.Array  # int32 [B, Hkv, S], -1 = free slot
+    flags: jax.Array  # bool [B, Hkv, S], evict flag d[j+1] of the slot's token j (False: pending)
+    scores: jax.Array  # f32 [B, Hkv, S], a policy's per-slot score (unused by full / dms)
+    last_slot: jax.Array  # int32 [B, Hkv], slot of the row's newest token (flag pending), -1 none
+    last_pos: jax.Array  # int32 [B], position of the row's newest token, -1 none
+    seen: jax.Array  # int32 [B], real tokens processed
+    overflow: jax.Array  # int32 [B, Hkv], tokens dropped because the slots were full
+    kv_reads: jax.Array  # f32 [B, Hkv], sum over real queries of the keys they saw
+    peak_held: jax.Array  # int32 [B, Hkv], most tokens held after any step
+
+    @property
+    def capacity(self) -> int:
+        return self.keys.shape[2]
+
+    @property
+    def held(self):
+        """int32 [B, Hkv] tokens held now."""
+        return (self.pos >= 0).sum(axis=-1, dtype=jnp.int32)
+
+
+def capacity_for(max_len: int, window: int, target_cr: float = 1.0, margin: float = 0.5) -> int:
+    """Slots per (layer, row, head) for rows of up to `max_len` tokens.
+
+    DMS at compression ratio CR holds about (seen - w - 1) / CR + w + 1 tokens; heads differ,
+    so `margin` adds that fraction of the expected retained count. Never more than max_len.
+    """
+    if max_len < 1 or window < 0 or target_cr < 1.0 or margin < 0:
+        raise ValueError(
+            f"capacity_for(max_len={max_len}, window={window}, target_cr={target_cr}, "
+            f"margin={margin}): need max_len >= 1, window >= 0, target_cr >= 1, margin >= 0"
+        )
+    retained = max(max_len - window - 1, 0) / target_cr * (1.0 + margin)
+    return int(min(max_len, math.ceil(retained) + window + 1))
+
+
+def init_layer_cache(batch, num_kv_heads, capacity, head_dim, *, window, dtype=jnp.float32,
+                     max_len=None) -> LayerCache:
+    """An empty layer cache. capacity must hold the window (w + 1) unless it holds max_len."""
+    need = window + 1 if max_len is None else min(window + 1, max_len)
+    if capacity < max(need, 1):
+        raise ValueError(
+            f"cache capacity {capacity} cannot hold the DMS window of {window} + 1 tokens; "
+            f"use capacity >= {need} (dms_jax.cache.capacity_for(max_len, window, target_cr))"
+        )
+    shape = (batch, num_kv_heads, capacity)
+    return LayerCache(
+        keys=jnp.zeros(shape + (head_dim,), dtype),
+        values=jnp.zeros(shape + (head_dim,), dtype),
+        pos=jnp.full(shape, -1, jnp.int32),
+        flags=jnp.zeros(shape, bool),
+        scores=jnp.zeros(shape, jnp.float32),
+        last_slot=jnp.full((batch, num_kv_heads), -1, jnp.int32),
+        last_pos=jnp.full((batch,), -1, jnp.int32),
+        seen=jnp.zeros((batch,), jnp.int32),
+        overflow=jnp.zeros((batch, num_kv_heads), jnp.int32),
+        kv_reads=jnp.zeros((batch, num_kv_heads), jnp.float32),
+        peak_held=jnp.zeros((batch, num_kv_heads), jnp.int32),
+    )
+
+
+def init_cache(num_layers, batch, num_kv_heads, capacity, head_dim, *, window,
+               dtype=jnp.float32, max_len=None) -> tuple:
+    """One LayerCache per layer (a tuple; the model indexes it by layer)."""
+    return tuple(
+        init_layer_cache(batch, num_kv_heads, capacity, head_dim, window=window, dtype=dtype,
+                         max_len=max_len)
+        for _ in range(num_layers)
+    )
+
+
+def init_cache_for_model(cfg, batch, max_len, *, policy="dms", target_cr=1.0, margin=0.5,
+                         capacity=None, dtype=None) -> tuple:
+    """A cache for a `ModelConfig`: capacity from max_len and the target CR unless given
+    (policy 'full' or a model without DMS: capacity = max_len)."""
+    window = cfg.dms.window if cfg.dms is not None else 0
+    if capacity is None:
+        full = get_policy(policy).name == "full" or cfg.dms is None
+        capacity = max_len if full else capacity_for(max_len, window, target_cr, margin)
+    return init_cache(cfg.num_layers, batch, cfg.num_kv_heads, capacity, cfg.head_dim,
+                      window=window, dtype=resolve_dtype(dtype or cfg.dtype), max_len=max_len)
+
+
+# ----------------------------------------------------------------------------- the step
+
+
+def _chunk_flags(decisions, new_valid):
+    """The shift by one inside a chunk.
+
+    decisions: bool [B, C, Hkv]; new_valid: bool [B, C]
+    returns (flags [B, Hkv, C]: d of the next real token of the chunk, False if none;
+             first [B, Hkv]: d of the chunk's first real token, False if the chunk has none)
+    """
+    batch, chunk = new_valid.shape
+    index = jnp.where(new_valid, jnp.arange(chunk, dtype=jnp.int32), chunk)  # [B, C]
+    after = jnp.concatenate([index[:, 1:], jnp.full((batch, 1), chunk, jnp.int32)], axis=1)
+    next_real = jax.lax.cummin(after, axis=1, reverse=True)  # [B, C], C = none
+    d_next = jnp.take_along_axis(decisions, jnp.minimum(next_real, chunk - 1)[..., None], axis=1)
+    flags = d_next & (next_real < chunk)[..., None] & new_valid[..., None]  # [B, C, Hkv]
+    first_real = index.min(axis=1)  # [B]
+    d_first = jnp.take_along_axis(decisions, jnp.minimum(first_real, chunk - 1)[:, None, None],
+                                  axis=1)[:, 0]  # [B, Hkv]
+    return jnp.swapaxes(flags, 1, 2), d_first & (first_real < chunk)[:, None]
+
+
+def _fit_capacity(keep, priority, capacity, max_excess):
+    """Drop the lowest-priority kept candidates so at most `capacity` remain.
+
+    keep: bool [B, Hkv, N]; priority: f32 [B, Hkv, N]. The excess is at most `max_excess` (the
+    cache held <= capacity before the chunk's tokens arrived). returns (keep, dropped [B, Hkv]).
+    """
+    excess = jnp.maximum(keep.sum(axis=-1, dtype=jnp.int32) - capacity, 0)  # [B, Hkv]
+    k = min(max_excess, keep.shape[-1])
+    _, lowest = jax.lax.top_k(jnp.where(keep, -priority, -jnp.inf), k)  # [B, Hkv, k]
+    drop_lowest = jnp.arange(k) < excess[..., None]  # [B, Hkv, k]
+
+    def drop_mask(idx, drop):  # per stream: [k], [k] -> [N]
+        return jnp.zeros(keep.shape[-1], bool).at[idx].max(drop)
+
+    drop = jax.vmap(jax.vmap(drop_mask))(lowest, drop_lowest)
+    return keep & ~drop, excess
+
+
+def _destinations(free, keep_new):
+    """Per stream: the slot each kept new token goes to, in order, or S (not stored).
+
+    free: bool [S] (slots not kept); keep_new: bool [C] -> int32 [C]
+    """
+    slots, chunk = free.shape[0], keep_new.shape[0]
+    free_rank = jnp.cumsum(free, dtype=jnp.int32) - 1
+    nth_free = jnp.full((chunk,), slots, jnp.int32).at[jnp.where(free, free_rank, chunk)].set(
+        jnp.arange(slots, dtype=jnp.int32), mode="drop")
+    new_rank = jnp.cumsum(keep_new, dtype=jnp.int32) - 1
+    return jnp.where(keep_new, nth_free[jnp.clip(new_rank, 0, chunk - 1)], slots)
+
+
+def _store(dest, old, new):
+    """Per stream: old [S, ...] with new [C, ...] written at dest [C] (S: skipped)."""
+    return old.at[dest].set(new, mode="drop")
+
+
+_store_all = jax.vmap(jax.vmap(_store))  # over batch rows and KV heads
+
+
+class KeyBlock(NamedTuple):
+    """Keys a chunk's queries attend to, per (row, KV head): cache slots or the chunk itself."""
+
+    keys: Any  # [B, Hkv, n, D]
+    values: Any  # [B, Hkv, n, D]
+    pos: Any  # int32 [B, Hkv, n]
+    flags: Any  # bool [B, Hkv, n]
+    valid: Any  # bool [B, Hkv, n]
+
+
+def _attend(q, q_pos, q_valid, blocks, *, window, use_flags, sliding_window, scale,
+            want_received):
+    """One softmax over the keys of all blocks under the visibility rule (no K/V concatenation).
+
+    q: [B, C, H, D]; q_pos: int32 [B, C]; q_valid: bool [B, C]
+    returns (out [B, C, H, D], keys seen by real queries [B, Hkv] f32,
+             attention received by each key from real queries [B, Hkv, n_total] f32 or None)
+    """
+    batch, chunk, num_heads, head_dim = q.shape
+    num_kv_heads = blocks[0].keys.shape[1]
+    qg = q.reshape(batch, chunk, num_kv_heads, num_heads // num_kv_heads, head_dim)
+    pos, flags, valid = (jnp.concatenate([getattr(b, f) for b in blocks], axis=-1)
+                         for f in ("pos", "flags", "valid"))  # [B, Hkv, N]
+    bias = visibility_bias(
+        q_pos[:, None, None, :, None],  # [B, 1, 1, C, 1]
+        pos[:, :, None, None, :],  # [B, Hkv, 1, 1, N]
+        hard_evict_bias(flags)[:, :, None, None, :] if use_flags else None,
+        window,
+        k_valid=valid[:, :, None, None, :],
+        sliding_window=sliding_window,
+    )  # [B, Hkv, 1, C, N]
+    scores = jnp.concatenate(
+        [jnp.einsum("bqhgd,bhsd->bhgqs", qg, b.keys, preferred_element_type=jnp.float32)
+         for b in blocks], axis=-1) * scale
+    probs = jax.nn.softmax(scores + bias, axis=-1)  # [B, Hkv, G, C, N]
+    out, start = 0.0, 0
+    for b in blocks:
+        part = probs[..., start:start + b.keys.shape[2]].astype(b.values.dtype)
+        out = out + jnp.einsum("bhgqs,bhsd->bqhgd", part, b.values)
+        start += b.keys.shape[2]
+    out = out.reshape(batch, chunk, num_heads, head_dim).astype(q.dtype)
+    real = q_valid[:, None, :, None]  # [B, 1, C, 1]
+    seen = ((bias[:, :, 0] > MASK_VALUE / 2) & real).sum(axis=(2, 3)).astype(jnp.float32)
+    received = (probs * real[:, :, None]).sum(axis=(2, 3)) if want_received else None
+    return out, seen, received
+
+
+def attend_and_update(cache: LayerCache, q, k_new, v_new, decisions, positions, new_valid, *,
+                      window: int, policy: Policy | str = DMS, sliding_window=None, scale=None):
+    """Attend a chunk of C new tokens over the cache and the chunk, then store the chunk.
+
+    cache: LayerCache with S slots; q: [B, C, H, D] (RoPE applied); k_new, v_new: [B, C, Hkv, D]
+    (RoPE applied to k); decisions: bool [B, C, Hkv] or [B, C, 1] (d = z > 0 of each new token,
+    flagging its predecessor; None for policies without decisions); positions: int [B, C];
+    new_valid: bool [B, C] (False: padding). window: w; sliding_window: Mistral's, or None;
+    scale: softmax scale (default D ** -0.5).
+    returns (out [B, C, H, D] in q.dtype, updated LayerCache)
+
+    A decode step (C == 1) evicts first, writes the new token into its slot, then attends over
+    the slots only: the donated buffers are updated in place (attending first would make XLA copy
+    the whole cache). Without overflow both orders give the same result; under overflow a
+    token dropped in a decode step is not seen by that step's query.
+    """
+    policy = get_policy(policy)
+    batch, chunk, _, head_dim = q.shape
+    num_kv_heads, slots = k_new.shape[2], cache.capacity
+    scale = head_dim ** -0.5 if scale is None else scale
+    positions = positions.astype(jnp.int32)
+    new_valid = new_valid.astype(bool)
+    attend = functools.partial(
+        _attend, q, positions, new_valid, window=window, use_flags=policy.uses_decisions,
+        sliding_window=sliding_window, scale=scale, want_received=policy.needs_attention)
+
+    # the shift by one: the chunk's first decision flags the newest cached token
+    if decisions is None:
+        decisions = jnp.zeros((batch, chunk, 1), bool)
+    decisions = jnp.broadcast_to(decisions.astype(bool), (batch, chunk, num_kv_heads))
+    new_flags, d_first = _chunk_flags(decisions, new_valid)  # [B, Hkv, C], [B, Hkv]
+    is_last = jnp.arange(slots) == cache.last_slot[..., None]  # [B, Hkv, S]
+    old_flags = cache.flags | (is_last & d_first[..., None])
+    old = KeyBlock(cache.keys, cache.values, cache.pos, old_flags, cache.pos >= 0)
+    new_pos = jnp.broadcast_to(positions[:, None, :], (batch, num_kv_heads, chunk))
+    new = KeyBlock(jnp.swapaxes(k_new, 1, 2).astype(cache.keys.dtype),  # [B, Hkv, C, D], as
+                   jnp.swapaxes(v_new, 1, 2).astype(cache.values.dtype),  # later steps read it
+                   new_pos, new_flags, jnp.broadcast_to(new_valid[:, None, :], new_pos.shape))
+    newest = jnp.max(jnp.where(new_valid, positions, -1), axis=1)
+    query_pos = jnp.maximum(cache.last_pos, newest)  # [B], the newest position after the step
+
+    def place(scores):
+        """Select over [slots | chunk] -> (keep_old [B, Hkv, S], dest [B, Hkv, C], dropped)."""
+        cand = Candidates(*(jnp.concatenate([getattr(old, f), getattr(new, f)], axis=-1)
+                            for f in ("pos", "flags", "valid")), scores, query_pos, window,
+                          sliding_window)
+        sel = policy.select(cand)
+        keep, dropped = _fit_capacity(sel.keep & cand.valid, sel.priority, slots, chunk)
+        dest = jax.vmap(jax.vmap(_destinations))(~keep[..., :slots], keep[..., slots:])
+        return keep[..., :slots], dest, dropped
+
+    def store(keep_old, dest, scores):
+        """Free the slots not kept, write the kept new tokens at dest (K/V: C rows only)."""
+        return (_store_all(dest, old.keys, new.keys),
+                _store_all(dest, old.values, new.values),
+                _store_all(dest, jnp.where(keep_old, old.pos, -1), new.pos),
+                _store_all(dest, keep_old & old.flags, new.flags),
+                _store_all(dest, jnp.where(keep_old, scores[..., :slots], 0.0),
+                           scores[..., slots:]))
+
+    cand_scores = jnp.concatenate([cache.scores, jnp.zeros(new_pos.shape, jnp.float32)], -1)
+    if chunk == 1:  # decode: evict, write in place, attend over the slots
+        keep_old, dest, dropped = place(cand_scores)
+        keys, values, pos, flags, scores = store(keep_old, dest, cand_scores)
+        out, seen, received = attend([KeyBlock(keys, values, pos, flags, pos >= 0)])
+        scores = policy.accumulate(scores, received)
+    else:  # chunk: attend over [slots | chunk], then evict and store
+        out, seen, received = attend([old, new])
+        cand_scores = policy.accumulate(cand_scores, received)
+        keep_old, dest, dropped = place(cand_scores)
+        keys, values, pos, flags, scores = store(keep_old, dest, cand_scores)
+
+    last_real = jnp.max(jnp.where(new_valid, jnp.arange(chunk), -1), axis=1)  # [B]
+    last_dest = jnp.take_along_axis(dest, jnp.maximum(last_real, 0)[:, None, None], axis=2)[..., 0]
+    last_slot = jnp.where((last_real >= 0)[:, None],
+                          jnp.where(last_dest < slots, last_dest, -1), cache.last_slot)
+    held = (pos >= 0).sum(axis=-1, dtype=jnp.int32)
+    new_cache = LayerCache(
+        keys=keys, values=values, pos=pos, flags=flags, scores=scores,
+        last_slot=last_slot,
+        last_pos=query_pos,
+        seen=cache.seen + new_valid.sum(axis=1, dtype=jnp.int32),
+        overflow=cache.overflow + (dropped if policy.counts_overflow else 0),
+        kv_reads=cache.kv_reads + seen,
+        peak_held=jnp.maximum(cache.peak_held, held),
+    )
+    return out, new_cache
+
+
+# ----------------------------------------------------------------------------- stats
+
+
+class CacheStats(NamedTuple):
+    held: Any  # int32 [L, B, Hkv] tokens held now
+    seen: Any  # int32 [B] tokens seen per row
+    compression_ratio: Any  # f32 scalar, 1 / mean(held / seen) over layers, rows (seen > 0), heads
+    held_bytes: Any  # f32 scalar, key + value bytes of the held tokens
+    peak_held_bytes: Any  # f32 scalar, sum over (layer, row, head) of its peak held bytes
+    allocated_bytes: int  # key + value buffers allocated (static)
+    overflow: Any  # int32 [L, B, Hkv] tokens dropped because slots were full
+    kv_reads: Any  # f32 [L, B, Hkv] sum over real queries of the keys each one saw
+
+
+def cache_stats(caches: Sequence[LayerCache]) -> CacheStats:
+    """Stats of a per-layer cache sequence (jittable; byte counts in float32)."""
+    held = jnp.stack([c.held for c in caches])  # [L, B, Hkv]
+    seen = caches[0].seen
+    token_bytes = [2 * c.keys.shape[-1] * c.keys.dtype.itemsize for c in caches]
+    rows = seen > 0
+    ratio = held / jnp.maximum(seen, 1)[None, :, None]
+    weight = jnp.broadcast_to(rows[None, :, None], held.shape)
+    mean_ratio = jnp.sum(jnp.where(weight, ratio, 0.0)) / jnp.maximum(weight.sum(), 1)
+    return CacheStats(
+        held=held,
+        seen=seen,
+        compression_ratio=jnp.where(mean_ratio > 0, 1.0 / mean_ratio, 1.0),
+        held_bytes=sum(c.held.sum().astype(jnp.float32) * b for c, b in zip(caches, token_bytes)),
+        peak_held_bytes=sum(c.peak_held.sum().astype(jnp.float32) * b
+                            for c, b in zip(caches, token_bytes)),
+        allocated_bytes=int(sum(c.keys.nbytes + c.values.nbytes for c in caches)),
+        overflow=jnp.stack([c.overflow for c in caches]),
+        kv_reads=jnp.stack([c.kv_reads for c in caches]),
+    )
+
+
+class CacheOverflowError(RuntimeError):
+    pass
+
+
+def assert_no_overflow(caches: Sequence[LayerCache]):
+    """Host-side strict check: raise if any (layer, row, head) dropped a token for capacity."""
+    counts = np.stack([np.asarray(c.overflow) for c in caches])  # [L, B, Hkv]
+    if counts.any():
+        layer, row, head = np.argwhere(counts)[0]
+        raise CacheOverflowError(
+            f"KV cache overflow: {int(counts.sum())} tokens dropped for lack of slots "
+            f"(first at layer {layer}, row {row}, KV head {head}; capacity "
+            f"{caches[0].capacity}); raise the capacity (capacity_for(..., margin=...)) "
+            "or run without strict to accept the documented overflow rule"
+        )

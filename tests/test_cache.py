@@ -1,0 +1,354 @@
+"""The fixed-shape DMS KV cache (dms-spec.md sections 4-6) against independent references.
+
+* outputs of chunked prefill + decode over the cache == `dense_attention` over the whole sequence
+  with the hard bias, and == a float64 numpy implementation of the rule written out plainly;
+* the held set after every step == a plain set simulation of section 5 (with the documented
+  overflow rule), and the spec's invariants hold (hypothesis, data-varying, fixed shapes);
+* stats (held, CR, bytes, overflow) == direct counts; strict mode raises on overflow.
+Shapes come from a few buckets so each jitted program compiles once.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from dms_jax import DMSConfig, ModelConfig
+from dms_jax import cache as kvcache
+from dms_jax.ops import gating
+from dms_jax.ops.attention import dense_attention
+
+step_fn = jax.jit(kvcache.attend_and_update, donate_argnums=0,
+                  static_argnames=("window", "policy", "sliding_window", "scale"))
+stats_fn = jax.jit(kvcache.cache_stats)
+
+
+# ----------------------------------------------------------------------------- data and driver
+
+
+def make_data(rng, batch, seq, heads, kv_heads, dim, p_flag):
+    """Random q/k/v and decisions with a per-row flagged fraction in p_flag."""
+    q = rng.standard_normal((batch, seq, heads, dim)).astype(np.float32)
+    k = rng.standard_normal((batch, seq, kv_heads, dim)).astype(np.float32)
+    v = rng.standard_normal((batch, seq, kv_heads, dim)).astype(np.float32)
+    p = np.broadcast_to(np.asarray(p_flag, np.float64).reshape(-1, 1, 1), (batch, 1, 1))
+    d = rng.random((batch, seq, kv_heads)) < p
+    return q, k, v, d
+
+
+def schedule(rng, prompt_lens, total_lens, chunk):
+    """Steps of (index [B, C'], valid [B, C']): chunked prefill (C' = chunk; each row's tokens
+    placed as a prefix, a suffix or a random subset of the chunk), then one token per step."""
+    batch = len(prompt_lens)
+    done = np.zeros(batch, int)
+    steps = []
+    while (done < prompt_lens).any():
+        index, valid = np.zeros((batch, chunk), int), np.zeros((batch, chunk), bool)
+        for b in range(batch):
+            n = min(prompt_lens[b] - done[b], chunk)
+            layout = rng.integers(3)
+            where = (np.arange(n) if layout == 0 else np.arange(chunk - n, chunk) if layout == 1
+                     else np.sort(rng.choice(chunk, n, replace=False)))
+            index[b, where], valid[b, where] = done[b] + np.arange(n), True
+            done[b] += n
+        steps.append((index, valid))
+    while (done < total_lens).any():
+        valid = (done < total_lens)[:, None]
+        steps.append((np.where(valid, done[:, None], 0), valid))
+        done += valid[:, 0]
+    return steps
+
+
+def run_cache(cache, steps, q, k, v, d, *, window, policy="dms", sliding_window=None,
+              on_step=None):
+    """Feed the steps through attend_and_update; returns outputs per token [B, T, H, D], cache."""
+    out_all = np.full(q.shape, np.nan, np.float32)
+    rows = np.arange(q.shape[0])[:, None]
+    for index, valid in steps:
+        out, cache = step_fn(
+            cache, q[rows, index], k[rows, index], v[rows, index], d[rows, index],
+            index.astype(np.int32), valid, window=window, policy=policy,
+            sliding_window=sliding_window,
+        )
+        out = np.asarray(out)
+        out_all[rows.repeat(index.shape[1], 1)[valid], index[valid]] = out[valid]
+        if on_step is not None:
+            on_step(index, valid, cache)
+    return out_all, cache
+
+
+def dense_reference(q, k, v, d, length, *, window, sliding_window=None, evict=True):
+    """dense_attention over one row's whole sequence with the hard bias."""
+    q, k, v, d = (jnp.asarray(x[None, :length]) for x in (q, k, v, d))
+    pos = jnp.arange(length, dtype=jnp.int32)[None]
+    bias = jnp.swapaxes(gating.hard_evict_bias_from_decisions(d), 1, 2) if evict else None
+    return np.asarray(dense_attention(q, k, v, q_pos=pos, k_pos=pos, evict_bias=bias,
+                                      window=window, sliding_window=sliding_window))[0]
+
+
+def numpy_reference(q, k, v, d, length, *, window):
+    """The rule written out in float64: key j visible to query i iff j <= i and
+    (i - j <= w or the decision of token j + 1 is 0)."""
+    _, heads, dim = q.shape
+    group = heads // k.shape[1]
+    out = np.zeros((length, heads, dim))
+    for i in range(length):
+        for h in range(heads):
+            kv = h // group
+            keys = [j for j in range(i + 1) if i - j <= window or not d[j + 1, kv]]
+            s = k[keys, kv].astype(np.float64) @ q[i, h].astype(np.float64) / np.sqrt(dim)
+            p = np.exp(s - s.max())
+            out[i, h] = (p / p.sum()) @ v[keys, kv].astype(np.float64)
+    return out
+
+
+def simulate_held(steps, d, *, window, capacity, num_kv_heads):
+    """Section 5 as plain sets, per step: {(row, head): {position: flag}}, and overflow counts.
+
+    Per step: each new token's decision flags its predecessor; then, relative to the newest
+    position t, flagged tokens with t - j > w leave; if more than `capacity` remain, the newest
+    tokens outside the window are dropped (the documented overflow rule)."""
+    held = {(b, h): {} for b in range(d.shape[0]) for h in range(num_kv_heads)}
+    overflow = np.zeros((d.shape[0], num_kv_heads), int)
+    history = []
+    for index, valid in steps:
+        for b in range(d.shape[0]):
+            new = index[b][valid[b]]
+            if not len(new):
+                continue
+            t = new.max()
+            for h in range(num_kv_heads):
+                s = held[b, h]
+                for p in new:
+                    if p - 1 in s:
+                        s[p - 1] = bool(d[b, p, h])
+                    s[p] = False
+                for p in [p for p, f in s.items() if f and t - p > window]:
+                    del s[p]
+                while len(s) > capacity:
+                    del s[max(p for p in s if t - p > window)]
+                    overflow[b, h] += 1
+        history.append({key: dict(s) for key, s in held.items()})
+    return history, overflow
+
+
+def held_sets(cache):
+    pos = np.asarray(cache.pos)
+    return {(b, h): sorted(pos[b, h][pos[b, h] >= 0].tolist())
+            for b in range(pos.shape[0]) for h in range(pos.shape[1])}
+
+
+# ----------------------------------------------------------------------------- consistency
+
+
+CASES = {
+    # name: (window, chunk, prompt_lens, total_lens, heads, kv_heads, dim, p_flag)
+    "wraps_window": (8, 7, [40, 13, 30], [61, 45, 30], 4, 2, 16, [0.5, 0.7, 0.9]),
+    "chunk_beyond_window": (3, 13, [29, 40, 7], [45, 41, 26], 4, 2, 16, [0.6, 0.8, 0.9]),
+    "window_zero": (0, 5, [12, 3, 9], [20, 17, 9], 2, 2, 8, [0.5, 0.5, 0.9]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_prefill_and_decode_equal_dense_attention(name):
+    window, chunk, prompts, totals, heads, kv_heads, dim, p_flag = CASES[name]
+    rng = np.random.default_rng(sorted(CASES).index(name))
+    q, k, v, d = make_data(rng, len(totals), max(totals), heads, kv_heads, dim, p_flag)
+    max_len = max(totals)
+    capacity = kvcache.capacity_for(max_len, window, target_cr=2.0, margin=0.5)
+    assert window + 1 <= capacity < max_len
+    cache = kvcache.init_layer_cache(len(totals), kv_heads, capacity, dim, window=window)
+    steps = schedule(rng, np.array(prompts), np.array(totals), chunk)
+    out, cache = run_cache(cache, steps, q, k, v, d, window=window)
+    assert int(np.asarray(cache.overflow).sum()) == 0
+    for b, length in enumerate(totals):
+        ref = dense_reference(q[b], k[b], v[b], d[b], length, window=window)
+        np.testing.assert_allclose(out[b, :length], ref, atol=1e-5, rtol=0)
+    if name == "wraps_window":  # and once against the rule written out in numpy, float64
+        for b, length in enumerate(totals):
+            ref = numpy_reference(q[b], k[b], v[b], d[b], length, window=window)
+            np.testing.assert_allclose(out[b, :length], ref, atol=1e-5, rtol=0)
+    # really compressed: fewer tokens held than seen, exactly the spec's count (section 5)
+    held = np.asarray(cache.held)
+    for b, length in enumerate(totals):
+        old = np.arange(max(length - window - 1, 0))
+        for h in range(kv_heads):
+            assert held[b, h] == min(length, window + 1) + int((~d[b, old + 1, h]).sum())
+    assert (held < np.array(totals)[:, None]).all()
+
+
+def test_full_policy_and_sliding_window_equal_dense_attention():
+    window, chunk, prompts, totals, sliding = 4, 6, [17, 9], [30, 22], 11
+    rng = np.random.default_rng(7)
+    q, k, v, d = make_data(rng, 2, 30, 4, 2, 16, 0.7)
+    steps = schedule(rng, np.array(prompts), np.array(totals), chunk)
+    full = kvcache.init_layer_cache(2, 2, 30, 16, window=window)
+    out_full, full = run_cache(full, steps, q, k, v, d, window=window, policy="full")
+    dms = kvcache.init_layer_cache(2, 2, 30, 16, window=window)
+    out_dms, dms = run_cache(dms, steps, q, k, v, d, window=window, sliding_window=sliding)
+    for b, length in enumerate(totals):
+        ref = dense_reference(q[b], k[b], v[b], d[b], length, window=window, evict=False)
+        np.testing.assert_allclose(out_full[b, :length], ref, atol=1e-5, rtol=0)
+        ref = dense_reference(q[b], k[b], v[b], d[b], length, window=window,
+                              sliding_window=sliding)
+        np.testing.assert_allclose(out_dms[b, :length], ref, atol=1e-5, rtol=0)
+    np.testing.assert_array_equal(np.asarray(full.held), np.array(totals)[:, None].repeat(2, 1))
+    # keys beyond the sliding window are never seen again, so they are freed too
+    assert (np.asarray(dms.held) <= sliding).all()
+
+
+def test_capacity_errors_and_bounds():
+    with pytest.raises(ValueError, match="window of 8"):
+        kvcache.init_layer_cache(1, 1, 8, 4, window=8)
+    kvcache.init_layer_cache(1, 1, 5, 4, window=8, max_len=5)  # holds the whole row: fine
+    assert kvcache.capacity_for(100, 8, target_cr=1.0) == 100
+    assert kvcache.capacity_for(1000, 10, target_cr=8.0, margin=0.0) == 11 + 124
+    assert kvcache.capacity_for(5, 8, target_cr=8.0) == 5
+    with pytest.raises(ValueError):
+        kvcache.capacity_for(100, 8, target_cr=0.5)
+    cfg = ModelConfig(vocab_size=11, hidden_size=8, intermediate_size=16, num_layers=3,
+                      num_heads=4, num_kv_heads=2, head_dim=4, dtype="bfloat16",
+                      dms=DMSConfig(window=8))
+    caches = kvcache.init_cache_for_model(cfg, 2, 1000, target_cr=8.0, margin=0.0)
+    assert len(caches) == 3 and caches[0].keys.shape == (2, 2, 9 + 124, 4)
+    assert caches[0].keys.dtype == jnp.bfloat16
+    assert kvcache.init_cache_for_model(cfg, 2, 1000, policy="full")[0].capacity == 1000
+
+
+# ----------------------------------------------------------------------------- properties
+
+# One bucket: B=2, H=4, Hkv=2, D=8, w=3, prefill chunks of 5, rows of up to 24 tokens.
+B, T, H, HKV, D, W, C = 2, 24, 4, 2, 8, 3, 5
+PROP_SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def draw_run(data, p_flag):
+    seed = data.draw(st.integers(0, 2 ** 31 - 1), label="seed")
+    totals = np.array(data.draw(st.lists(st.integers(1, T), min_size=B, max_size=B),
+                                label="lengths"))
+    prompts = np.array([data.draw(st.integers(1, n), label="prompt") for n in totals])
+    rng = np.random.default_rng(seed)
+    q, k, v, d = make_data(rng, B, T, H, HKV, D, p_flag)
+    return q, k, v, d, schedule(rng, prompts, totals, C), totals
+
+
+def check_invariants(steps, d, cache_history, *, capacity, overflow_free):
+    """Spec section 5 after every step, from the positions actually stored."""
+    seen = np.zeros(B, int)
+    prev = None
+    for (index, valid), held in zip(steps, cache_history):
+        seen += valid.sum(1)
+        for (b, h), positions in held.items():
+            assert len(positions) <= capacity
+            assert len(set(positions)) == len(positions)
+            t = seen[b] - 1
+            window = set(range(max(t - W, 0), t + 1)) if seen[b] else set()
+            assert window <= set(positions), "a window token is missing"
+            for j in positions:
+                assert not (t - j > W and d[b, j + 1, h]), "a flagged token outlived the window"
+            if overflow_free and prev is not None:
+                for j in prev[b, h]:
+                    if not (j + 1 <= t and d[b, j + 1, h]):
+                        assert j in positions, "an unflagged token disappeared"
+        prev = held
+
+
+@settings(max_examples=200, **PROP_SETTINGS)
+@given(data=st.data(), p_flag=st.floats(0.5, 0.9))
+def test_property_no_overflow_matches_spec(data, p_flag):
+    q, k, v, d, steps, totals = draw_run(data, p_flag)
+    history = []
+    cache = kvcache.init_layer_cache(B, HKV, T, D, window=W)
+    out, cache = run_cache(cache, steps, q, k, v, d, window=W,
+                           on_step=lambda i, m, c: history.append(held_sets(c)))
+    check_invariants(steps, d, history, capacity=T, overflow_free=True)
+    expected, overflow = simulate_held(steps, d, window=W, capacity=T, num_kv_heads=HKV)
+    assert [{key: sorted(s) for key, s in e.items()} for e in expected] == history
+    assert not overflow.any() and not np.asarray(cache.overflow).any()
+
+    # held count after prefill + decode, exactly (spec section 5)
+    held = np.zeros((B, HKV), int)
+    for b, n in enumerate(totals):
+        older = np.arange(max(n - W - 1, 0))  # positions j < t - w, t = n - 1
+        held[b] = min(n, W + 1) + (~d[b, older + 1]).sum(axis=0)
+    stats = stats_fn([cache])
+    np.testing.assert_array_equal(np.asarray(stats.held)[0], held)
+    np.testing.assert_array_equal(np.asarray(stats.seen), totals)
+    ratio = 1.0 / np.mean(held / totals[:, None])
+    assert float(stats.compression_ratio) == pytest.approx(ratio, rel=1e-6)
+    assert float(stats.held_bytes) == held.sum() * 2 * D * 4
+    assert stats.allocated_bytes == 2 * B * HKV * T * D * 4
+    # every real query saw exactly the keys the rule allows
+    reads = np.zeros((B, HKV))
+    for b, n in enumerate(totals):
+        for i in range(n):
+            for h in range(HKV):
+                reads[b, h] += sum(1 for j in range(i + 1) if i - j <= W or not d[b, j + 1, h])
+    np.testing.assert_array_equal(np.asarray(stats.kv_reads)[0], reads)
+    # stored keys and values are the ones of the stored positions
+    pos = np.asarray(cache.pos)
+    bb, hh, ss = np.nonzero(pos >= 0)
+    np.testing.assert_array_equal(np.asarray(cache.keys)[bb, hh, ss], k[bb, pos[bb, hh, ss], hh])
+    np.testing.assert_array_equal(np.asarray(cache.values)[bb, hh, ss], v[bb, pos[bb, hh, ss], hh])
+    # outputs: the rule in float64 numpy, on one row
+    b = data.draw(st.integers(0, B - 1), label="row")
+    ref = numpy_reference(q[b], k[b], v[b], d[b], totals[b], window=W)
+    np.testing.assert_allclose(out[b, :totals[b]], ref, atol=1e-5, rtol=0)
+
+
+SMALL = 7  # slots: the window (4) plus 3 retained tokens
+
+
+@settings(max_examples=150, **PROP_SETTINGS)
+@given(data=st.data(), p_flag=st.floats(0.0, 0.9))
+def test_property_overflow_rule_matches_simulation(data, p_flag):
+    q, k, v, d, steps, totals = draw_run(data, p_flag)
+    history = []
+    cache = kvcache.init_layer_cache(B, HKV, SMALL, D, window=W)
+    out, cache = run_cache(cache, steps, q, k, v, d, window=W,
+                           on_step=lambda i, m, c: history.append(held_sets(c)))
+    check_invariants(steps, d, history, capacity=SMALL, overflow_free=False)
+    expected, overflow = simulate_held(steps, d, window=W, capacity=SMALL, num_kv_heads=HKV)
+    assert [{key: sorted(s) for key, s in e.items()} for e in expected] == history
+    np.testing.assert_array_equal(np.asarray(cache.overflow), overflow)
+    pos = np.asarray(cache.pos)
+    bb, hh, ss = np.nonzero(pos >= 0)
+    np.testing.assert_array_equal(np.asarray(cache.keys)[bb, hh, ss], k[bb, pos[bb, hh, ss], hh])
+    assert np.isfinite(out[~np.isnan(out)]).all()
+
+
+# ----------------------------------------------------------------------------- overflow
+
+
+def test_overflow_is_counted_and_strict_raises():
+    rng = np.random.default_rng(3)
+    q, k, v, d = make_data(rng, B, T, H, HKV, D, 0.0)  # nothing flagged: every token retained
+    steps = schedule(rng, np.array([12, 5]), np.array([T, 18]), C)
+    cache = kvcache.init_layer_cache(B, HKV, SMALL, D, window=W)
+    out, cache = run_cache(cache, steps, q, k, v, d, window=W)
+    np.testing.assert_array_equal(np.asarray(cache.overflow),
+                                  np.array([[T - SMALL] * HKV, [18 - SMALL] * HKV]))
+    # the oldest tokens (attention sinks) and the window are what remains
+    assert held_sets(cache)[0, 0] == [0, 1, 2] + list(range(T - W - 1, T))
+    stats = stats_fn([cache, cache])
+    assert int(np.asarray(stats.overflow).sum()) == 2 * 2 * (T - SMALL + 18 - SMALL)
+    with pytest.raises(kvcache.CacheOverflowError, match="overflow"):
+        kvcache.assert_no_overflow([cache])
+    kvcache.assert_no_overflow([kvcache.init_layer_cache(B, HKV, SMALL, D, window=W)])
+
+
+def test_step_is_jittable_with_donation_and_per_layer_decisions():
+    """A [B, C, 1] decision (DMSConfig.per='layer') broadcasts to every KV head."""
+    rng = np.random.default_rng(4)
+    q, k, v, d = make_data(rng, 1, 12, 4, 2, 8, 0.8)
+    d[..., 1] = d[..., 0]
+    steps = schedule(rng, np.array([12]), np.array([12]), 12)
+    index, valid = steps[0]
+    cache = kvcache.init_layer_cache(1, 2, 12, 8, window=2)
+    out, cache2 = step_fn(cache, q, k, v, d[..., :1], index.astype(np.int32), valid, window=2)
+    assert cache.keys.is_deleted()  # donated
+    ref = dense_reference(q[0], k[0], v[0], d[0], 12, window=2)
+    np.testing.assert_allclose(np.asarray(out)[0], ref, atol=1e-5, rtol=0)
+    assert held_sets(cache2)[0, 0] == held_sets(cache2)[0, 1]
