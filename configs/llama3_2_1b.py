@@ -1,0 +1,13 @@
+"""Llama 3.2 1B (16 layers, d 2048, 8 KV heads): data parallel; the weights fit on every device.
+
+Reference DMS recipe (dms_jax.train.defaults.reference_recipe): adapter mode, base frozen, w 512,
+CR 1 -> 16 over 510 steps, lr 3e-5 constant, AdamW b2 0.95, wd 0, clip 1.0, 32768-token sequences.
+
+    python train.py --config configs/llama3_2_1b.py --config.data.path=/data/traces.jsonl
+    # a local copy of the model: --config.model.path=/models/<dir>; messages data: --config.data.chat_template=True
+"""
+from dms_jax.train.defaults import reference_recipe
+
+
+def get_config():
+    return reference_recipe("meta-llama/Llama-3.2-1B-Instruct", mesh_shape=(-1, 1, 1), run_name="llama3_2_1b")

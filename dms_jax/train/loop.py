@@ -1,0 +1,364 @@
+"""The training loop: model, data, mesh, jitted step, checkpoints, progress, export.
+
+    from dms_jax.train import train
+    result = train(config)   # config: an ml_collections ConfigDict like configs/tiny.py
+
+Resumes automatically from the newest complete checkpoint in checkpoint.dir.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from dms_jax import sharding as shd
+from dms_jax.config import DMSConfig, ModelConfig
+from dms_jax.train import optim, schedule
+from dms_jax.train.checkpoint import Checkpointer, ResumeError, abstract_like
+from dms_jax.train.data import build_data
+from dms_jax.train.metrics import MetricsWriter
+from dms_jax.train.step import StepConfig, init_state, make_train_step, teacher_leaves
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN or infinite; the run stopped without saving that step."""
+
+
+@dataclasses.dataclass
+class TrainResult:
+    model: Any  # the trained Decoder (parameters in their storage dtypes)
+    history: list  # metrics of the steps this call ran
+    step: int  # steps completed (including resumed ones)
+    resumed_from: int | None
+    checkpoint_dir: str | None
+    export_dir: str | None
+    trainable: dict | None = None  # the trained leaves as optimised (float32 master copies)
+
+
+def _opt(section, key, default=None):
+    value = section.get(key, default) if hasattr(section, "get") else getattr(section, key, default)
+    return default if value in (None, "") else value
+
+
+# ----------------------------------------------------------------------------------------------
+# model and tokenizer
+
+
+def dms_config(model_cfg) -> DMSConfig | None:
+    dms = _opt(model_cfg, "dms")
+    if not dms or not _opt(dms, "mode"):
+        return None
+    return DMSConfig(**{k: v for k, v in dict(dms).items() if v not in (None, "")})
+
+
+def load_model(model_cfg, seed: int):
+    """config.model -> Decoder: from_pretrained(model.path) or a random init from model.init."""
+    from flax import nnx
+
+    import dms_jax
+    from dms_jax.model import Decoder
+
+    dms = dms_config(model_cfg)
+    path = _opt(model_cfg, "path")
+    if path:
+        return dms_jax.from_pretrained(path, dtype=_opt(model_cfg, "dtype"),
+                                       param_dtype=_opt(model_cfg, "param_dtype"), dms=dms)
+    init = dict(_opt(model_cfg, "init", {}))
+    if not init:
+        raise ValueError("set model.path (a Hugging Face model directory or hub id) or model.init (a random model)")
+    cfg = ModelConfig(**init, dtype=_opt(model_cfg, "dtype", "float32"),
+                      param_dtype=_opt(model_cfg, "param_dtype", "float32"), dms=dms)
+    return Decoder(cfg, rngs=nnx.Rngs(seed))
+
+
+def load_tokenizer_for(config):
+    """data.tokenizer (must exist when set), else the model directory's tokenizer, else None."""
+    import dms_jax
+    from dms_jax.hf import resolve_model_dir
+    from dms_jax.train.data import DataError
+
+    explicit = _opt(config.data, "tokenizer")
+    if explicit:
+        try:
+            tokenizer = dms_jax.load_tokenizer(resolve_model_dir(explicit))
+        except FileNotFoundError as err:
+            raise DataError(f"data.tokenizer={explicit!r}: {err}") from err
+        if tokenizer is None:
+            raise DataError(f"data.tokenizer={explicit!r} holds no tokenizer files (tokenizer.json ...)")
+        return tokenizer
+    path = _opt(config.model, "path")
+    if not path:
+        return None
+    try:
+        return dms_jax.load_tokenizer(resolve_model_dir(path))
+    except FileNotFoundError:
+        return None  # the model load reports it
+
+
+# ----------------------------------------------------------------------------------------------
+# arrays across processes
+
+
+def put_global(host, sharding):
+    """A global jax.Array from a host array every process holds whole (params, batches)."""
+    host = np.asarray(host)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
+def to_host(array) -> np.ndarray:
+    if getattr(array, "is_fully_addressable", True):
+        return np.asarray(jax.device_get(array))
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(array, tiled=True))
+
+
+# ----------------------------------------------------------------------------------------------
+# validation
+
+
+def step_config(config) -> StepConfig:
+    t = config.train
+    if int(t.steps) <= 0:
+        raise ValueError(f"train.steps={t.steps} must be > 0")
+    schedule.validate_schedule(float(t.cr_start), float(t.cr_end), int(t.cr_steps))
+    return StepConfig(
+        loss=t.loss, cr_start=float(t.cr_start), cr_end=float(t.cr_end), cr_steps=int(t.cr_steps),
+        loss_chunk=int(_opt(t, "loss_chunk", 1024)), dms_loss_weight=float(_opt(t, "dms_loss_weight", 1.0)),
+        attention_impl=_opt(t, "attention_impl", "auto"),
+    )
+
+
+def validate_batch(batch_size: int, mesh) -> None:
+    data_shards = shd.mesh_axis_size(mesh, ("data", "fsdp"))
+    if batch_size % data_shards:
+        raise shd.MeshError(
+            f"train.batch_size={batch_size} is not divisible by data * fsdp = {data_shards} "
+            f"(mesh {dict(mesh.shape)}): use a multiple of {data_shards}"
+        )
+
+
+def validate_dms(step_cfg: StepConfig, dms: DMSConfig | None, seq_len: int) -> None:
+    if step_cfg.loss != "distill":
+        return
+    if dms is None:
+        raise ValueError("train.loss='distill' retrofits DMS: set model.dms.mode ('adapter' or 'neuron')")
+    if seq_len <= dms.window + 1:
+        raise ValueError(
+            f"train.seq_len={seq_len} <= DMS window + 1 = {dms.window + 1}: no key is ever outside the "
+            f"window, so eviction never changes attention and nothing can be learned; use "
+            f"seq_len > {dms.window + 1} (the reference uses 32768 with window 512) or a smaller "
+            "model.dms.window"
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# the jitted step and its state
+
+
+@dataclasses.dataclass
+class Trainer:
+    """Everything the loop (and benchmarks/train_step.py) needs around the jitted step."""
+
+    step_fn: Any  # jit(train_step): (state, frozen, teacher, batch) -> (state, metrics); donates state
+    init_fn: Any  # jit: trainable params -> fresh state
+    abstract_state: Any
+    state_shardings: Any
+    trainable_params: dict  # global arrays, the initial values (consumed by init_fn)
+    frozen: dict  # global arrays, never updated
+    teacher: dict  # global arrays: initial copies of trainable leaves the teacher reads
+    batch_sharding: Any
+    graphdef: Any
+    paths: dict
+    layout: dict  # what a checkpoint of this state must match
+    param_dtypes: dict  # each parameter's storage dtype in the model
+
+    def model_from(self, state):
+        """The Decoder with the state's trained parameters, in their storage dtypes.
+
+        One process: the parameters stay where they are (sharded over the mesh). Several
+        processes: gathered into host numpy arrays on every process (for the export)."""
+        params = {**self.frozen, **{k: v.astype(self.param_dtypes[k]) for k, v in state["params"].items()}}
+        if jax.process_count() > 1:
+            params = {k: to_host(v) for k, v in params.items()}
+        return optim.merge_model(self.graphdef, params, self.paths)
+
+
+def build_trainer(model, mesh, step_cfg: StepConfig, train_cfg, *, seed: int, batch_shape) -> Trainer:
+    """Shard the model's parameters over `mesh` and jit the train step with in/out shardings."""
+    t = train_cfg
+    graphdef, params, paths = optim.split_model(model)
+    masks = optim.trainable_masks(params, model.config, t.trainable)
+    host = {k: np.asarray(jax.device_get(v)) for k, v in params.items()}
+    del params
+    p_shard = shd.param_shardings(host, mesh)
+    param_dtypes = {k: v.dtype for k, v in host.items()}
+    trainable_host, frozen_host = optim.partition(host, masks)
+    master = _opt(t, "master_dtype", "float32")
+    if master:  # trainable leaves live (and are optimised) in float32; bf16 would round lr 3e-5 steps away
+        trainable_host = {k: v.astype(master) if jnp.issubdtype(v.dtype, jnp.floating) else v
+                          for k, v in trainable_host.items()}
+        host.update(trainable_host)
+    teacher_keys = teacher_leaves(masks) if step_cfg.loss != "lm" else []
+    put = lambda names: {k: put_global(host[k], p_shard[k]) for k in names}  # noqa: E731
+    teacher = {k: put_global(np.asarray(host[k]).astype(param_dtypes[k]), p_shard[k]) for k in teacher_keys}
+    optimizer = optim.make_optimizer(
+        learning_rate=float(t.learning_rate), b1=float(t.b1), b2=float(t.b2), eps=float(t.eps),
+        weight_decay=float(t.weight_decay), grad_clip=float(t.grad_clip),
+        warmup_steps=int(_opt(t, "warmup_steps", 0)), partial=optim.partial_masks(masks),
+    )
+    rng_data = np.asarray(jax.random.key_data(jax.random.key(seed)))
+    abstract_state = jax.eval_shape(lambda tr: init_state(tr, optimizer, rng_data), trainable_host)
+    state_sh = shd.mirrored_shardings(abstract_state, host, p_shard, mesh)
+    batch_sh = shd.logical_sharding(shd.ACTIVATION_AXES["tokens"], mesh, tuple(batch_shape))
+    step_fn = jax.jit(
+        make_train_step(graphdef, paths, masks, optimizer, step_cfg, lambda x, axes: shd.constrain(x, axes, mesh)),
+        in_shardings=(state_sh, {k: p_shard[k] for k in frozen_host}, {k: p_shard[k] for k in teacher_keys},
+                      {k: batch_sh for k in BATCH_KEYS}),
+        out_shardings=(state_sh, NamedSharding(mesh, PartitionSpec())),
+        donate_argnums=(0,),
+    )
+    init_fn = jax.jit(lambda tr: init_state(tr, optimizer, rng_data), out_shardings=state_sh)
+    layout = {"params": {k: [list(v.shape), str(v.dtype)] for k, v in trainable_host.items()},
+              "loss": step_cfg.loss, "trainable": t.trainable}
+    return Trainer(step_fn, init_fn, abstract_state, state_sh, put(trainable_host), put(frozen_host),
+                   teacher, batch_sh, graphdef, paths, layout, param_dtypes)
+
+
+BATCH_KEYS = ("input_ids", "attention_mask", "loss_mask")
+
+
+# ----------------------------------------------------------------------------------------------
+# the loop
+
+
+def _restore(ckpt: Checkpointer, trainer: Trainer, data) -> tuple[Any, int, int, int | None]:
+    """(state, step, data position, resumed-from step) from the newest complete checkpoint."""
+    latest = ckpt.latest_step()
+    if latest is None:
+        return None, 0, 0, None
+    meta = ckpt.restore_meta(latest)
+    if meta.get("layout") != trainer.layout:
+        raise ResumeError(
+            f"the checkpoint at step {latest} in {ckpt.directory} was written by a different "
+            "configuration (trainable parameters / loss differ); use a fresh checkpoint.dir"
+        )
+    if meta.get("data") != data.fingerprint():
+        raise ResumeError(
+            f"the checkpoint at step {latest} was written with data {meta.get('data')}, now "
+            f"{data.fingerprint()}: the data order could not be restored; use the same data"
+        )
+    state, meta = ckpt.restore(latest, abstract_like(trainer.abstract_state, trainer.state_shardings))
+    return state, int(meta["step"]), int(meta["data_position"]), latest
+
+
+def train(config, *, devices=None, on_step: Callable[[int, dict], None] | None = None) -> TrainResult:
+    """Run (or resume) the training described by `config`; see configs/tiny.py for the fields.
+
+    devices: the devices to build the mesh over (default: all). on_step(step, metrics) is called
+    after every step (tests use it to simulate a crash).
+    """
+    from tqdm.auto import tqdm
+
+    t = config.train
+    seed = int(_opt(config, "seed", 0))
+    seq_len, batch_size, steps = int(t.seq_len), int(t.batch_size), int(t.steps)
+    # everything checkable without the model first: bad settings fail before a long load
+    step_cfg = step_config(config)
+    mesh = shd.make_mesh(tuple(config.mesh.shape), devices)
+    validate_batch(batch_size, mesh)
+    if _opt(config.model, "dms") is not None and dms_config(config.model) is not None:
+        validate_dms(step_cfg, dms_config(config.model), seq_len)
+    tokenizer = load_tokenizer_for(config)
+    data = build_data(config.data, tokenizer, seq_len=seq_len, batch_size=batch_size, vocab_size=None)
+
+    model = load_model(config.model, seed)
+    validate_dms(step_cfg, model.config.dms, seq_len)
+    data.check_vocab(model.config.vocab_size)
+    trainer = build_trainer(model, mesh, step_cfg, t, seed=seed, batch_shape=(batch_size, seq_len))
+    del model
+
+    ckpt, state, start, position, resumed_from = None, None, 0, 0, None
+    if _opt(config.checkpoint, "dir"):
+        ckpt = Checkpointer(config.checkpoint.dir, every=int(config.checkpoint.every),
+                            keep=int(config.checkpoint.keep),
+                            async_save=bool(_opt(config.checkpoint, "async_save", True)))
+        if _opt(config.checkpoint, "resume", True):
+            state, start, position, resumed_from = _restore(ckpt, trainer, data)
+    if state is None:
+        state = trainer.init_fn(trainer.trainable_params)
+    trainer.trainable_params = None  # donated into the state from here on
+
+    lead = jax.process_index() == 0
+    out_dir = _opt(config.output, "dir")
+    writer = MetricsWriter(out_dir if lead else None, tensorboard=bool(_opt(config.output, "tensorboard", True)))
+    progress = tqdm(total=steps, initial=start, disable=not (lead and _opt(config.output, "progress", True)),
+                    desc="retrofit" if step_cfg.loss == "distill" else step_cfg.loss, dynamic_ncols=True)
+    history = []
+    next_batch = None
+
+    def device_batch(pos):
+        return {k: put_global(v, trainer.batch_sharding) for k, v in data.batch(pos).items()}
+
+    try:
+        tic = time.perf_counter()
+        for step in range(start, steps):
+            batch = next_batch if next_batch is not None else device_batch(position)
+            state, metrics = trainer.step_fn(state, trainer.frozen, trainer.teacher, batch)
+            # while the device runs this step, the host prepares the next batch
+            next_batch = device_batch(position + 1) if step + 1 < steps else None
+            record = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            if not math.isfinite(record["loss"]):
+                last_good = None
+                if ckpt is not None:
+                    ckpt.wait()
+                    last_good = ckpt.latest_step()
+                raise NonFiniteLossError(
+                    f"the loss became {record['loss']} at step {step + 1} (KL {record.get('kl')}, grad norm "
+                    f"{record.get('grad_norm')}); stopped without saving it. Last good checkpoint: "
+                    + (f"step {last_good} in {ckpt.directory}" if last_good is not None else "none")
+                    + ". Lower train.learning_rate or check the data at position "
+                    f"{position} (resuming from the checkpoint replays the same batches)."
+                )
+            position += 1
+            now = time.perf_counter()
+            elapsed, tic = now - tic, now
+            record.update(step=step + 1, data_position=position, step_time=elapsed,
+                          tokens_per_s=record["tokens"] / max(elapsed, 1e-9))
+            history.append(record)
+            writer.write(record)
+            progress.set_postfix({k: f"{record[k]:.4g}" for k in
+                                  ("loss", "kl", "ce", "target_cr", "achieved_cr", "tokens_per_s") if k in record},
+                                 refresh=False)
+            progress.update()
+            if ckpt is not None and ckpt.should_save(step + 1, final=step + 1 == steps):
+                ckpt.save(step + 1, state, {"step": step + 1, "data_position": position, "seed": seed,
+                                            "layout": trainer.layout, "data": data.fingerprint()})
+            if on_step is not None:
+                on_step(step + 1, record)
+    finally:
+        progress.close()
+        writer.close()
+        if ckpt is not None:
+            ckpt.close()
+
+    trained = trainer.model_from(state)
+    export_dir = _opt(config.output, "export_dir")
+    if export_dir:
+        if lead:
+            import dms_jax
+
+            dms_jax.save_pretrained(trained, export_dir, tokenizer=tokenizer)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("dms_jax export")
+    return TrainResult(trained, history, max(start, steps), resumed_from, ckpt.directory if ckpt else None,
+                       os.path.abspath(export_dir) if export_dir else None, dict(state["params"]))
