@@ -15,10 +15,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from dms_jax.cache import attend_and_update
 from dms_jax.config import ModelConfig, resolve_dtype
 from dms_jax.layers import MLP, RMSNorm, apply_rope, rope_inv_freq
 from dms_jax.ops import gating
 from dms_jax.ops.attention import dense_attention
+from dms_jax.policies import get_policy
 
 MODES = ("plain", "train", "eval")
 ATTENTION_IMPLS = ("auto", "dense", "blockwise")
@@ -43,6 +45,8 @@ class LayerContext(NamedTuple):
     k_valid: Any  # bool [B, T] or None
     attention_impl: str
     inv_freq: Any  # [D // 2]
+    policy: Any = None  # a dms_jax.policies.Policy when a KV cache is passed
+    window: Any = None  # DMS window override (inference), None: the config's
 
 
 class Attention(nnx.Module):
@@ -107,11 +111,14 @@ class Attention(nnx.Module):
         if dms_on and cfg.dms.mode == "neuron":
             q = gating.zero_decision_neuron(q, cfg.num_kv_heads)
 
-        window = cfg.dms.window if dms_on else 0
+        window = (cfg.dms.window if ctx.window is None else ctx.window) if dms_on else 0
         if cache is not None:
-            from dms_jax.cache_attention import attend_with_cache  # wired by the inference engine
-
-            out, cache = attend_with_cache(self, cache, q, k, v, z, ctx)
+            valid = jnp.ones((batch, seq), bool) if ctx.k_valid is None else ctx.k_valid
+            hard = gating.hard_decisions(z) if dms_on else None  # [B, T, Hkv or 1]
+            out, cache = attend_and_update(
+                cache, q, k, v, hard, ctx.positions, valid, window=window, policy=ctx.policy,
+                sliding_window=cfg.sliding_window,
+            )
         else:
             out = self._attend(q, k, v, evict_bias, window, ctx)
         out = self.o_proj(out.reshape(batch, seq, cfg.num_heads * cfg.head_dim))
@@ -179,12 +186,18 @@ class Decoder(nnx.Module):
         return logits.astype(jnp.float32)
 
     def forward(self, input_ids, *, attention_mask=None, positions=None, mode="plain", key=None,
-                return_logits=True, attention_impl="auto", cache=None):
+                return_logits=True, attention_impl="auto", cache=None, policy=None,
+                window=None):
         """Run the decoder.
 
         input_ids: int [B, T]; attention_mask: [B, T] (1 real, 0 padding) or None;
         positions: int [B, T] or None (0..T-1, as transformers does);
         mode: "plain" | "train" (needs `key`) | "eval"; attention_impl: "auto" | "dense" | "blockwise".
+        cache: a tuple of per-layer `dms_jax.cache.LayerCache` (see `dms_jax.cache`): the tokens
+        attend over the cache and are stored in it by `policy` ("dms" needs mode="eval"; "full"
+        and the training-free baselines run in mode="plain"); the updated cache is in the output.
+        With a cache, `positions` must continue each row's previous positions.
+        window: overrides the DMS window of the config in mode="eval" (inference), or None.
         """
         cfg = self.config
         validate_input_ids(input_ids, cfg.vocab_size)
@@ -199,13 +212,15 @@ class Decoder(nnx.Module):
             )
         if mode == "train" and key is None:
             raise ValueError("mode='train' samples Gumbel noise: pass key=jax.random.key(...)")
+        if cache is not None:
+            policy = _check_cache_policy(policy, mode, cfg, len(cache))
         batch, seq = input_ids.shape
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
         k_valid = None if attention_mask is None else jnp.asarray(attention_mask).astype(bool)
         ctx = LayerContext(
             mode=mode, positions=positions.astype(jnp.int32), k_valid=k_valid,
-            attention_impl=attention_impl,
+            attention_impl=attention_impl, policy=policy, window=window,
             inv_freq=rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling_dict),
         )
         keys = jax.random.split(key, cfg.num_layers) if mode == "train" else [None] * cfg.num_layers
@@ -242,6 +257,19 @@ class Decoder(nnx.Module):
         """
         out = self.forward(input_ids, attention_mask=attention_mask, mode="eval", **kw)
         return out, compression_ratio_from_decisions(out.decisions, attention_mask, self.config.dms.window)
+
+
+def _check_cache_policy(policy, mode, cfg, num_cache_layers):
+    policy = get_policy("dms" if policy is None and mode == "eval" else policy or "full")
+    if mode == "train":
+        raise ValueError("a KV cache is for inference: use mode='eval' (dms) or 'plain'")
+    if policy.uses_decisions and mode != "eval":
+        raise ValueError(f"policy {policy.name!r} applies DMS decisions: use mode='eval'")
+    if not policy.uses_decisions and mode != "plain":
+        raise ValueError(f"policy {policy.name!r} does not use DMS decisions: use mode='plain'")
+    if num_cache_layers != cfg.num_layers:
+        raise ValueError(f"cache has {num_cache_layers} layers, the model {cfg.num_layers}")
+    return policy
 
 
 def compression_ratio_from_decisions(decisions, attention_mask, window):

@@ -1,0 +1,538 @@
+"""Batched generation over the fixed-shape KV cache (dms-spec.md sections 4-6).
+
+    out = dms_jax.generate(model, [[1, 2, 3], [4, 5]], max_new_tokens=32)          # DMS model
+    out.tokens, out.lengths, out.stats                                               # numpy, numpy
+    more = dms_jax.generate(model, [[6, 7], [8]], state=out.state, max_new_tokens=8) # next turn
+
+The work is two jitted programs, both taking the cache donated:
+  * `prefill_step`: one chunk of C prompt tokens per row attends over the cache and the chunk and
+    is stored by the policy (sparse prefill: DMS evicts inside the prompt by the same rule), so a
+    long prompt needs memory for C tokens plus the cache, never for its full length;
+  * `decode_loop`: samples one token per row per iteration inside `lax.while_loop` until every
+    row has hit a stop token or its own length.
+Rows of different lengths are right-padded inside the chunks; padding is never stored nor
+counted, so a row gives the same tokens in a batch as alone.
+
+The token sampled last is not yet in the cache (nothing has attended to it); `GenerationState`
+keeps it as `pending`, and a continuation prefills it before the new turn's tokens.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from dms_jax import cache as kvcache
+from dms_jax.config import resolve_dtype
+from dms_jax.model import Decoder, validate_input_ids
+from dms_jax.policies import Policy, get_policy
+
+DEFAULT_CHUNK = 512
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """How the next token is chosen. temperature 0: greedy (top_k / top_p ignored).
+
+    top_k: keep the k most likely tokens (0: all); top_p: keep the smallest set whose probability
+    reaches p (1.0: all). Both filters apply before sampling at `temperature`.
+    """
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    def __post_init__(self):
+        if not self.temperature >= 0:
+            raise ValueError(f"temperature={self.temperature} must be >= 0 (0 = greedy)")
+        if not (isinstance(self.top_k, int) and self.top_k >= 0):
+            raise ValueError(f"top_k={self.top_k!r} must be an integer >= 0 (0 = no top-k filter)")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p={self.top_p} must be in (0, 1] (1.0 = no nucleus filter)")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+def sample_logits(logits, key, sampling: Sampling):
+    """logits: f32 [B, V]; key: PRNG key -> int32 [B]."""
+    if sampling.greedy:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits.astype(jnp.float32) / sampling.temperature
+    if sampling.top_k:
+        k = min(sampling.top_k, logits.shape[-1])
+        kth = jax.lax.top_k(logits, k)[0][:, -1:]  # [B, 1]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if sampling.top_p < 1.0:
+        order = jnp.argsort(-logits, axis=-1)  # [B, V]
+        sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        before = jnp.cumsum(probs, axis=-1) - probs  # mass strictly above each token
+        drop_sorted = before >= sampling.top_p  # the most likely token is never dropped
+        drop = jnp.zeros_like(drop_sorted).at[
+            jnp.arange(logits.shape[0])[:, None], order].set(drop_sorted)
+        logits = jnp.where(drop, -jnp.inf, logits)
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+# ----------------------------------------------------------------------------- jitted steps
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+    """Everything static about a step (hashable: part of the jit cache key)."""
+
+    policy: Policy
+    window: int | None = None  # DMS window override, None: the model's
+    attention_impl: str = "dense"
+
+    @property
+    def mode(self) -> str:
+        return "eval" if self.policy.uses_decisions else "plain"
+
+
+def _forward(graphdef, params, cache, ids, valid, positions, step: StepConfig):
+    model = nnx.merge(graphdef, params)
+    out = model.forward(ids, attention_mask=valid, positions=positions, mode=step.mode,
+                        return_logits=False, attention_impl=step.attention_impl,
+                        cache=cache, policy=step.policy, window=step.window)
+    return model, out.hidden, tuple(out.cache)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "step"),
+                   donate_argnames=("cache", "last_hidden"))
+def prefill_step(graphdef, params, cache, ids, valid, positions, last_hidden, last_index, *,
+                 step: StepConfig):
+    """One prefill chunk. ids, positions: int32 [B, C]; valid: bool [B, C];
+    last_hidden: [B, d] carried across chunks; last_index: int32 [B], the chunk index of the
+    row's last prompt token when it lies in this chunk, else -1.
+
+    returns (hidden [B, C, d] after the final norm, last_hidden [B, d], updated cache)
+    """
+    _, hidden, cache = _forward(graphdef, params, cache, ids, valid, positions, step)
+    picked = jnp.take_along_axis(hidden, jnp.maximum(last_index, 0)[:, None, None], axis=1)[:, 0]
+    last_hidden = jnp.where((last_index >= 0)[:, None], picked.astype(last_hidden.dtype),
+                            last_hidden)
+    return hidden, last_hidden, cache
+
+
+class DecodeCarry(NamedTuple):
+    """The decode loop's state (a pytree), carried across `decode_loop` calls."""
+
+    i: Any  # int32 scalar, index of the next token to write
+    tokens: Any  # int32 [B, max_new], -1 where nothing was generated
+    lengths: Any  # int32 [B] tokens generated per row
+    done: Any  # bool [B]
+    cur: Any  # int32 [B] newest token, not yet in the cache
+    key: Any  # PRNG key
+
+
+def _is_stop(tok, stop_ids):
+    return (tok[:, None] == stop_ids[None, :]).any(axis=1)
+
+
+def start_decode(first, row_max, stop_ids, key, max_new: int) -> DecodeCarry:
+    """The carry after the first token (sampled from the prefill). first, row_max: int32 [B]."""
+    batch = first.shape[0]
+    tokens = jnp.full((batch, max_new), -1, jnp.int32).at[:, 0].set(
+        jnp.where(row_max > 0, first, -1))
+    return DecodeCarry(jnp.int32(1), tokens, (row_max > 0).astype(jnp.int32),
+                       (row_max <= 1) | _is_stop(first, stop_ids), first, key)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "step", "sampling", "segment"),
+                   donate_argnames=("cache", "carry"))
+def decode_loop(graphdef, params, cache, carry: DecodeCarry, next_pos, row_max, stop_ids, *,
+                step: StepConfig, sampling: Sampling, segment: int):
+    """Generate up to `segment` more tokens per row inside one `lax.while_loop`.
+
+    next_pos: int32 [B] position of the first generated token; row_max: int32 [B] tokens to
+    generate per row; stop_ids: int32 [K] stop tokens (-1 = unused slot).
+    returns (carry, cache); the loop stops early once every row is done.
+    """
+    max_new = carry.tokens.shape[1]
+    end = jnp.minimum(carry.i + segment, max_new)
+
+    def cond(state):
+        c, _ = state
+        return (c.i < end) & ~c.done.all()
+
+    def body(state):
+        c, cache = state
+        key, sub = jax.random.split(c.key)
+        live = ~c.done
+        pos = next_pos + c.i - 1
+        model, hidden, cache = _forward(graphdef, params, cache, c.cur[:, None], live[:, None],
+                                        pos[:, None], step)
+        nxt = jnp.where(live, sample_logits(model.unembed(hidden[:, 0]), sub, sampling), -1)
+        tokens = jax.lax.dynamic_update_slice(c.tokens, nxt[:, None], (0, c.i))
+        lengths = c.lengths + live
+        done = c.done | _is_stop(nxt, stop_ids) | (lengths >= row_max)
+        return DecodeCarry(c.i + 1, tokens, lengths, done, jnp.where(live, nxt, c.cur),
+                           key), cache
+
+    carry, cache = jax.lax.while_loop(cond, body, (carry, cache))
+    return carry, cache
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "sampling"))
+def _sample_hidden(graphdef, params, hidden, key, *, sampling: Sampling):
+    model = nnx.merge(graphdef, params)
+    return sample_logits(model.unembed(hidden), key, sampling)
+
+
+_stats = jax.jit(kvcache.cache_stats)
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+@dataclasses.dataclass
+class GenerationState:
+    """What a continuation needs: the cache and, per row, the token not yet in it."""
+
+    cache: tuple
+    pending: np.ndarray  # int32 [B], last token sampled (not in the cache), -1: none
+    next_pos: np.ndarray  # int32 [B], position of the next token to enter the cache
+    max_len: int  # tokens per row the cache was sized for
+    step: StepConfig
+    kv_reads: float  # KV reads of the cache so far (its counters are cumulative)
+
+
+@dataclasses.dataclass
+class GenerateStats:
+    """Per-call figures. CR = seen / held per (layer, row, KV head), averaged as 1/mean(held/seen)
+    (spec section 6). Bytes count keys and values. Times are wall-clock seconds, compilation
+    excluded (each program is compiled before it is timed)."""
+
+    policy: str
+    capacity: int  # slots per (layer, row, KV head)
+    compression_ratio: float
+    compression_ratio_per_layer: np.ndarray  # [L]
+    compression_ratio_per_head: np.ndarray  # [L, Hkv]
+    held_tokens: np.ndarray  # [L, B, Hkv] held at the end
+    seen_tokens: np.ndarray  # [B]
+    held_kv_bytes: float  # held at the end
+    peak_kv_bytes: float  # sum over (layer, row, KV head) of the most each held at any step
+    allocated_kv_bytes: int  # the fixed buffers
+    full_kv_bytes: float  # what a full cache would hold for the same tokens
+    kv_reads_prefill: float  # keys read by the prompt's queries (summed over layers, rows, heads)
+    kv_reads_decode: float  # keys read by the decode steps' queries
+    overflow: int  # tokens dropped because a head's slots were full
+    prefill_tokens: int
+    decode_tokens: int
+    prefill_seconds: float
+    decode_seconds: float
+    compile_seconds: float
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return self.decode_tokens / self.decode_seconds if self.decode_seconds > 0 else 0.0
+
+    def table(self) -> str:
+        """A printable two-column table."""
+        rows = [
+            ("policy", self.policy),
+            ("compression ratio (seen/held)", f"{self.compression_ratio:.2f}x"),
+            ("CR per layer", " ".join(f"{x:.2f}" for x in self.compression_ratio_per_layer)),
+            ("tokens seen (per row)", " ".join(str(int(x)) for x in self.seen_tokens)),
+            ("KV held / full cache", f"{_bytes(self.held_kv_bytes)} / {_bytes(self.full_kv_bytes)}"),
+            ("peak KV held", _bytes(self.peak_kv_bytes)),
+            ("KV allocated", f"{_bytes(self.allocated_kv_bytes)} ({self.capacity} slots/head)"),
+            ("KV reads prefill / decode", f"{self.kv_reads_prefill:.4g} / {self.kv_reads_decode:.4g}"),
+            ("overflow (tokens dropped)", str(self.overflow)),
+            ("prefill", f"{self.prefill_tokens} tok in {self.prefill_seconds:.3f} s"),
+            ("decode", f"{self.decode_tokens} tok in {self.decode_seconds:.3f} s "
+                       f"({self.decode_tokens_per_s:.1f} tok/s)"),
+            ("compile", f"{self.compile_seconds:.2f} s"),
+        ]
+        width = max(len(k) for k, _ in rows)
+        return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+@dataclasses.dataclass
+class GenerateOutput:
+    tokens: np.ndarray  # int32 [B, max_new_tokens], -1 after each row's end
+    lengths: np.ndarray  # int32 [B] tokens generated per row (a stop token counts)
+    stats: GenerateStats
+    state: GenerationState
+
+    def sequences(self) -> list[list[int]]:
+        """The generated tokens of each row, without the -1 padding."""
+        return [row[:n].tolist() for row, n in zip(self.tokens, self.lengths)]
+
+
+def _bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+
+
+def _as_rows(prompts, vocab_size) -> list[np.ndarray]:
+    if isinstance(prompts, (np.ndarray, jax.Array)):
+        arr = np.asarray(prompts)
+        if arr.ndim == 1:
+            arr = arr[None]
+        validate_input_ids(arr, vocab_size)
+        rows = list(arr)
+    else:
+        if len(prompts) == 0:
+            raise ValueError("no prompts: pass a list of token-id sequences")
+        if isinstance(prompts[0], (int, np.integer)):
+            prompts = [prompts]
+        rows = [np.asarray(p, dtype=np.int64).reshape(-1) for p in prompts]
+        for r in rows:
+            if r.size:
+                validate_input_ids(r[None], vocab_size)
+    for i, r in enumerate(rows):
+        if r.size == 0:
+            raise ValueError(f"prompt {i} is empty: every row needs at least one token")
+    return [r.astype(np.int32) for r in rows]
+
+
+def _check_stop(stop_tokens, vocab_size) -> np.ndarray:
+    stop = [] if stop_tokens is None else (
+        [stop_tokens] if isinstance(stop_tokens, (int, np.integer)) else list(stop_tokens))
+    for t in stop:
+        if not 0 <= int(t) < vocab_size:
+            raise ValueError(f"stop token {t} outside [0, {vocab_size})")
+    # a fixed size so the decode program compiles once for up to 8 stop tokens
+    size = max(8, len(stop))
+    return np.asarray(list(stop) + [-1] * (size - len(stop)), np.int32)
+
+
+def resolve_capacity(cfg, max_len, policy: Policy, *, window, target_cr, margin, capacity,
+                     budget):
+    """Slots per (layer, row, KV head), checked (errors name the fix)."""
+    if capacity is not None and budget is not None:
+        raise ValueError("give either capacity (slots per head) or budget, not both")
+    if budget is not None:
+        capacity = budget
+    if capacity is not None:
+        if not (isinstance(capacity, (int, np.integer)) and capacity >= 1):
+            raise ValueError(f"capacity={capacity!r} must be a positive integer (slots per head)")
+        if policy.uses_decisions and capacity < min(window + 1, max_len):
+            raise ValueError(
+                f"capacity {capacity} cannot hold the DMS window of {window} + 1 tokens: "
+                f"use capacity >= {window + 1} or a smaller --window")
+        return int(min(capacity, max_len))
+    if policy.name == "full" or not policy.uses_decisions:
+        return int(max_len)
+    return kvcache.capacity_for(max_len, window, target_cr, margin)
+
+
+def generate(model: Decoder, prompts, *, max_new_tokens=64, policy=None, window=None,
+             target_cr=8.0, margin=0.5, capacity=None, budget=None, max_len=None,
+             chunk_size=DEFAULT_CHUNK, temperature=0.0, top_k=0, top_p=1.0, key=None,
+             stop_tokens=None, strict=False, state: GenerationState | None = None,
+             progress=None, on_tokens=None, decode_segment=None) -> GenerateOutput:
+    """Prefill the prompts into a fixed-shape KV cache and generate.
+
+    prompts: a list of token-id sequences (lengths may differ), one sequence, or an int array
+      [B, T]; with `state`, the next turn's tokens for each row of the previous call.
+    max_new_tokens: int or one int per row (0: prefill only).
+    policy: "dms" (default for a DMS model), "full" (default otherwise), or a Policy.
+    window: DMS window override (default: the model's). Capacity per head: `capacity` slots, or
+      `budget` held tokens (baselines), or derived from `max_len` and `target_cr` with `margin`
+      (dms), or max_len (full). max_len: tokens per row the cache must take over all turns
+      (default: longest prompt + max_new_tokens).
+    chunk_size: prefill chunk C (memory ~ cache + C tokens). temperature / top_k / top_p: see
+      `Sampling`; key: PRNG key (needed unless greedy). stop_tokens: ids that end a row.
+    strict: raise `CacheOverflowError` if any head overflowed its capacity.
+    progress: a callable(done_tokens, total_tokens) called after each prefill chunk.
+    on_tokens: a callable(new_tokens int32 [B, n]) called as tokens arrive (-1: row ended), for
+      streaming; decode_segment: tokens per jitted decode call (default: all in one call), so
+      `on_tokens` is called every `decode_segment` tokens.
+    """
+    cfg = model.config
+    sampling = Sampling(float(temperature), int(top_k), float(top_p))
+    if key is None:
+        if not sampling.greedy:
+            raise ValueError("sampling with temperature > 0 needs key=jax.random.key(seed)")
+        key = jax.random.key(0)
+    if not (isinstance(chunk_size, (int, np.integer)) and chunk_size >= 1):
+        raise ValueError(f"chunk_size={chunk_size!r} must be a positive integer")
+    rows = _as_rows(prompts, cfg.vocab_size)
+    batch = len(rows)
+    row_max = np.broadcast_to(np.asarray(max_new_tokens, np.int32), (batch,)).copy()
+    if (row_max < 0).any():
+        raise ValueError(f"max_new_tokens={max_new_tokens!r} must be >= 0")
+    stop_ids = _check_stop(stop_tokens, cfg.vocab_size)
+
+    graphdef, params = nnx.split(model)
+    if state is None:
+        pol = get_policy(policy if policy is not None else ("dms" if cfg.dms else "full"))
+        if pol.uses_decisions and cfg.dms is None:
+            raise ValueError(f"policy {pol.name!r} needs a DMS model "
+                             "(from_pretrained(path, dms=DMSConfig(...))); use policy='full'")
+        eff_window = (window if window is not None else cfg.dms.window) if cfg.dms else 0
+        if not (isinstance(eff_window, (int, np.integer)) and eff_window >= 0):
+            raise ValueError(f"window={window!r} must be an integer >= 0")
+        if not target_cr >= 1.0:
+            raise ValueError(f"target_cr={target_cr} must be >= 1 (8.0 keeps ~1/8 of the tokens)")
+        longest = max(len(r) for r in rows) + int(row_max.max())
+        max_len = longest if max_len is None else int(max_len)
+        cap = resolve_capacity(cfg, max_len, pol, window=eff_window, target_cr=target_cr,
+                               margin=margin, capacity=capacity, budget=budget)
+        step = StepConfig(pol, int(eff_window) if pol.uses_decisions else None,
+                          attention_impl="dense")
+        cache = kvcache.init_cache(cfg.num_layers, batch, cfg.num_kv_heads, cap, cfg.head_dim,
+                                   window=eff_window if pol.uses_decisions else 0,
+                                   dtype=resolve_dtype(cfg.dtype),
+                                   max_len=max_len)
+        pending = np.full(batch, -1, np.int32)
+        start = np.zeros(batch, np.int32)
+        kv_before = 0.0
+    else:
+        if policy is not None and get_policy(policy) != state.step.policy:
+            raise ValueError("a continuation keeps the policy of its state; leave policy unset")
+        if batch != len(state.pending):
+            raise ValueError(f"the state has {len(state.pending)} rows, the new turn {batch}")
+        step, cache, max_len = state.step, state.cache, state.max_len
+        pending, start, kv_before = state.pending, state.next_pos, state.kv_reads
+        rows = [r if p < 0 else np.concatenate([[p], r]).astype(np.int32)
+                for r, p in zip(rows, pending)]
+
+    lens = np.asarray([len(r) for r in rows], np.int32)
+    total = start + lens + row_max
+    if (total > max_len).any():
+        i = int(np.argmax(total - max_len))
+        raise ValueError(
+            f"row {i} needs {int(total[i])} tokens (history {int(start[i])} + prompt "
+            f"{int(lens[i])} + max_new_tokens {int(row_max[i])}) > max_len {max_len}; "
+            "raise max_len (set it on the first call when you plan to continue)")
+
+    # ---- prefill: right-padded chunks of C tokens
+    chunk = int(min(chunk_size, _round_up(int(lens.max()), 16)))
+    n_chunks = -(-int(lens.max()) // chunk)
+    ids = np.zeros((batch, n_chunks * chunk), np.int32)
+    valid = np.zeros_like(ids, bool)
+    for b, r in enumerate(rows):
+        ids[b, :len(r)], valid[b, :len(r)] = r, True
+    positions = (start[:, None] + np.arange(n_chunks * chunk)[None]).astype(np.int32)
+    last_idx = lens - 1
+
+    d = cfg.hidden_size
+    last_hidden = jnp.zeros((batch, d), resolve_dtype(cfg.dtype))
+    last_index = np.where(last_idx < chunk, last_idx, -1).astype(np.int32)
+    t0 = time.perf_counter()
+    cols = slice(0, chunk)
+    compiled_prefill = prefill_step.lower(
+        graphdef, params, cache, ids[:, cols], valid[:, cols], positions[:, cols], last_hidden,
+        last_index, step=step).compile()
+    key, sub = jax.random.split(key)
+    compiled_sample = _sample_hidden.lower(graphdef, params, last_hidden, sub,
+                                           sampling=sampling).compile()
+    compiled_stats = _stats.lower(cache).compile()
+    compile_s = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    for c in range(n_chunks):
+        cols = slice(c * chunk, (c + 1) * chunk)
+        last_index = np.where((last_idx >= c * chunk) & (last_idx < (c + 1) * chunk),
+                              last_idx - c * chunk, -1).astype(np.int32)
+        _, last_hidden, cache = compiled_prefill(params, cache, ids[:, cols], valid[:, cols],
+                                                 positions[:, cols], last_hidden, last_index)
+        if progress is not None:
+            progress(min((c + 1) * chunk, int(lens.max())), int(lens.max()))
+    first = compiled_sample(params, last_hidden, sub)
+    kv_after_prefill = float(compiled_stats(cache).kv_reads.sum())
+    first.block_until_ready()
+    prefill_s = time.perf_counter() - t0
+
+    # ---- decode, in segments of `decode_segment` tokens (one jitted while_loop each)
+    max_new = int(row_max.max())
+    next_pos = (start + lens).astype(np.int32)
+    decode_s = 0.0
+    if max_new > 0:
+        segment = max_new if decode_segment is None else int(decode_segment)
+        carry = jax.jit(start_decode, static_argnames="max_new")(
+            first, row_max, stop_ids, key, max_new=max_new)
+        t0 = time.perf_counter()
+        compiled_decode = decode_loop.lower(
+            graphdef, params, cache, carry, next_pos, row_max, stop_ids, step=step,
+            sampling=sampling, segment=segment).compile()
+        compile_s += time.perf_counter() - t0
+        shown = 0
+        while True:
+            if on_tokens is not None:
+                got = np.asarray(carry.tokens[:, shown:int(carry.i)])
+                if got.size:
+                    on_tokens(got)
+                shown = int(carry.i)
+            if int(carry.i) >= max_new or bool(carry.done.all()):
+                break
+            t0 = time.perf_counter()
+            carry, cache = compiled_decode(params, cache, carry, next_pos, row_max, stop_ids)
+            carry.i.block_until_ready()
+            decode_s += time.perf_counter() - t0
+        tokens, lengths = np.asarray(carry.tokens), np.asarray(carry.lengths)
+    else:
+        tokens = np.zeros((batch, 0), np.int32)
+        lengths = np.zeros(batch, np.int32)
+
+    stats_dev = compiled_stats(cache)
+    if strict:
+        kvcache.assert_no_overflow(cache)
+    # each generated token but the last entered the cache (the last is pending)
+    fed = np.maximum(lengths - 1, 0)
+    new_pending = np.where(lengths > 0, tokens[np.arange(batch), np.maximum(lengths - 1, 0)],
+                           -1).astype(np.int32)
+    new_state = GenerationState(cache=cache, pending=new_pending,
+                                next_pos=(next_pos + fed).astype(np.int32), max_len=max_len,
+                                step=step, kv_reads=float(stats_dev.kv_reads.sum()))
+    stats = _make_stats(stats_dev, step, cache, cfg, prefill_tokens=int(lens.sum()),
+                        decode_tokens=int(fed.sum()), kv_before=kv_before,
+                        kv_after_prefill=kv_after_prefill, prefill_s=prefill_s,
+                        decode_s=decode_s, compile_s=compile_s)
+    return GenerateOutput(tokens, lengths, stats, new_state)
+
+
+def _round_up(n, m):
+    return -(-n // m) * m
+
+
+def _make_stats(s, step, cache, cfg, *, prefill_tokens, decode_tokens, kv_before,
+                kv_after_prefill, prefill_s, decode_s, compile_s) -> GenerateStats:
+    held = np.asarray(s.held)  # [L, B, Hkv]
+    seen = np.asarray(s.seen)  # [B]
+    ratio = held / np.maximum(seen, 1)[None, :, None]
+    rows = seen > 0
+    per_head = 1.0 / np.maximum(ratio[:, rows].mean(axis=1), 1e-12) if rows.any() else \
+        np.ones(held.shape[::2])
+    per_layer = 1.0 / np.maximum(ratio[:, rows].mean(axis=(1, 2)), 1e-12) if rows.any() else \
+        np.ones(held.shape[0])
+    token_bytes = 2 * cfg.head_dim * cache[0].keys.dtype.itemsize
+    kv_total = float(np.asarray(s.kv_reads).sum())
+    return GenerateStats(
+        policy=step.policy.name,
+        capacity=cache[0].capacity,
+        compression_ratio=float(s.compression_ratio),
+        compression_ratio_per_layer=per_layer,
+        compression_ratio_per_head=per_head,
+        held_tokens=held,
+        seen_tokens=seen,
+        held_kv_bytes=float(s.held_bytes),
+        peak_kv_bytes=float(s.peak_held_bytes),
+        allocated_kv_bytes=int(s.allocated_bytes),
+        full_kv_bytes=float(seen.sum()) * cfg.num_layers * cfg.num_kv_heads * token_bytes,
+        kv_reads_prefill=kv_after_prefill - kv_before,
+        kv_reads_decode=kv_total - kv_after_prefill,
+        overflow=int(np.asarray(s.overflow).sum()),
+        prefill_tokens=prefill_tokens,
+        decode_tokens=decode_tokens,
+        prefill_seconds=prefill_s,
+        decode_seconds=decode_s,
+        compile_seconds=compile_s,
+    )
