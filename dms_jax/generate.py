@@ -414,7 +414,8 @@ def generate(model: Decoder, prompts, *, max_new_tokens=64, policy=None, window=
             "raise max_len (set it on the first call when you plan to continue)")
 
     # ---- prefill: right-padded chunks of C tokens
-    chunk = int(min(chunk_size, _round_up(int(lens.max()), 16)))
+    # few programs: the chunk width is chunk_size or a power of two (>= 16) below it
+    chunk = int(min(chunk_size, _bucket(int(lens.max()))))
     n_chunks = -(-int(lens.max()) // chunk)
     ids = np.zeros((batch, n_chunks * chunk), np.int32)
     valid = np.zeros_like(ids, bool)
@@ -458,7 +459,7 @@ def generate(model: Decoder, prompts, *, max_new_tokens=64, policy=None, window=
     if max_new > 0:
         segment = max_new if decode_segment is None else int(decode_segment)
         carry = jax.jit(start_decode, static_argnames="max_new")(
-            first, row_max, stop_ids, key, max_new=max_new)
+            first, row_max, stop_ids, key, max_new=_bucket(max_new))  # a power-of-two buffer
         t0 = time.perf_counter()
         compiled_decode = decode_loop.lower(
             graphdef, params, cache, carry, next_pos, row_max, stop_ids, step=step,
@@ -471,13 +472,13 @@ def generate(model: Decoder, prompts, *, max_new_tokens=64, policy=None, window=
                 if got.size:
                     on_tokens(got)
                 shown = int(carry.i)
-            if int(carry.i) >= max_new or bool(carry.done.all()):
+            if bool(carry.done.all()):  # every row stops at its own length
                 break
             t0 = time.perf_counter()
             carry, cache = compiled_decode(params, cache, carry, next_pos, row_max, stop_ids)
             carry.i.block_until_ready()
             decode_s += time.perf_counter() - t0
-        tokens, lengths = np.asarray(carry.tokens), np.asarray(carry.lengths)
+        tokens, lengths = np.asarray(carry.tokens)[:, :max_new], np.asarray(carry.lengths)
     else:
         tokens = np.zeros((batch, 0), np.int32)
         lengths = np.zeros(batch, np.int32)
@@ -499,8 +500,9 @@ def generate(model: Decoder, prompts, *, max_new_tokens=64, policy=None, window=
     return GenerateOutput(tokens, lengths, stats, new_state)
 
 
-def _round_up(n, m):
-    return -(-n // m) * m
+def _bucket(n: int) -> int:
+    """The next power of two >= max(n, 16): shapes from a few buckets compile a few programs."""
+    return max(16, 1 << (int(n) - 1).bit_length())
 
 
 def _make_stats(s, step, cache, cfg, *, prefill_tokens, decode_tokens, kv_before,
