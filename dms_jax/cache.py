@@ -201,12 +201,13 @@ class KeyBlock(NamedTuple):
 
 
 def _attend(q, q_pos, q_valid, blocks, *, window, use_flags, sliding_window, scale,
-            want_received):
+            scoring=None):
     """One softmax over the keys of all blocks under the visibility rule (no K/V concatenation).
 
-    q: [B, C, H, D]; q_pos: int32 [B, C]; q_valid: bool [B, C]
+    q: [B, C, H, D]; q_pos: int32 [B, C]; q_valid: bool [B, C]; scoring: bool [B, C], the queries
+    whose attention is summed per key (None: not needed)
     returns (out [B, C, H, D], keys seen by real queries [B, Hkv] f32,
-             attention received by each key from real queries [B, Hkv, n_total] f32 or None)
+             attention received by each key from the scoring queries [B, Hkv, n_total] f32 or None)
     """
     batch, chunk, num_heads, head_dim = q.shape
     num_kv_heads = blocks[0].keys.shape[1]
@@ -233,7 +234,8 @@ def _attend(q, q_pos, q_valid, blocks, *, window, use_flags, sliding_window, sca
     out = out.reshape(batch, chunk, num_heads, head_dim).astype(q.dtype)
     real = q_valid[:, None, :, None]  # [B, 1, C, 1]
     seen = ((bias[:, :, 0] > MASK_VALUE / 2) & real).sum(axis=(2, 3)).astype(jnp.float32)
-    received = (probs * real[:, :, None]).sum(axis=(2, 3)) if want_received else None
+    received = None if scoring is None else (
+        probs * scoring[:, None, None, :, None]).sum(axis=(2, 3))
     return out, seen, received
 
 
@@ -252,6 +254,10 @@ def attend_and_update(cache: LayerCache, q, k_new, v_new, decisions, positions, 
     the slots only: the donated buffers are updated in place (attending first would make XLA copy
     the whole cache). Without overflow both orders give the same result; under overflow a
     token dropped in a decode step is not seen by that step's query.
+    A policy with `needs_attention` gets the attention its scoring queries (every real query,
+    or each row's newest: `policy.attention_from`) gave each key, folded into the stored scores
+    by `policy.accumulate`; rows without such a query keep theirs. New tokens start at
+    `policy.new_score`. The baselines' step order and budget convention: `dms_jax.policies`.
     """
     policy = get_policy(policy)
     batch, chunk, _, head_dim = q.shape
@@ -259,9 +265,6 @@ def attend_and_update(cache: LayerCache, q, k_new, v_new, decisions, positions, 
     scale = head_dim ** -0.5 if scale is None else scale
     positions = positions.astype(jnp.int32)
     new_valid = new_valid.astype(bool)
-    attend = functools.partial(
-        _attend, q, positions, new_valid, window=window, use_flags=policy.uses_decisions,
-        sliding_window=sliding_window, scale=scale, want_received=policy.needs_attention)
 
     # the shift by one: the chunk's first decision flags the newest cached token
     if decisions is None:
@@ -277,12 +280,26 @@ def attend_and_update(cache: LayerCache, q, k_new, v_new, decisions, positions, 
                    new_pos, new_flags, jnp.broadcast_to(new_valid[:, None, :], new_pos.shape))
     newest = jnp.max(jnp.where(new_valid, positions, -1), axis=1)
     query_pos = jnp.maximum(cache.last_pos, newest)  # [B], the newest position after the step
+    scoring = None  # [B, C] the queries whose attention the policy accumulates
+    if policy.needs_attention:
+        scoring = new_valid if policy.attention_from == "all" else (
+            new_valid & (positions == newest[:, None]))
+    attend = functools.partial(
+        _attend, q, positions, new_valid, window=window, use_flags=policy.uses_decisions,
+        sliding_window=sliding_window, scale=scale, scoring=scoring)
+
+    def accumulate(scores, received):
+        """The policy's scores after the step; rows without a scoring query keep theirs."""
+        if received is None:
+            return scores
+        return jnp.where(scoring.any(axis=1)[:, None, None], policy.accumulate(scores, received),
+                         scores)
 
     def place(scores):
         """Select over [slots | chunk] -> (keep_old [B, Hkv, S], dest [B, Hkv, C], dropped)."""
         cand = Candidates(*(jnp.concatenate([getattr(old, f), getattr(new, f)], axis=-1)
                             for f in ("pos", "flags", "valid")), scores, query_pos, window,
-                          sliding_window)
+                          sliding_window, slots)
         sel = policy.select(cand)
         keep, dropped = _fit_capacity(sel.keep & cand.valid, sel.priority, slots, chunk)
         dest = jax.vmap(jax.vmap(_destinations))(~keep[..., :slots], keep[..., slots:])
@@ -297,15 +314,16 @@ def attend_and_update(cache: LayerCache, q, k_new, v_new, decisions, positions, 
                 _store_all(dest, jnp.where(keep_old, scores[..., :slots], 0.0),
                            scores[..., slots:]))
 
-    cand_scores = jnp.concatenate([cache.scores, jnp.zeros(new_pos.shape, jnp.float32)], -1)
+    cand_scores = jnp.concatenate(  # new tokens start at the policy's new_score
+        [cache.scores, jnp.full(new_pos.shape, policy.new_score, jnp.float32)], -1)
     if chunk == 1:  # decode: evict, write in place, attend over the slots
         keep_old, dest, dropped = place(cand_scores)
         keys, values, pos, flags, scores = store(keep_old, dest, cand_scores)
         out, seen, received = attend([KeyBlock(keys, values, pos, flags, pos >= 0)])
-        scores = policy.accumulate(scores, received)
+        scores = accumulate(scores, received)
     else:  # chunk: attend over [slots | chunk], then evict and store
         out, seen, received = attend([old, new])
-        cand_scores = policy.accumulate(cand_scores, received)
+        cand_scores = accumulate(cand_scores, received)
         keep_old, dest, dropped = place(cand_scores)
         keys, values, pos, flags, scores = store(keep_old, dest, cand_scores)
 
@@ -324,6 +342,32 @@ def attend_and_update(cache: LayerCache, q, k_new, v_new, decisions, positions, 
         peak_held=jnp.maximum(cache.peak_held, held),
     )
     return out, new_cache
+
+
+def compact(cache: LayerCache, priority, scores, capacity: int) -> LayerCache:
+    """The `capacity` highest-priority tokens of each (row, KV head) in a cache of that many slots.
+
+    priority: f32 [B, Hkv, S] (-inf: dropped; empty slots must be -inf); equal priorities keep
+    the earlier position first, and the kept tokens fill the slots in that order. scores: f32
+    [B, Hkv, S], the kept tokens' new stored scores. Counters (seen, kv_reads, peak_held, ...)
+    carry over, so the peak still counts what the larger cache held; dropped tokens are not
+    overflow. SnapKV's prompt compression (`dms_jax.generate`) is the user; capacity <= S.
+    """
+    by_position = jnp.where(cache.pos >= 0, cache.pos, jnp.iinfo(jnp.int32).max)
+    slot = jnp.lexsort((by_position, -priority), axis=-1)[..., :capacity]  # [B, Hkv, capacity]
+    kept = jnp.take_along_axis(priority, slot, axis=-1) > -jnp.inf
+
+    def gather(a):  # [B, Hkv, S, ...] -> [B, Hkv, capacity, ...]
+        index = slot.reshape(slot.shape + (1,) * (a.ndim - 3))
+        return jnp.take_along_axis(a, index, axis=2)
+
+    pos = jnp.where(kept, gather(cache.pos), -1)
+    is_last = (pos == cache.last_pos[:, None, None]) & (pos >= 0)
+    return cache.replace(
+        keys=gather(cache.keys), values=gather(cache.values), pos=pos,
+        flags=kept & gather(cache.flags), scores=jnp.where(kept, gather(scores), 0.0),
+        last_slot=jnp.where(is_last.any(-1), jnp.argmax(is_last, axis=-1), -1).astype(jnp.int32),
+    )
 
 
 # ----------------------------------------------------------------------------- stats

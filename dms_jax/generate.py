@@ -31,9 +31,10 @@ from flax import nnx
 from dms_jax import cache as kvcache
 from dms_jax.config import resolve_dtype
 from dms_jax.model import Decoder, validate_input_ids
-from dms_jax.policies import Policy, get_policy
+from dms_jax.policies import FULL, BudgetPolicy, Policy, SnapKVPolicy, get_policy
 
 DEFAULT_CHUNK = 512
+DEFAULT_TARGET_CR = 8.0
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -95,6 +96,13 @@ class StepConfig:
     policy: Policy
     window: int | None = None  # DMS window override, None: the model's
     attention_impl: str = "dense"
+
+    def __post_init__(self):
+        if self.policy.needs_attention and self.attention_impl != "dense":
+            raise ValueError(
+                f"policy {self.policy.name!r} ranks tokens by the attention they receive, which "
+                f"only the dense chunked cache attention computes; attention_impl="
+                f"{self.attention_impl!r} gives no scores: use attention_impl='dense'")
 
     @property
     def mode(self) -> str:
@@ -312,6 +320,12 @@ def _check_stop(stop_tokens, vocab_size) -> np.ndarray:
     return np.asarray(list(stop) + [-1] * (size - len(stop)), np.int32)
 
 
+def default_target_cr(cfg) -> float:
+    """The CR a cache is sized for by default: the model's recorded `dms.target_cr`, else 8."""
+    recorded = cfg.dms.target_cr if cfg.dms is not None else None
+    return float(recorded) if recorded else DEFAULT_TARGET_CR
+
+
 def resolve_capacity(cfg, max_len, policy: Policy, *, window, target_cr, margin, capacity,
                      budget):
     """Slots per (layer, row, KV head), checked (errors name the fix)."""
@@ -319,6 +333,8 @@ def resolve_capacity(cfg, max_len, policy: Policy, *, window, target_cr, margin,
         raise ValueError("give either capacity (slots per head) or budget, not both")
     if budget is not None:
         capacity = budget
+    if isinstance(policy, BudgetPolicy):
+        _check_baseline_budget(policy, capacity, max_len)
     if capacity is not None:
         if not (isinstance(capacity, (int, np.integer)) and capacity >= 1):
             raise ValueError(f"capacity={capacity!r} must be a positive integer (slots per head)")
@@ -332,8 +348,21 @@ def resolve_capacity(cfg, max_len, policy: Policy, *, window, target_cr, margin,
     return kvcache.capacity_for(max_len, window, target_cr, margin)
 
 
+def _check_baseline_budget(policy: BudgetPolicy, budget, max_len):
+    """A baseline evicts down to its budget: it needs one, large enough for its rule unless it
+    holds every token anyway."""
+    if budget is None:
+        raise ValueError(
+            f"policy {policy.name!r} evicts down to a budget: pass budget= (held tokens per "
+            "layer, row and KV head; dms_jax.policies.budget_from_stats(dms_output.stats) "
+            "matches a DMS run, budget_for_ratio(tokens, ratio) a compression ratio)")
+    if not (isinstance(budget, (int, np.integer)) and budget < max_len):
+        return  # a bad type is reported by the caller; a budget >= max_len evicts nothing
+    policy.check_budget(int(budget))
+
+
 def generate(model: Decoder, prompts, *, max_new_tokens=64, policy=None, window=None,
-             target_cr=8.0, margin=0.5, capacity=None, budget=None, max_len=None,
+             target_cr=None, margin=0.5, capacity=None, budget=None, max_len=None,
              chunk_size=DEFAULT_CHUNK, temperature=0.0, top_k=0, top_p=1.0, key=None,
              stop_tokens=None, strict=False, state: GenerationState | None = None,
              progress=None, on_tokens=None, decode_segment=None) -> GenerateOutput:
@@ -342,11 +371,15 @@ def generate(model: Decoder, prompts, *, max_new_tokens=64, policy=None, window=
     prompts: a list of token-id sequences (lengths may differ), one sequence, or an int array
       [B, T]; with `state`, the next turn's tokens for each row of the previous call.
     max_new_tokens: int or one int per row (0: prefill only).
-    policy: "dms" (default for a DMS model), "full" (default otherwise), or a Policy.
+    policy: "dms" (default for a DMS model), "full" (default otherwise), a baseline name
+      ("streaming", "h2o", "tova", "snapkv"), or a Policy (`get_policy(name, **params)`).
     window: DMS window override (default: the model's). Capacity per head: `capacity` slots, or
-      `budget` held tokens (baselines), or derived from `max_len` and `target_cr` with `margin`
-      (dms), or max_len (full). max_len: tokens per row the cache must take over all turns
-      (default: longest prompt + max_new_tokens).
+      `budget` held tokens (required by the baselines; see `dms_jax.policies` for the
+      convention and `budget_from_stats` to match a DMS run), or derived from `max_len` and
+      `target_cr` with `margin` (dms), or max_len (full). SnapKV prefills the whole prompt
+      before compressing it to the budget (`_snapkv_prefill`; its peak KV bytes say so).
+      max_len: tokens per row the cache must take over all turns (default: longest prompt +
+      max_new_tokens).
     chunk_size: prefill chunk C (memory ~ cache + C tokens). temperature / top_k / top_p: see
       `Sampling`; key: PRNG key (needed unless greedy). stop_tokens: ids that end a row.
     strict: raise `CacheOverflowError` if any head overflowed its capacity.
@@ -379,6 +412,7 @@ def generate(model: Decoder, prompts, *, max_new_tokens=64, policy=None, window=
         eff_window = (window if window is not None else cfg.dms.window) if cfg.dms else 0
         if not (isinstance(eff_window, (int, np.integer)) and eff_window >= 0):
             raise ValueError(f"window={window!r} must be an integer >= 0")
+        target_cr = default_target_cr(cfg) if target_cr is None else target_cr
         if not target_cr >= 1.0:
             raise ValueError(f"target_cr={target_cr} must be >= 1 (8.0 keeps ~1/8 of the tokens)")
         longest = max(len(r) for r in rows) + int(row_max.max())
@@ -413,44 +447,25 @@ def generate(model: Decoder, prompts, *, max_new_tokens=64, policy=None, window=
             f"{int(lens[i])} + max_new_tokens {int(row_max[i])}) > max_len {max_len}; "
             "raise max_len (set it on the first call when you plan to continue)")
 
-    # ---- prefill: right-padded chunks of C tokens
-    # few programs: the chunk width is chunk_size or a power of two (>= 16) below it
-    chunk = int(min(chunk_size, _bucket(int(lens.max()))))
-    n_chunks = -(-int(lens.max()) // chunk)
-    ids = np.zeros((batch, n_chunks * chunk), np.int32)
-    valid = np.zeros_like(ids, bool)
-    for b, r in enumerate(rows):
-        ids[b, :len(r)], valid[b, :len(r)] = r, True
-    positions = (start[:, None] + np.arange(n_chunks * chunk)[None]).astype(np.int32)
-    last_idx = lens - 1
-
-    d = cfg.hidden_size
-    last_hidden = jnp.zeros((batch, d), resolve_dtype(cfg.dtype))
-    last_index = np.where(last_idx < chunk, last_idx, -1).astype(np.int32)
+    # ---- prefill: right-padded chunks of C tokens (SnapKV's first call: see _snapkv_prefill)
+    last_hidden = jnp.zeros((batch, cfg.hidden_size), resolve_dtype(cfg.dtype))
     t0 = time.perf_counter()
-    cols = slice(0, chunk)
-    compiled_prefill = prefill_step.lower(
-        graphdef, params, cache, ids[:, cols], valid[:, cols], positions[:, cols], last_hidden,
-        last_index, step=step).compile()
     key, sub = jax.random.split(key)
     compiled_sample = _sample_hidden.lower(graphdef, params, last_hidden, sub,
                                            sampling=sampling).compile()
-    compiled_stats = _stats.lower(cache).compile()
     compile_s = time.perf_counter() - t0
-
+    run_prefill = (_snapkv_prefill if state is None and isinstance(step.policy, SnapKVPolicy)
+                   else _chunked_prefill)
+    cache, last_hidden, prefill_compile_s, prefill_s = run_prefill(
+        graphdef, params, cache, rows, start, step, chunk_size, last_hidden, progress)
     t0 = time.perf_counter()
-    for c in range(n_chunks):
-        cols = slice(c * chunk, (c + 1) * chunk)
-        last_index = np.where((last_idx >= c * chunk) & (last_idx < (c + 1) * chunk),
-                              last_idx - c * chunk, -1).astype(np.int32)
-        _, last_hidden, cache = compiled_prefill(params, cache, ids[:, cols], valid[:, cols],
-                                                 positions[:, cols], last_hidden, last_index)
-        if progress is not None:
-            progress(min((c + 1) * chunk, int(lens.max())), int(lens.max()))
+    compiled_stats = _stats.lower(cache).compile()
+    compile_s += prefill_compile_s + time.perf_counter() - t0
+    t0 = time.perf_counter()
     first = compiled_sample(params, last_hidden, sub)
     kv_after_prefill = float(compiled_stats(cache).kv_reads.sum())
     first.block_until_ready()
-    prefill_s = time.perf_counter() - t0
+    prefill_s += time.perf_counter() - t0
 
     # ---- decode, in segments of `decode_segment` tokens (one jitted while_loop each)
     max_new = int(row_max.max())
@@ -488,8 +503,8 @@ def generate(model: Decoder, prompts, *, max_new_tokens=64, policy=None, window=
         kvcache.assert_no_overflow(cache)
     # each generated token but the last entered the cache (the last is pending)
     fed = np.maximum(lengths - 1, 0)
-    new_pending = np.where(lengths > 0, tokens[np.arange(batch), np.maximum(lengths - 1, 0)],
-                           -1).astype(np.int32)
+    last = tokens[np.arange(batch), np.maximum(lengths - 1, 0)] if max_new else lengths
+    new_pending = np.where(lengths > 0, last, -1).astype(np.int32)
     new_state = GenerationState(cache=cache, pending=new_pending,
                                 next_pos=(next_pos + fed).astype(np.int32), max_len=max_len,
                                 step=step, kv_reads=float(stats_dev.kv_reads.sum()))
@@ -498,6 +513,95 @@ def generate(model: Decoder, prompts, *, max_new_tokens=64, policy=None, window=
                         kv_after_prefill=kv_after_prefill, prefill_s=prefill_s,
                         decode_s=decode_s, compile_s=compile_s)
     return GenerateOutput(tokens, lengths, stats, new_state)
+
+
+def _chunked_prefill(graphdef, params, cache, rows, start, step: StepConfig, chunk_size,
+                     last_hidden, progress=None):
+    """Prompt tokens through the jitted `prefill_step` in right-padded chunks of C per row.
+
+    rows: int32 token arrays (one may be empty); start: int32 [B], position of each row's first
+    token; last_hidden: [B, d], kept for a row without tokens.
+    returns (cache, last_hidden at each row's last token, compile seconds, run seconds)
+    """
+    batch = len(rows)
+    lens = np.asarray([len(r) for r in rows], np.int32)
+    if lens.max() == 0:
+        return cache, last_hidden, 0.0, 0.0
+    # few programs: the chunk width is chunk_size or a power of two (>= 16) below it
+    chunk = int(min(chunk_size, _bucket(int(lens.max()))))
+    n_chunks = -(-int(lens.max()) // chunk)
+    ids = np.zeros((batch, n_chunks * chunk), np.int32)
+    valid = np.zeros_like(ids, bool)
+    for b, r in enumerate(rows):
+        ids[b, :len(r)], valid[b, :len(r)] = r, True
+    positions = (start[:, None] + np.arange(n_chunks * chunk)[None]).astype(np.int32)
+    last_idx = lens - 1
+
+    last_index = np.where(last_idx < chunk, last_idx, -1).astype(np.int32)
+    t0 = time.perf_counter()
+    cols = slice(0, chunk)
+    compiled_prefill = prefill_step.lower(
+        graphdef, params, cache, ids[:, cols], valid[:, cols], positions[:, cols], last_hidden,
+        last_index, step=step).compile()
+    compile_s = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    for c in range(n_chunks):
+        cols = slice(c * chunk, (c + 1) * chunk)
+        last_index = np.where((last_idx >= c * chunk) & (last_idx < (c + 1) * chunk),
+                              last_idx - c * chunk, -1).astype(np.int32)
+        _, last_hidden, cache = compiled_prefill(params, cache, ids[:, cols], valid[:, cols],
+                                                 positions[:, cols], last_hidden, last_index)
+        if progress is not None:
+            progress(min((c + 1) * chunk, int(lens.max())), int(lens.max()))
+    jax.block_until_ready(last_hidden)
+    return cache, last_hidden, compile_s, time.perf_counter() - t0
+
+
+# ----------------------------------------------------------------------------- SnapKV prefill
+
+
+def _snapkv_prefill(graphdef, params, cache, rows, start, step: StepConfig, chunk_size,
+                    last_hidden, progress=None):
+    """SnapKV's prefill (dms_jax.policies.SnapKVPolicy): the whole prompt, then compressed once.
+
+    1. every row's prompt but its last `obs_window` tokens, in chunks, into a cache that holds
+       the whole prompt (capacity max(longest prompt, budget): SnapKV's peak memory);
+    2. the last `obs_window` tokens (each row's observation window) with `policy.observe()`,
+       which sums, per key, the attention of those queries;
+    3. compaction to `cache`'s capacity (the budget): the window plus the top pooled scores.
+    cache: the budget-sized cache (only its shape is used). Arguments and result as
+    `_chunked_prefill`; the result has the shape of `cache`.
+    """
+    policy, budget = step.policy, cache[0].capacity
+    lens = np.asarray([len(r) for r in rows], np.int32)
+    heads = [r[:max(len(r) - policy.obs_window, 0)] for r in rows]
+    tails = [r[len(h):] for r, h in zip(rows, heads)]
+    layer = cache[0]
+    whole = kvcache.init_cache(len(cache), len(rows), layer.keys.shape[1],
+                               max(int(lens.max()), budget), layer.keys.shape[3], window=0,
+                               dtype=layer.keys.dtype)
+    whole, last_hidden, compile_s, run_s = _chunked_prefill(
+        graphdef, params, whole, heads, start, StepConfig(FULL), chunk_size, last_hidden)
+    head_lens = np.asarray([len(h) for h in heads], np.int32)
+    whole, last_hidden, compile2_s, run2_s = _chunked_prefill(
+        graphdef, params, whole, tails, start + head_lens, StepConfig(policy.observe()),
+        policy.obs_window, last_hidden)
+    t0 = time.perf_counter()
+    compress = _snapkv_compress.lower(whole, policy=policy, capacity=budget).compile()
+    compile_s += compile2_s + time.perf_counter() - t0
+    t0 = time.perf_counter()
+    compressed = jax.block_until_ready(compress(whole))
+    if progress is not None:
+        progress(int(lens.max()), int(lens.max()))
+    return compressed, last_hidden, compile_s, run_s + run2_s + time.perf_counter() - t0
+
+
+@functools.partial(jax.jit, static_argnames=("policy", "capacity"))
+def _snapkv_compress(cache, *, policy: SnapKVPolicy, capacity: int):
+    """Each layer's prefilled prompt compacted to `capacity` slots by SnapKV's pooled scores."""
+    return tuple(kvcache.compact(c, *policy.prompt_priority(c.pos, c.scores, c.last_pos),
+                                 capacity) for c in cache)
 
 
 def _bucket(n: int) -> int:
