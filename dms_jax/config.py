@@ -42,6 +42,8 @@ class DMSConfig:
     window: delayed-eviction window w; a key at distance <= w is always visible.
     scale, offset: z = scale * raw - offset.
     tau:    Gumbel-sigmoid temperature (training only).
+    target_cr: the compression ratio the decisions were trained to reach (a retrofit export
+            records its final scheduled CR); inference sizes its cache from it. None: unknown.
     """
 
     mode: str = "adapter"
@@ -50,6 +52,7 @@ class DMSConfig:
     scale: float = 100.0
     offset: float = 5.0
     tau: float = 0.1
+    target_cr: float | None = None
 
     def __post_init__(self):
         if self.mode not in DMS_MODES:
@@ -60,6 +63,8 @@ class DMSConfig:
             raise ValueError(f"DMSConfig.window={self.window!r} must be an integer >= 0 (default 512)")
         if self.tau <= 0:
             raise ValueError(f"DMSConfig.tau={self.tau} must be > 0 (default 0.1)")
+        if self.target_cr is not None and not self.target_cr >= 1.0:
+            raise ValueError(f"DMSConfig.target_cr={self.target_cr} must be >= 1 (or None)")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -100,7 +105,8 @@ class ModelConfig:
     param_dtype: str = "float32"
     dtype: str = "float32"  # compute dtype
     dms: DMSConfig | None = None
-    name_or_path: str | None = None  # the directory it was loaded from (tokenizer files live there)
+    # not compared / hashed: the same model loaded from two places compiles once
+    name_or_path: str | None = dataclasses.field(default=None, compare=False)  # the directory it was loaded from (tokenizer files live there)
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:

@@ -5,11 +5,18 @@ trained on this repository's own text. Its output is not meaningful language: it
 `python infer.py` with no arguments exercises the whole engine offline. Neuron-mode DMS is
 recorded in its config.json, so the random weights give a real mix of evicted and kept tokens.
 
+The tokenizer is trained on the package's sources at build time, so a rebuild after the sources
+changed gives a different (equally valid) model; `target_cr` in its config.json is the CR its
+random decisions reach on infer.py's built-in prompt, measured here, so inference sizes the
+cache for what the model really keeps.
+
     python scripts/make_default_model.py [--out dms_jax/assets/default_model]
 """
 import argparse
+import dataclasses
 import glob
 import os
+import sys
 
 import jax
 from flax import nnx
@@ -34,6 +41,16 @@ def build_tokenizer(vocab_size: int):
                                    pad_token="<|pad|>")
 
 
+def measure_cr(model, tokenizer) -> float:
+    """The CR the model's decisions reach on infer.py's built-in prompt (2 decimals)."""
+    sys.path.insert(0, ROOT)
+    from infer import DEFAULT_PROMPT
+
+    ids = tokenizer(DEFAULT_PROMPT)["input_ids"]
+    _, cr = model.eval_forward(jax.numpy.asarray(ids)[None])
+    return round(float(cr), 2)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=os.path.join(ROOT, "dms_jax", "assets", "default_model"))
@@ -46,6 +63,11 @@ def main():
         dms=DMSConfig(mode="neuron", window=16, scale=100.0, offset=5.0),
     )
     model = dms_jax.Decoder(cfg, rngs=nnx.Rngs(jax.random.key(0)))
+    # record the CR its (random) decisions reach on English text, so inference sizes its cache
+    # for what this model really keeps (DMSConfig.target_cr)
+    measured = measure_cr(model, tokenizer)
+    model.config = dataclasses.replace(cfg, dms=dataclasses.replace(cfg.dms, target_cr=measured))
+    print(f"DMS compression ratio on infer.py's built-in prompt: {measured}")
     dms_jax.save_pretrained(model, args.out, tokenizer=tokenizer)
     print(f"wrote {args.out}: {sum(os.path.getsize(os.path.join(args.out, f)) for f in os.listdir(args.out))} bytes")
 

@@ -350,6 +350,13 @@ def train(config, *, devices=None, on_step: Callable[[int, dict], None] | None =
             ckpt.close()
 
     trained = trainer.model_from(state)
+    if trained.config.dms is not None and config.train.loss == "distill":
+        # record the CR the decisions were trained for: inference sizes its cache from it
+        t = config.train
+        reached = float(schedule.compression_ratio(max(start, steps), t.cr_start, t.cr_end,
+                                                   t.cr_steps))
+        trained.config = dataclasses.replace(
+            trained.config, dms=dataclasses.replace(trained.config.dms, target_cr=reached))
     export_dir = _opt(config.output, "export_dir")
     if export_dir:
         if lead:

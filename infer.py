@@ -1,0 +1,844 @@
+"""Generate with a (DMS) model over the fixed-shape KV cache: a thin CLI over `dms_jax.generate`.
+
+    python infer.py                                     # the embedded default model, a long prompt
+    python infer.py --model runs/q8/export --prompt "Why is the sky blue?" --max-new-tokens 256
+    python infer.py --model Qwen/Qwen3-8B --jsonl prompts.jsonl --output-jsonl out.jsonl
+    python infer.py --model DIR --prompt-ids 1,2,3      # a model without a tokenizer: token ids
+    python infer.py --policy full                       # the uncompressed baseline
+    python infer.py --policy h2o --budget 256 --policy-arg recent=32
+    python infer.py --train-config configs/tiny.py      # a train.py run: its export or checkpoint
+
+--model takes a Hugging Face model directory (a train.py export included), a hub id, a train.py
+output directory (its export/ when present), or a train.py checkpoint directory (or one step of
+it) together with --train-config, the config file the run was trained with: the newest complete
+checkpoint is restored over the run's base model. Prints the generated text (streamed for one
+prompt) and a table of cache statistics; progress bars go to stderr. Bad flags or inputs print
+`error: ...` and exit with code 2 before any model compute.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+from typing import Any
+
+DEFAULT_MAX_NEW_TOKENS = 128
+DEFAULT_DECODE_SEGMENT = 16
+POLICY_NAMES = ("full", "dms", "streaming", "h2o", "tova", "snapkv")
+
+# The built-in long prompt (about 1.8k tokens with the default model's byte-level tokenizer).
+DEFAULT_PROMPT = """\
+The harbour town of Saltmere kept its records in a narrow stone building at the end of the quay, \
+and for most of its history nobody thought much about them. Fishing licences, births, the price of \
+salt, the names of ships that left and the shorter list of ships that came back: everything went \
+into ledgers, and the ledgers went onto shelves. When the shelves were full, a carpenter built more. \
+When the room was full, the town bought the chandlery next door and knocked a hole through the wall.
+
+The trouble began when the last archivist retired and a young woman named Ilse Marren took over. \
+She found that the building held about forty thousand ledgers, that roughly a tenth of them had \
+ever been opened a second time, and that finding anything took most of a day. People who came \
+with a question usually went home without an answer, not because the answer was missing but \
+because it was buried under everything else. The archive remembered all of it and could use \
+almost none of it.
+
+Ilse began by watching what people actually asked for. Most questions were about the recent past: \
+last winter's catch, the current owner of a boat, the fee agreed at the most recent council \
+meeting. A smaller number reached further back, and those almost always pointed at a handful of \
+documents that mattered far more than the rest: the founding charter, the boundary surveys, the \
+agreement with the salt merchants, the register of the great storm. Everything else was read \
+once, when it was written, and never again.
+
+So she made a rule. Every new record would stay on the front desk for a season, where anyone \
+could consult it. At the end of the season she would decide, record by record, whether it would \
+be needed again. If it would, it went to the reading room, where the shelves were few and every \
+item was catalogued by hand. If it would not, it was copied into a one-line summary in the \
+yearly digest and the original went to the cellar, which was damp and which nobody visited. The \
+decision was not made at the moment a record arrived, when she could not yet tell what it would \
+turn out to mean, but after it had spent a season in plain sight.
+
+The council objected at first. What if she guessed wrong, and some dull invoice turned out, \
+years later, to settle a dispute? Ilse answered that she would sometimes guess wrong, but that the \
+old system guessed wrong every day, because a record nobody can find is as good as lost. After \
+two years the reading room held only one record in eight, and it answered nearly every question \
+that came through the door.
+
+When a scholar from the capital asked how she had made so small a collection so useful, she said \
+that an archive is not measured by how much it keeps but by how quickly it can put the right page \
+in front of the person who needs it, and that the hardest part had been learning to wait a season \
+before deciding what to forget.
+
+Summarise in one paragraph what Ilse Marren learned about keeping records, and explain why she \
+waited a season before deciding what to keep."""
+
+
+class CLIError(ValueError):
+    """A bad flag or input: printed as `error: ...`, exit code 2."""
+
+
+# ----------------------------------------------------------------------------------------------
+# flags
+
+
+def _positive_int(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} must be a positive integer")
+    return value
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a flag's default unless it is unset (None / False / []) or the help names it."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or action.default == [] \
+                or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="infer.py", description=__doc__.split("\n\n")[0],
+        epilog="Exit codes: 0 done, 1 the run failed (e.g. --strict and the cache overflowed), "
+               "2 bad flags or inputs (reported before any model compute).",
+        formatter_class=_HelpFormatter)
+    m = p.add_argument_group("model")
+    m.add_argument("--model", metavar="PATH", default=None,
+                   help="HF model directory (a train.py export included), hub id, train.py output "
+                        "directory, or train.py checkpoint directory (with --train-config); "
+                        "default: the embedded default model (or the --train-config run's)")
+    m.add_argument("--train-config", default=None, metavar="FILE",
+                   help="the config file (configs/*.py) a train.py run used: needed to restore its "
+                        "checkpoints over the base model")
+    m.add_argument("--base-model", default=None, metavar="DIR",
+                   help="with --train-config: the base model, overriding the config's model.path")
+    m.add_argument("--tokenizer", default=None, metavar="DIR",
+                   help="tokenizer directory (default: the model's)")
+    m.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
+                   help="compute dtype (default: float32, or the train config's)")
+
+    i = p.add_argument_group("input (one kind; default: the built-in long prompt)")
+    i.add_argument("--prompt", action="append", default=None, metavar="TEXT",
+                   help="a prompt (repeat for a batch)")
+    i.add_argument("--prompt-file", default=None, metavar="PATH",
+                   help="a text file holding one prompt ('-': stdin)")
+    i.add_argument("--jsonl", default=None, metavar="PATH",
+                   help="a batch: one JSON object per line with 'prompt' (text), 'messages' (chat) "
+                        "or 'input_ids'; optional 'id' and 'max_new_tokens'")
+    i.add_argument("--prompt-ids", action="append", default=None, metavar="IDS",
+                   help="a prompt as comma-separated token ids (repeat for a batch); for models "
+                        "without a tokenizer")
+    i.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
+                   help="render prompts with the tokenizer's chat template (default: when the "
+                        "tokenizer has one)")
+
+    g = p.add_argument_group("generation")
+    g.add_argument("--max-new-tokens", metavar="N", type=int, default=DEFAULT_MAX_NEW_TOKENS,
+                   help="tokens to generate per prompt")
+    g.add_argument("--temperature", metavar="T", type=float, default=0.0, help="0: greedy")
+    g.add_argument("--top-k", metavar="K", type=int, default=0,
+                   help="keep the k most likely tokens (0: all)")
+    g.add_argument("--top-p", metavar="P", type=float, default=1.0,
+                   help="nucleus sampling mass in (0, 1]")
+    g.add_argument("--seed", metavar="N", type=int, default=0, help="PRNG seed for sampling")
+    g.add_argument("--stop", action="append", default=None, metavar="TOKEN",
+                   help="a stop token: its id or its string (repeatable; default: the "
+                        "tokenizer's / generation_config's end-of-sequence tokens)")
+    g.add_argument("--no-stop", action="store_true",
+                   help="no stop tokens: always generate --max-new-tokens")
+
+    c = p.add_argument_group("KV cache")
+    c.add_argument("--policy", metavar="NAME", default=None,
+                   help=f"eviction policy: one of {', '.join(POLICY_NAMES)} (default: dms for a "
+                        "DMS model, else full)")
+    c.add_argument("--policy-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="a parameter of the policy (repeatable), e.g. sinks=4 (streaming), "
+                        "recent=32 (h2o), obs_window=64 (snapkv); passed to "
+                        "dms_jax.policies.get_policy, which lists a policy's parameters when a "
+                        "key is wrong")
+    c.add_argument("--window", metavar="W", type=int, default=None,
+                   help="DMS delayed-eviction window (default: the model's)")
+    c.add_argument("--target-cr", metavar="CR", type=float, default=None,
+                   help="compression ratio the dms cache is sized for (>= 1; default: the "
+                        "model's recorded dms.target_cr, else 8)")
+    c.add_argument("--margin", metavar="F", type=float, default=0.5,
+                   help="extra fraction of the expected retained tokens in the dms capacity")
+    c.add_argument("--capacity", metavar="N", type=int, default=None,
+                   help="slots per (layer, row, KV head), overriding --target-cr")
+    c.add_argument("--budget", metavar="N", type=int, default=None,
+                   help="held tokens per (layer, row, KV head): required by the baselines "
+                        "(streaming, h2o, tova, snapkv)")
+    c.add_argument("--max-len", metavar="N", type=int, default=None,
+                   help="tokens per row the cache must take (default: longest prompt + "
+                        "--max-new-tokens; the limit is the model's max_position_embeddings)")
+    c.add_argument("--chunk-size", metavar="N", type=int, default=512,
+                   help="prefill chunk (memory ~ cache + chunk)")
+    c.add_argument("--strict", action="store_true",
+                   help="fail (exit 1) if any head dropped a token for lack of slots")
+
+    o = p.add_argument_group("output")
+    o.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True,
+                   help="print the text as it is generated (one prompt; a batch prints at the end)")
+    o.add_argument("--decode-segment", metavar="N", type=_positive_int,
+                   default=DEFAULT_DECODE_SEGMENT,
+                   help="tokens per jitted decode call when streaming or showing progress")
+    o.add_argument("--stats-json", default=None, metavar="PATH",
+                   help="write the cache statistics as JSON (arrays as lists)")
+    o.add_argument("--output-jsonl", default=None, metavar="PATH",
+                   help="write one JSON object per prompt: id, source, prompt_tokens, tokens "
+                        "(generated ids), text, stopped (ended on a stop token)")
+    o.add_argument("--quiet", action="store_true",
+                   help="only the generated text: no progress bars, info lines or stats table")
+    return p
+
+
+def parse_policy_args(items) -> dict[str, Any]:
+    """['recent=32', 'sinks=4'] -> {'recent': 32, 'sinks': 4} (ints, floats, booleans, strings)."""
+    params = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise CLIError(f"--policy-arg {item!r}: expected KEY=VALUE, e.g. --policy-arg recent=32")
+        params[key.strip().replace("-", "_")] = _parse_value(text.strip())
+    return params
+
+
+def _parse_value(text: str):
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    lowered = text.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    if lowered in ("none", "null"):
+        return None
+    return text
+
+
+def check_flags(args) -> None:
+    """Everything checkable without the model (names the flag, the value and the fix)."""
+    sources = [name for name, value in (("--prompt", args.prompt), ("--prompt-file", args.prompt_file),
+                                        ("--jsonl", args.jsonl), ("--prompt-ids", args.prompt_ids))
+               if value is not None]
+    if len(sources) > 1:
+        raise CLIError(f"give one kind of input, not {' and '.join(sources)}")
+    if args.max_new_tokens < 0:
+        raise CLIError(f"--max-new-tokens {args.max_new_tokens} must be >= 0")
+    if not args.temperature >= 0:
+        raise CLIError(f"--temperature {args.temperature} must be >= 0 (0: greedy)")
+    if args.top_k < 0:
+        raise CLIError(f"--top-k {args.top_k} must be >= 0 (0: no top-k filter)")
+    if not 0.0 < args.top_p <= 1.0:
+        raise CLIError(f"--top-p {args.top_p} must be in (0, 1] (1.0: no nucleus filter)")
+    if args.window is not None and args.window < 0:
+        raise CLIError(f"--window {args.window} must be >= 0")
+    if args.target_cr is not None and not (args.target_cr >= 1.0 and math.isfinite(args.target_cr)):
+        raise CLIError(f"--target-cr {args.target_cr} must be a finite number >= 1 "
+                       "(8 keeps about 1/8 of the tokens)")
+    if not (args.margin >= 0 and math.isfinite(args.margin)):
+        raise CLIError(f"--margin {args.margin} must be >= 0")
+    for flag, value in (("--capacity", args.capacity), ("--budget", args.budget),
+                        ("--max-len", args.max_len), ("--chunk-size", args.chunk_size)):
+        if value is not None and value < 1:
+            raise CLIError(f"{flag} {value} must be a positive integer")
+    if args.capacity is not None and args.budget is not None:
+        raise CLIError("give --capacity (slots per head) or --budget (held tokens), not both")
+    if args.no_stop and args.stop:
+        raise CLIError("--stop and --no-stop contradict each other; give one")
+    if args.base_model and not args.train_config:
+        raise CLIError("--base-model overrides the model.path of --train-config; give both")
+    for flag, path in (("--stats-json", args.stats_json), ("--output-jsonl", args.output_jsonl)):
+        folder = os.path.dirname(os.path.abspath(os.path.expanduser(path))) if path else None
+        if folder and not os.path.isdir(folder):
+            raise CLIError(f"{flag} {path}: the directory {folder} does not exist")
+
+
+# ----------------------------------------------------------------------------------------------
+# the model
+
+
+def _is_checkpoint_dir(path: str) -> bool:
+    """An orbax CheckpointManager directory: numbered step directories."""
+    return any(name.isdigit() and os.path.isdir(os.path.join(path, name))
+               for name in os.listdir(path))
+
+
+def _is_step_dir(path: str) -> bool:
+    """One step of it: <dir>/<step>/state."""
+    return (os.path.basename(os.path.normpath(path)).isdigit()
+            and os.path.isdir(os.path.join(path, "state")))
+
+
+def _looks_like_path(text: str) -> bool:
+    return (text.startswith((".", "/", "~")) or text.count("/") > 1
+            or (os.sep != "/" and os.sep in text))
+
+
+def load_model(args, log):
+    """(model, tokenizer or None, model directory or None, description)."""
+    import dms_jax
+    from dms_jax.assets import DEFAULT_MODEL_DIR
+
+    config = _load_train_config(args) if args.train_config else None
+    target = args.model
+    if target is None and config is not None:
+        export, checkpoints = config.output.get("export_dir", ""), config.checkpoint.get("dir", "")
+        has_export = export and os.path.isfile(os.path.join(export, "config.json"))
+        target = export if has_export else checkpoints
+        if not target or not os.path.isdir(target):
+            raise CLIError(f"the --train-config run has no export ({export or 'output.export_dir unset'}) "
+                           f"nor checkpoints ({checkpoints or 'checkpoint.dir unset'}); "
+                           "run train.py first or pass --model")
+    if target is None:
+        target = DEFAULT_MODEL_DIR
+    path = os.path.expanduser(target)
+
+    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
+        if os.path.isfile(os.path.join(path, "export", "config.json")):
+            path = os.path.join(path, "export")
+            log(f"{target} is a train.py output directory: using its export {path}")
+        else:
+            ckpt_dir, step = path, None
+            nested = os.path.join(path, "checkpoints")  # a train.py output directory
+            if _is_step_dir(path):
+                ckpt_dir, step = os.path.split(os.path.normpath(path))
+                step = int(step)
+            elif os.path.isdir(nested) and _is_checkpoint_dir(nested):
+                ckpt_dir = nested
+            elif not _is_checkpoint_dir(path):
+                raise CLIError(
+                    f"--model {target}: no config.json there, and it is not a train.py output or "
+                    "checkpoint directory; pass a Hugging Face model directory, a train.py export "
+                    "(output.export_dir), or a checkpoint directory with --train-config")
+            if config is None:
+                raise CLIError(
+                    f"--model {target} is a train.py checkpoint directory: restoring it needs the "
+                    "run's config, so add --train-config configs/NAME.py (the file the run used; "
+                    "--base-model DIR overrides its model.path), or pass the run's export "
+                    "directory (output.export_dir) instead")
+            return _restore_checkpoint(config, ckpt_dir, step, args, log)
+    elif not os.path.isdir(path):
+        if os.path.exists(path):
+            raise CLIError(f"--model {target} is a file; pass the directory that holds config.json")
+        if _looks_like_path(target):
+            raise CLIError(f"--model {target}: no such directory (a hub id looks like owner/name)")
+
+    model = dms_jax.from_pretrained(path, dtype=args.dtype)
+    model_dir = model.config.name_or_path or path
+    return model, dms_jax.load_tokenizer(model_dir), model_dir, target
+
+
+def _load_train_config(args):
+    import importlib.util
+
+    path = os.path.expanduser(args.train_config)
+    if not os.path.isfile(path):
+        raise CLIError(f"--train-config {args.train_config}: no such file (a configs/*.py file)")
+    spec = importlib.util.spec_from_file_location("dms_train_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise CLIError(f"--train-config {args.train_config} defines no get_config()")
+    config = module.get_config()
+    if args.base_model:
+        config.model.path = args.base_model
+    if args.dtype:
+        config.model.dtype = args.dtype
+    return config
+
+
+def _restore_checkpoint(config, ckpt_dir, step, args, log):
+    """The run's base model with its trained parameters from checkpoint `step` (default: newest),
+    rebuilt the way `dms_jax.train.train` builds it (same config, one device)."""
+    import jax
+
+    from dms_jax import sharding as shd
+    from dms_jax.train import loop
+    from dms_jax.train.checkpoint import Checkpointer, abstract_like
+
+    ckpt = Checkpointer(ckpt_dir, every=1, keep=1 << 30, async_save=False)
+    try:
+        steps = ckpt.all_steps()
+        step = ckpt.latest_step() if step is None else step
+        if step is None or step not in steps:
+            raise CLIError(f"no complete checkpoint {'' if step is None else f'step {step} '}in "
+                           f"{ckpt_dir} (steps found: {sorted(steps) or 'none'})")
+        seed = int(config.get("seed", 0))
+        model = loop.load_model(config.model, seed)
+        mesh = shd.make_mesh((1, 1, 1), jax.devices()[:1])
+        trainer = loop.build_trainer(model, mesh, loop.step_config(config), config.train, seed=seed,
+                                     batch_shape=(1, int(config.train.seq_len)))
+        del model
+        meta = ckpt.restore_meta(step)
+        if meta.get("layout") != trainer.layout:
+            raise CLIError(f"checkpoint step {step} in {ckpt_dir} was written by another "
+                           "configuration (trainable parameters / loss differ from --train-config "
+                           f"{args.train_config})")
+        state, _ = ckpt.restore(step, abstract_like(trainer.abstract_state, trainer.state_shardings))
+    finally:
+        ckpt.close()
+    model = trainer.model_from(state)
+    base = config.model.path or f"random init (seed {seed})"
+    log(f"restored checkpoint step {step} from {ckpt_dir} over {base}")
+    tokenizer = loop.load_tokenizer_for(config)
+    model_dir = config.model.path if config.model.path and os.path.isdir(config.model.path) else None
+    return model, tokenizer, model_dir, f"{ckpt_dir} (step {step})"
+
+
+# ----------------------------------------------------------------------------------------------
+# prompts
+
+
+@dataclasses.dataclass
+class Prompt:
+    ids: list  # token ids
+    source: str  # where it came from, for messages ("--prompt #1", "line 3 of x.jsonl")
+    text: str | None = None  # the prompt as given (None for token ids / messages)
+    id: Any = None
+    max_new_tokens: int | None = None
+
+
+def _parse_ids(text: str, where: str) -> list[int]:
+    try:
+        ids = [int(t) for t in text.replace(",", " ").split()]
+    except ValueError:
+        raise CLIError(f"{where}: {text!r} is not a list of integers (use 1,2,3)") from None
+    if not ids:
+        raise CLIError(f"{where} is empty: every prompt needs at least one token")
+    return ids
+
+
+def read_prompts(args, tokenizer, chat: bool | None) -> list[Prompt]:
+    """The prompts as token ids, read and tokenized (names the offending prompt or line)."""
+    raw = []  # (source, kind, value, extra)
+    if args.prompt_ids is not None:
+        raw = [(f"--prompt-ids #{n}", "ids", _parse_ids(t, f"--prompt-ids #{n}"), {})
+               for n, t in enumerate(args.prompt_ids)]
+    elif args.jsonl is not None:
+        raw = list(_read_jsonl(args.jsonl))
+    elif args.prompt_file is not None:
+        if args.prompt_file == "-":
+            text = sys.stdin.read()
+        else:
+            try:
+                with open(os.path.expanduser(args.prompt_file), encoding="utf-8") as f:
+                    text = f.read()
+            except OSError as err:
+                raise CLIError(f"--prompt-file {args.prompt_file}: {err.strerror}") from None
+        raw = [(f"--prompt-file {args.prompt_file}", "text", text, {})]
+    elif args.prompt is not None:
+        raw = [(f"--prompt #{n}" if len(args.prompt) > 1 else "--prompt", "text", t, {})
+               for n, t in enumerate(args.prompt)]
+    else:
+        raw = [("the built-in prompt", "text", DEFAULT_PROMPT, {})]
+
+    template = getattr(tokenizer, "chat_template", None) if tokenizer is not None else None
+    use_chat = bool(template) if chat is None else chat
+    if chat and not template:
+        raise CLIError("--chat: the tokenizer has no chat template; drop --chat or give "
+                       "--tokenizer DIR with one")
+    prompts = []
+    for source, kind, value, extra in raw:
+        text = None
+        if kind == "ids":
+            ids = value
+        else:
+            if tokenizer is None:
+                raise CLIError(f"{source}: the model has no tokenizer (no tokenizer.json ...), so "
+                               "text cannot be encoded; pass token ids with --prompt-ids 1,2,3 (or "
+                               "'input_ids' in --jsonl), or a tokenizer with --tokenizer DIR")
+            if kind == "messages":
+                if not use_chat:
+                    raise CLIError(f"{source} has 'messages' but " + (
+                        "--no-chat was given" if chat is False else "the tokenizer has no chat template")
+                        + "; give 'prompt' (plain text) instead")
+                messages = value
+            else:
+                if not value.strip():
+                    raise CLIError(f"{source} is empty: give some text to continue")
+                text = value
+                messages = [{"role": "user", "content": value}] if use_chat else None
+            if messages is not None:
+                rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                                         tokenize=False)
+                ids = tokenizer(rendered, add_special_tokens=False)["input_ids"]
+            else:
+                ids = tokenizer(value)["input_ids"]
+        if not ids:
+            raise CLIError(f"{source} is empty after tokenization")
+        prompts.append(Prompt([int(t) for t in ids], source, text, extra.get("id"),
+                              extra.get("max_new_tokens")))
+    return prompts
+
+
+def _read_jsonl(path):
+    try:
+        f = open(os.path.expanduser(path), encoding="utf-8")
+    except OSError as err:
+        raise CLIError(f"--jsonl {path}: {err.strerror}") from None
+    count = 0
+    with f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"line {number} of {path}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise CLIError(f"{where} is not valid JSON ({err.msg})") from None
+            if not isinstance(row, dict):
+                raise CLIError(f"{where}: expected a JSON object with 'prompt', 'messages' or 'input_ids'")
+            extra = {"id": row.get("id")}
+            if "max_new_tokens" in row:
+                value = row["max_new_tokens"]
+                if not (isinstance(value, int) and value >= 0):
+                    raise CLIError(f"{where}: max_new_tokens={value!r} must be an integer >= 0")
+                extra["max_new_tokens"] = value
+            if "input_ids" in row:
+                ids = row["input_ids"]
+                if not (isinstance(ids, list) and ids and all(isinstance(t, int) for t in ids)):
+                    raise CLIError(f"{where}: 'input_ids' must be a non-empty list of integers")
+                yield where, "ids", ids, extra
+            elif "messages" in row:
+                messages = row["messages"]
+                if not (isinstance(messages, list) and messages
+                        and all(isinstance(m, dict) and "role" in m and "content" in m for m in messages)):
+                    raise CLIError(f"{where}: 'messages' must be a non-empty list of "
+                                   "{'role': ..., 'content': ...} objects")
+                yield where, "messages", messages, extra
+            elif "prompt" in row:
+                if not isinstance(row["prompt"], str):
+                    raise CLIError(f"{where}: 'prompt' must be a string")
+                yield where, "text", row["prompt"], extra
+            else:
+                raise CLIError(f"{where} has none of 'prompt', 'messages', 'input_ids' "
+                               f"(keys: {sorted(row)})")
+            count += 1
+    if not count:
+        raise CLIError(f"--jsonl {path} holds no prompts")
+
+
+def stop_tokens(args, tokenizer, model_dir, vocab_size) -> list[int]:
+    if args.no_stop:
+        return []
+    if not args.stop:
+        return default_stop_tokens(tokenizer, model_dir, vocab_size)
+    ids = []
+    for item in args.stop:
+        if item.lstrip("-").isdigit():
+            token = int(item)
+        elif tokenizer is None:
+            raise CLIError(f"--stop {item!r}: the model has no tokenizer; give the token's id")
+        else:
+            token = tokenizer.convert_tokens_to_ids(item) if item in tokenizer.get_vocab() else None
+            if token is None:
+                encoded = tokenizer(item, add_special_tokens=False)["input_ids"]
+                if len(encoded) != 1:
+                    raise CLIError(f"--stop {item!r} is {len(encoded)} tokens {encoded}; give a single "
+                                   "token (or its id)")
+                token = encoded[0]
+        if not 0 <= token < vocab_size:
+            raise CLIError(f"--stop {item}: token id {token} is outside the model's vocabulary "
+                           f"[0, {vocab_size})")
+        ids.append(int(token))
+    return ids
+
+
+def default_stop_tokens(tokenizer, model_dir, vocab_size) -> list[int]:
+    """The tokenizer's eos and generation_config.json's eos_token_id (an id or a list)."""
+    found = []
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
+        found.append(tokenizer.eos_token_id)
+    path = os.path.join(model_dir, "generation_config.json") if model_dir else None
+    if path and os.path.isfile(path):
+        with open(path) as f:
+            eos = json.load(f).get("eos_token_id")
+        found += eos if isinstance(eos, list) else [] if eos is None else [eos]
+    return sorted({int(t) for t in found if 0 <= int(t) < vocab_size})
+
+
+# ----------------------------------------------------------------------------------------------
+# checks against the model
+
+
+def get_named_policy(args):
+    """The Policy of --policy and --policy-arg (no model needed: unknown names fail early)."""
+    from dms_jax.policies import get_policy
+
+    name = args.policy
+    params = parse_policy_args(args.policy_arg)
+    try:
+        return get_policy(name, **params) if params else get_policy(name)
+    except NotImplementedError as err:
+        raise CLIError(f"--policy {name}: {err}") from None
+    except TypeError as err:  # a parameter the policy does not take
+        raise CLIError(f"--policy {name} with --policy-arg {' '.join(args.policy_arg)}: {err}") from None
+    except ValueError as err:
+        raise CLIError(f"--policy {name}: {err}") from None
+
+
+def make_policy(args, cfg):
+    """--policy (default: dms for a DMS model, else full), checked against the model."""
+    if args.policy is None:
+        args = argparse.Namespace(**{**vars(args), "policy": "dms" if cfg.dms else "full"})
+    policy = get_named_policy(args)
+    if policy.uses_decisions and cfg.dms is None:
+        raise CLIError(f"--policy {policy.name} needs a DMS model (config.json with a 'dms' block, "
+                       "or a train.py export); this model has none: use --policy full or a baseline")
+    return policy
+
+
+def check_against_model(args, cfg, prompts, policy):
+    """Token ids, lengths and cache sizes (before any compute); returns (max_len, window, capacity)."""
+    from dms_jax.generate import default_target_cr, resolve_capacity
+    from dms_jax.policies import BudgetPolicy, budget_for_ratio
+
+    vocab = cfg.vocab_size
+    for p in prompts:
+        bad = [t for t in p.ids if not 0 <= t < vocab]
+        if bad:
+            raise CLIError(f"{p.source}: token id {bad[0]} is outside the model's vocabulary [0, {vocab})"
+                           + ("" if p.text is None else "; the tokenizer does not match the model"))
+    need = max(len(p.ids) + _row_new(args, p) for p in prompts)
+    longest = max(prompts, key=lambda p: len(p.ids) + _row_new(args, p))
+    detail = (f"{longest.source} has {len(longest.ids)} tokens + {_row_new(args, longest)} new tokens "
+              f"= {need}")
+    if args.max_len is not None and need > args.max_len:
+        raise CLIError(f"{detail} > --max-len {args.max_len}: shorten the prompt, lower "
+                       "--max-new-tokens or raise --max-len")
+    if args.max_len is None and need > cfg.max_position_embeddings:
+        raise CLIError(f"{detail} > the model's max_position_embeddings {cfg.max_position_embeddings}: "
+                       "shorten the prompt or lower --max-new-tokens (--max-len overrides the limit)")
+    max_len = args.max_len or need
+    window = (args.window if args.window is not None else cfg.dms.window) if cfg.dms else 0
+    if args.target_cr is None:
+        args.target_cr = default_target_cr(cfg)
+    if policy.uses_decisions:
+        size = args.capacity or args.budget
+        if size is not None and size < min(window + 1, max_len):
+            raise CLIError(f"--{'capacity' if args.capacity else 'budget'} {size} cannot hold the DMS "
+                           f"window: it needs at least window + 1 = {window + 1} slots per head; raise it "
+                           "or lower --window")
+    if isinstance(policy, BudgetPolicy) and args.budget is None and args.capacity is None:
+        example = budget_for_ratio(max_len, args.target_cr)
+        raise CLIError(f"--policy {policy.name} evicts down to a budget: add --budget N (held tokens "
+                       f"per layer, row and KV head), e.g. --budget {example} holds 1/"
+                       f"{args.target_cr:g} of {max_len} tokens")
+    try:
+        capacity = resolve_capacity(cfg, max_len, policy, window=window, target_cr=args.target_cr,
+                                    margin=args.margin, capacity=args.capacity, budget=args.budget)
+    except ValueError as err:
+        size = (f" --budget {args.budget}" if args.budget is not None else
+                f" --capacity {args.capacity}" if args.capacity is not None else "")
+        raise CLIError(f"--policy {policy.name}{size}: {err}") from None
+    return max_len, window, capacity
+
+
+def _row_new(args, prompt):
+    return args.max_new_tokens if prompt.max_new_tokens is None else prompt.max_new_tokens
+
+
+# ----------------------------------------------------------------------------------------------
+# output
+
+
+class TextStream:
+    """Incremental detokenization of one row: prints only complete characters. The tokens are
+    decoded again from the last printed newline on, so each token costs a bounded decode."""
+
+    def __init__(self, tokenizer, out):
+        self.tokenizer, self.out = tokenizer, out
+        self.ids: list[int] = []  # since the last newline (all of them for token-id output)
+        self.printed = ""  # their text, as printed
+
+    def feed(self, ids):
+        self.ids += [int(t) for t in ids if t >= 0]
+        text = render(self.tokenizer, self.ids)
+        if self.tokenizer is not None and text.endswith("\ufffd"):
+            return  # an incomplete UTF-8 sequence: wait for its next bytes
+        self._emit(text)
+        if self.tokenizer is not None and text.endswith("\n"):
+            self.ids, self.printed = [], ""
+
+    def finish(self):
+        self._emit(render(self.tokenizer, self.ids))
+        self.out.write("\n")
+        self.out.flush()
+
+    def _emit(self, text):
+        self.out.write(text[len(self.printed):])
+        self.out.flush()
+        self.printed = text
+
+
+def render(tokenizer, ids) -> str:
+    if tokenizer is None:
+        return ",".join(str(int(t)) for t in ids)
+    return tokenizer.decode(list(ids), skip_special_tokens=True)
+
+
+def stats_to_json(stats) -> dict:
+    import numpy as np
+
+    out = {}
+    for field in dataclasses.fields(stats):
+        value = getattr(stats, field.name)
+        out[field.name] = value.tolist() if isinstance(value, np.ndarray) else (
+            value.item() if isinstance(value, np.generic) else value)
+    out["decode_tokens_per_s"] = float(stats.decode_tokens_per_s)
+    return out
+
+
+def run_generate(model, prompts, **kwargs):
+    """The library call (a seam the tests use to prove errors come before any compute)."""
+    import dms_jax
+
+    return dms_jax.generate(model, prompts, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------
+# main
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # --help (0) or a malformed flag (2, already printed)
+        return int(exit_.code or 0)
+
+    def log(message):
+        if not args.quiet:
+            print(message, file=sys.stderr, flush=True)
+
+    try:
+        return _main(args, log)
+    except CLIError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except (ValueError, NotImplementedError, FileNotFoundError) as err:  # the library's checks
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+
+
+def _main(args, log) -> int:
+    check_flags(args)
+    parse_policy_args(args.policy_arg)
+    if args.policy is not None:  # unknown / planned names fail before the model loads
+        get_named_policy(args)
+
+    model, tokenizer, model_dir, description = load_model(args, log)
+    if args.tokenizer:
+        import dms_jax
+        from dms_jax.hf import resolve_model_dir
+
+        tokenizer = dms_jax.load_tokenizer(resolve_model_dir(os.path.expanduser(args.tokenizer)))
+        if tokenizer is None:
+            raise CLIError(f"--tokenizer {args.tokenizer} holds no tokenizer files (tokenizer.json ...)")
+    cfg = model.config
+    policy = make_policy(args, cfg)
+    prompts = read_prompts(args, tokenizer, args.chat)
+    stops = stop_tokens(args, tokenizer, model_dir, cfg.vocab_size)
+    max_len, window, capacity = check_against_model(args, cfg, prompts, policy)
+
+    dms = f"DMS {cfg.dms.mode} window {cfg.dms.window}" if cfg.dms else "no DMS"
+    total = sum(len(p.ids) for p in prompts)
+    log(f"model: {description} ({cfg.model_type}, {cfg.num_layers} layers, vocab {cfg.vocab_size}, {dms})")
+    log(f"input: {len(prompts)} prompt(s), {total} tokens; policy {policy.name}"
+        + (f", window {window}" if policy.uses_decisions else "")
+        + f", capacity {capacity} slots/head, max-len {max_len}")
+
+    import jax
+    from tqdm.auto import tqdm
+
+    from dms_jax.cache import CacheOverflowError
+
+    bars = not args.quiet and sys.stderr.isatty()
+    stream = args.stream and len(prompts) == 1
+    streamer = TextStream(tokenizer, sys.stdout) if stream else None
+    longest = max(len(p.ids) for p in prompts)
+    prefill_bar = tqdm(total=longest, desc="prefill (compiling)", unit="tok", file=sys.stderr,
+                       disable=not bars, leave=False, dynamic_ncols=True)
+    decode_bar = None
+    per_row = [_row_new(args, p) for p in prompts]
+    max_new = max(per_row)
+
+    compiled = []
+
+    def on_prefill(done, total_tokens):
+        if not compiled:  # the first chunk is done: restart the clock so the rate excludes compiling
+            compiled.append(True)
+            prefill_bar.reset(total=total_tokens)
+            prefill_bar.set_description("prefill", refresh=False)
+        prefill_bar.update(done - prefill_bar.n)
+
+    def on_tokens(new):
+        nonlocal decode_bar
+        prefill_bar.close()
+        if streamer is not None:
+            streamer.feed(new[0])
+        elif bars:
+            if decode_bar is None:
+                decode_bar = tqdm(total=max_new, desc="decode", unit="tok", file=sys.stderr,
+                                  leave=False, dynamic_ncols=True)
+            decode_bar.update(new.shape[1])
+
+    callbacks = streamer is not None or bars  # on_tokens needs the decode cut into segments
+    try:
+        out = run_generate(
+            model, [p.ids for p in prompts],
+            max_new_tokens=per_row if len(set(per_row)) > 1 else per_row[0],
+            policy=policy, window=args.window, target_cr=args.target_cr, margin=args.margin,
+            capacity=args.capacity, budget=args.budget, max_len=max_len, chunk_size=args.chunk_size,
+            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+            key=jax.random.key(args.seed), stop_tokens=stops, strict=args.strict,
+            progress=on_prefill,
+            on_tokens=on_tokens if callbacks else None,
+            decode_segment=min(args.decode_segment, max_new) if callbacks else None)
+    except CacheOverflowError as err:  # --strict
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    finally:
+        prefill_bar.close()
+        if decode_bar is not None:
+            decode_bar.close()
+
+    sequences = out.sequences()
+    if streamer is not None:
+        streamer.finish()
+    else:
+        for n, (p, seq) in enumerate(zip(prompts, sequences)):
+            if len(prompts) > 1:
+                label = p.id if p.id is not None else n
+                print(f"--- [{label}] {p.source}: {len(p.ids)} prompt tokens, {len(seq)} generated ---")
+            print(render(tokenizer, seq))
+    stats = out.stats
+    if not args.quiet:
+        print(f"\n{stats.table()}")
+    if stats.overflow and getattr(policy, "counts_overflow", True) and not args.quiet:
+        log(f"note: {stats.overflow} tokens were dropped because a head's {stats.capacity} slots were "
+            "full; raise --capacity or --margin, or lower --target-cr (--strict makes this an error)")
+    if args.stats_json:
+        with open(os.path.expanduser(args.stats_json), "w") as f:
+            json.dump(stats_to_json(stats), f, indent=1)
+    if args.output_jsonl:
+        with open(os.path.expanduser(args.output_jsonl), "w") as f:
+            for n, (p, seq) in enumerate(zip(prompts, sequences)):
+                row = {"id": p.id if p.id is not None else n, "source": p.source,
+                       "prompt_tokens": len(p.ids), "tokens": seq,
+                       "text": render(tokenizer, seq) if tokenizer is not None else None,
+                       "stopped": bool(seq) and seq[-1] in stops}
+                f.write(json.dumps(row) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
