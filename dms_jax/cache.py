@@ -40,7 +40,7 @@ import numpy as np
 
 from dms_jax.config import resolve_dtype
 from dms_jax.ops.mask import MASK_VALUE, hard_evict_bias, visibility_bias
-from dms_jax.policies import DMS, Candidates, Policy, get_policy
+from dms_jax.policies import DMS, BudgetPolicy, Candidates, Policy, get_policy
 
 
 @flax.struct.dataclass
@@ -119,12 +119,19 @@ def init_cache(num_layers, batch, num_kv_heads, capacity, head_dim, *, window,
 
 def init_cache_for_model(cfg, batch, max_len, *, policy="dms", target_cr=1.0, margin=0.5,
                          capacity=None, dtype=None) -> tuple:
-    """A cache for a `ModelConfig`: capacity from max_len and the target CR unless given
-    (policy 'full' or a model without DMS: capacity = max_len)."""
-    window = cfg.dms.window if cfg.dms is not None else 0
+    """A cache for a `ModelConfig`. Capacity unless given: max_len for 'full' (or a model without
+    DMS), from max_len and the target CR for 'dms'; the baselines need it (their budget)."""
+    pol = get_policy(policy)
+    window = cfg.dms.window if cfg.dms is not None and pol.uses_decisions else 0
     if capacity is None:
-        full = get_policy(policy).name == "full" or cfg.dms is None
-        capacity = max_len if full else capacity_for(max_len, window, target_cr, margin)
+        if pol.name == "full" or (cfg.dms is None and not isinstance(pol, BudgetPolicy)):
+            capacity = max_len
+        elif pol.uses_decisions:
+            capacity = capacity_for(max_len, window, target_cr, margin)
+        else:
+            raise ValueError(f"policy {pol.name!r} evicts down to a budget: pass capacity=<held "
+                             "tokens per head> (dms_jax.policies.budget_for_ratio / "
+                             "budget_from_stats)")
     return init_cache(cfg.num_layers, batch, cfg.num_kv_heads, capacity, cfg.head_dim,
                       window=window, dtype=resolve_dtype(dtype or cfg.dtype), max_len=max_len)
 

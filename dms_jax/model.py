@@ -213,7 +213,7 @@ class Decoder(nnx.Module):
         if mode == "train" and key is None:
             raise ValueError("mode='train' samples Gumbel noise: pass key=jax.random.key(...)")
         if cache is not None:
-            policy = _check_cache_policy(policy, mode, cfg, len(cache))
+            policy = _check_cache_policy(policy, mode, cfg, len(cache), attention_impl)
         batch, seq = input_ids.shape
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
@@ -259,7 +259,7 @@ class Decoder(nnx.Module):
         return out, compression_ratio_from_decisions(out.decisions, attention_mask, self.config.dms.window)
 
 
-def _check_cache_policy(policy, mode, cfg, num_cache_layers):
+def _check_cache_policy(policy, mode, cfg, num_cache_layers, attention_impl):
     policy = get_policy("dms" if policy is None and mode == "eval" else policy or "full")
     if mode == "train":
         raise ValueError("a KV cache is for inference: use mode='eval' (dms) or 'plain'")
@@ -267,6 +267,9 @@ def _check_cache_policy(policy, mode, cfg, num_cache_layers):
         raise ValueError(f"policy {policy.name!r} applies DMS decisions: use mode='eval'")
     if not policy.uses_decisions and mode != "plain":
         raise ValueError(f"policy {policy.name!r} does not use DMS decisions: use mode='plain'")
+    if policy.needs_attention and attention_impl not in ("auto", "dense"):
+        raise ValueError(f"policy {policy.name!r} ranks tokens by attention scores, which only "
+                         "the dense cache attention gives: use attention_impl='dense'")
     if num_cache_layers != cfg.num_layers:
         raise ValueError(f"cache has {num_cache_layers} layers, the model {cfg.num_layers}")
     return policy

@@ -527,3 +527,18 @@ def test_attention_policies_need_the_scoring_attention_path():
     with pytest.raises(ValueError, match="use attention_impl='dense'"):
         StepConfig(get_policy("tova"), attention_impl="auto")
     StepConfig(get_policy("streaming"), attention_impl="blockwise")  # needs no scores
+
+
+def test_model_level_cache_errors_for_baselines():
+    """A baseline's cache needs its budget; score-based policies need the dense cache path."""
+    from dms_jax.assets import DEFAULT_MODEL_DIR
+    from dms_jax.cache import init_cache_for_model
+
+    model = dms_jax.from_pretrained(DEFAULT_MODEL_DIR)
+    with pytest.raises(ValueError, match="budget"):
+        init_cache_for_model(model.config, 1, 64, policy="h2o")
+    cache = init_cache_for_model(model.config, 1, 64, policy="h2o", capacity=16)
+    assert cache[0].capacity == 16
+    with pytest.raises(ValueError, match="attention_impl='dense'"):
+        model.forward(jnp.ones((1, 4), jnp.int32), cache=cache, policy="h2o",
+                      attention_impl="blockwise")

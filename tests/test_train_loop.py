@@ -170,7 +170,10 @@ def test_export_reloads_into_the_same_dms_model(retrofit):
     cfg, _, result = retrofit
     assert result.export_dir == os.path.abspath(cfg.output.export_dir)
     with open(os.path.join(result.export_dir, "config.json")) as f:
-        assert json.load(f)["dms"]["window"] == cfg.model.dms.window
+        exported = json.load(f)["dms"]
+    assert exported["window"] == cfg.model.dms.window
+    # the CR the schedule reached is recorded: generate / infer.py size the cache from it
+    assert exported["target_cr"] == pytest.approx(cfg.train.cr_end)
     reloaded = dms_jax.from_pretrained(result.export_dir)
     ids = np.random.default_rng(4).integers(0, 512, (2, 64)).astype(np.int32)
     want, want_cr = result.model.eval_forward(ids)
