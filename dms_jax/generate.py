@@ -30,60 +30,13 @@ from flax import nnx
 
 from dms_jax import cache as kvcache
 from dms_jax.config import resolve_dtype
+from dms_jax.sampling import Sampling, sample_logits
+from dms_jax.stats import GenerateStats, make_generate_stats
 from dms_jax.model import Decoder, validate_input_ids
 from dms_jax.policies import FULL, BudgetPolicy, Policy, SnapKVPolicy, get_policy
 
 DEFAULT_CHUNK = 512
 DEFAULT_TARGET_CR = 8.0
-
-
-# ----------------------------------------------------------------------------- sampling
-
-
-@dataclasses.dataclass(frozen=True)
-class Sampling:
-    """How the next token is chosen. temperature 0: greedy (top_k / top_p ignored).
-
-    top_k: keep the k most likely tokens (0: all); top_p: keep the smallest set whose probability
-    reaches p (1.0: all). Both filters apply before sampling at `temperature`.
-    """
-
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-
-    def __post_init__(self):
-        if not self.temperature >= 0:
-            raise ValueError(f"temperature={self.temperature} must be >= 0 (0 = greedy)")
-        if not (isinstance(self.top_k, int) and self.top_k >= 0):
-            raise ValueError(f"top_k={self.top_k!r} must be an integer >= 0 (0 = no top-k filter)")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p={self.top_p} must be in (0, 1] (1.0 = no nucleus filter)")
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0.0
-
-
-def sample_logits(logits, key, sampling: Sampling):
-    """logits: f32 [B, V]; key: PRNG key -> int32 [B]."""
-    if sampling.greedy:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    logits = logits.astype(jnp.float32) / sampling.temperature
-    if sampling.top_k:
-        k = min(sampling.top_k, logits.shape[-1])
-        kth = jax.lax.top_k(logits, k)[0][:, -1:]  # [B, 1]
-        logits = jnp.where(logits < kth, -jnp.inf, logits)
-    if sampling.top_p < 1.0:
-        order = jnp.argsort(-logits, axis=-1)  # [B, V]
-        sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
-        probs = jax.nn.softmax(sorted_logits, axis=-1)
-        before = jnp.cumsum(probs, axis=-1) - probs  # mass strictly above each token
-        drop_sorted = before >= sampling.top_p  # the most likely token is never dropped
-        drop = jnp.zeros_like(drop_sorted).at[
-            jnp.arange(logits.shape[0])[:, None], order].set(drop_sorted)
-        logits = jnp.where(drop, -jnp.inf, logits)
-    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
 # ----------------------------------------------------------------------------- jitted steps
@@ -218,57 +171,6 @@ class GenerationState:
 
 
 @dataclasses.dataclass
-class GenerateStats:
-    """Per-call figures. CR = seen / held per (layer, row, KV head), averaged as 1/mean(held/seen)
-    (spec section 6). Bytes count keys and values. Times are wall-clock seconds, compilation
-    excluded (each program is compiled before it is timed)."""
-
-    policy: str
-    capacity: int  # slots per (layer, row, KV head)
-    compression_ratio: float
-    compression_ratio_per_layer: np.ndarray  # [L]
-    compression_ratio_per_head: np.ndarray  # [L, Hkv]
-    held_tokens: np.ndarray  # [L, B, Hkv] held at the end
-    seen_tokens: np.ndarray  # [B]
-    held_kv_bytes: float  # held at the end
-    peak_kv_bytes: float  # sum over (layer, row, KV head) of the most each held at any step
-    allocated_kv_bytes: int  # the fixed buffers
-    full_kv_bytes: float  # what a full cache would hold for the same tokens
-    kv_reads_prefill: float  # keys read by the prompt's queries (summed over layers, rows, heads)
-    kv_reads_decode: float  # keys read by the decode steps' queries
-    overflow: int  # tokens dropped because a head's slots were full
-    prefill_tokens: int
-    decode_tokens: int
-    prefill_seconds: float
-    decode_seconds: float
-    compile_seconds: float
-
-    @property
-    def decode_tokens_per_s(self) -> float:
-        return self.decode_tokens / self.decode_seconds if self.decode_seconds > 0 else 0.0
-
-    def table(self) -> str:
-        """A printable two-column table."""
-        rows = [
-            ("policy", self.policy),
-            ("compression ratio (seen/held)", f"{self.compression_ratio:.2f}x"),
-            ("CR per layer", " ".join(f"{x:.2f}" for x in self.compression_ratio_per_layer)),
-            ("tokens seen (per row)", " ".join(str(int(x)) for x in self.seen_tokens)),
-            ("KV held / full cache", f"{_bytes(self.held_kv_bytes)} / {_bytes(self.full_kv_bytes)}"),
-            ("peak KV held", _bytes(self.peak_kv_bytes)),
-            ("KV allocated", f"{_bytes(self.allocated_kv_bytes)} ({self.capacity} slots/head)"),
-            ("KV reads prefill / decode", f"{self.kv_reads_prefill:.4g} / {self.kv_reads_decode:.4g}"),
-            ("overflow (tokens dropped)", str(self.overflow)),
-            ("prefill", f"{self.prefill_tokens} tok in {self.prefill_seconds:.3f} s"),
-            ("decode", f"{self.decode_tokens} tok in {self.decode_seconds:.3f} s "
-                       f"({self.decode_tokens_per_s:.1f} tok/s)"),
-            ("compile", f"{self.compile_seconds:.2f} s"),
-        ]
-        width = max(len(k) for k, _ in rows)
-        return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
-
-
-@dataclasses.dataclass
 class GenerateOutput:
     tokens: np.ndarray  # int32 [B, max_new_tokens], -1 after each row's end
     lengths: np.ndarray  # int32 [B] tokens generated per row (a stop token counts)
@@ -278,13 +180,6 @@ class GenerateOutput:
     def sequences(self) -> list[list[int]]:
         """The generated tokens of each row, without the -1 padding."""
         return [row[:n].tolist() for row, n in zip(self.tokens, self.lengths)]
-
-
-def _bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
 
 
 def _as_rows(prompts, vocab_size) -> list[np.ndarray]:
@@ -508,10 +403,10 @@ def generate(model: Decoder, prompts, *, max_new_tokens=64, policy=None, window=
     new_state = GenerationState(cache=cache, pending=new_pending,
                                 next_pos=(next_pos + fed).astype(np.int32), max_len=max_len,
                                 step=step, kv_reads=float(stats_dev.kv_reads.sum()))
-    stats = _make_stats(stats_dev, step, cache, cfg, prefill_tokens=int(lens.sum()),
-                        decode_tokens=int(fed.sum()), kv_before=kv_before,
-                        kv_after_prefill=kv_after_prefill, prefill_s=prefill_s,
-                        decode_s=decode_s, compile_s=compile_s)
+    stats = make_generate_stats(stats_dev, step.policy.name, cache, cfg,
+                                prefill_tokens=int(lens.sum()), decode_tokens=int(fed.sum()),
+                                kv_before=kv_before, kv_after_prefill=kv_after_prefill,
+                                prefill_s=prefill_s, decode_s=decode_s, compile_s=compile_s)
     return GenerateOutput(tokens, lengths, stats, new_state)
 
 
@@ -607,38 +502,3 @@ def _snapkv_compress(cache, *, policy: SnapKVPolicy, capacity: int):
 def _bucket(n: int) -> int:
     """The next power of two >= max(n, 16): shapes from a few buckets compile a few programs."""
     return max(16, 1 << (int(n) - 1).bit_length())
-
-
-def _make_stats(s, step, cache, cfg, *, prefill_tokens, decode_tokens, kv_before,
-                kv_after_prefill, prefill_s, decode_s, compile_s) -> GenerateStats:
-    held = np.asarray(s.held)  # [L, B, Hkv]
-    seen = np.asarray(s.seen)  # [B]
-    ratio = held / np.maximum(seen, 1)[None, :, None]
-    rows = seen > 0
-    per_head = 1.0 / np.maximum(ratio[:, rows].mean(axis=1), 1e-12) if rows.any() else \
-        np.ones(held.shape[::2])
-    per_layer = 1.0 / np.maximum(ratio[:, rows].mean(axis=(1, 2)), 1e-12) if rows.any() else \
-        np.ones(held.shape[0])
-    token_bytes = 2 * cfg.head_dim * cache[0].keys.dtype.itemsize
-    kv_total = float(np.asarray(s.kv_reads).sum())
-    return GenerateStats(
-        policy=step.policy.name,
-        capacity=cache[0].capacity,
-        compression_ratio=float(s.compression_ratio),
-        compression_ratio_per_layer=per_layer,
-        compression_ratio_per_head=per_head,
-        held_tokens=held,
-        seen_tokens=seen,
-        held_kv_bytes=float(s.held_bytes),
-        peak_kv_bytes=float(s.peak_held_bytes),
-        allocated_kv_bytes=int(s.allocated_bytes),
-        full_kv_bytes=float(seen.sum()) * cfg.num_layers * cfg.num_kv_heads * token_bytes,
-        kv_reads_prefill=kv_after_prefill - kv_before,
-        kv_reads_decode=kv_total - kv_after_prefill,
-        overflow=int(np.asarray(s.overflow).sum()),
-        prefill_tokens=prefill_tokens,
-        decode_tokens=decode_tokens,
-        prefill_seconds=prefill_s,
-        decode_seconds=decode_s,
-        compile_seconds=compile_s,
-    )

@@ -12,7 +12,6 @@ import dataclasses
 import re
 from typing import Any, Mapping
 
-import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
