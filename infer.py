@@ -18,7 +18,6 @@ prompt) and a table of cache statistics; progress bars go to stderr. Bad flags o
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import os
@@ -259,310 +258,6 @@ def check_flags(args) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# the model
-
-
-def _is_checkpoint_dir(path: str) -> bool:
-    """An orbax CheckpointManager directory: numbered step directories."""
-    return any(name.isdigit() and os.path.isdir(os.path.join(path, name))
-               for name in os.listdir(path))
-
-
-def _is_step_dir(path: str) -> bool:
-    """One step of it: <dir>/<step>/state."""
-    return (os.path.basename(os.path.normpath(path)).isdigit()
-            and os.path.isdir(os.path.join(path, "state")))
-
-
-def _looks_like_path(text: str) -> bool:
-    return (text.startswith((".", "/", "~")) or text.count("/") > 1
-            or (os.sep != "/" and os.sep in text))
-
-
-def load_model(args, log):
-    """(model, tokenizer or None, model directory or None, description)."""
-    import dms_jax
-    from dms_jax.assets import DEFAULT_MODEL_DIR
-
-    config = _load_train_config(args) if args.train_config else None
-    target = args.model
-    if target is None and config is not None:
-        export, checkpoints = config.output.get("export_dir", ""), config.checkpoint.get("dir", "")
-        has_export = export and os.path.isfile(os.path.join(export, "config.json"))
-        target = export if has_export else checkpoints
-        if not target or not os.path.isdir(target):
-            raise CLIError(f"the --train-config run has no export ({export or 'output.export_dir unset'}) "
-                           f"nor checkpoints ({checkpoints or 'checkpoint.dir unset'}); "
-                           "run train.py first or pass --model")
-    if target is None:
-        target = DEFAULT_MODEL_DIR
-    path = os.path.expanduser(target)
-
-    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
-        if os.path.isfile(os.path.join(path, "export", "config.json")):
-            path = os.path.join(path, "export")
-            log(f"{target} is a train.py output directory: using its export {path}")
-        else:
-            ckpt_dir, step = path, None
-            nested = os.path.join(path, "checkpoints")  # a train.py output directory
-            if _is_step_dir(path):
-                ckpt_dir, step = os.path.split(os.path.normpath(path))
-                step = int(step)
-            elif os.path.isdir(nested) and _is_checkpoint_dir(nested):
-                ckpt_dir = nested
-            elif not _is_checkpoint_dir(path):
-                raise CLIError(
-                    f"--model {target}: no config.json there, and it is not a train.py output or "
-                    "checkpoint directory; pass a Hugging Face model directory, a train.py export "
-                    "(output.export_dir), or a checkpoint directory with --train-config")
-            if config is None:
-                raise CLIError(
-                    f"--model {target} is a train.py checkpoint directory: restoring it needs the "
-                    "run's config, so add --train-config configs/NAME.py (the file the run used; "
-                    "--base-model DIR overrides its model.path), or pass the run's export "
-                    "directory (output.export_dir) instead")
-            return _restore_checkpoint(config, ckpt_dir, step, args, log)
-    elif not os.path.isdir(path):
-        if os.path.exists(path):
-            raise CLIError(f"--model {target} is a file; pass the directory that holds config.json")
-        if _looks_like_path(target):
-            raise CLIError(f"--model {target}: no such directory (a hub id looks like owner/name)")
-
-    model = dms_jax.from_pretrained(path, dtype=args.dtype)
-    model_dir = model.config.name_or_path or path
-    return model, dms_jax.load_tokenizer(model_dir), model_dir, target
-
-
-def _load_train_config(args):
-    import importlib.util
-
-    path = os.path.expanduser(args.train_config)
-    if not os.path.isfile(path):
-        raise CLIError(f"--train-config {args.train_config}: no such file (a configs/*.py file)")
-    spec = importlib.util.spec_from_file_location("dms_train_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    if not hasattr(module, "get_config"):
-        raise CLIError(f"--train-config {args.train_config} defines no get_config()")
-    config = module.get_config()
-    if args.base_model:
-        config.model.path = args.base_model
-    if args.dtype:
-        config.model.dtype = args.dtype
-    return config
-
-
-def _restore_checkpoint(config, ckpt_dir, step, args, log):
-    """The run's base model with its trained parameters from checkpoint `step` (default: newest),
-    rebuilt the way `dms_jax.train.train` builds it (same config, one device)."""
-    import jax
-
-    from dms_jax import sharding as shd
-    from dms_jax.train import loop
-    from dms_jax.train.checkpoint import Checkpointer, abstract_like
-
-    ckpt = Checkpointer(ckpt_dir, every=1, keep=1 << 30, async_save=False)
-    try:
-        steps = ckpt.all_steps()
-        step = ckpt.latest_step() if step is None else step
-        if step is None or step not in steps:
-            raise CLIError(f"no complete checkpoint {'' if step is None else f'step {step} '}in "
-                           f"{ckpt_dir} (steps found: {sorted(steps) or 'none'})")
-        seed = int(config.get("seed", 0))
-        model = loop.load_model(config.model, seed)
-        mesh = shd.make_mesh((1, 1, 1), jax.devices()[:1])
-        trainer = loop.build_trainer(model, mesh, loop.step_config(config), config.train, seed=seed,
-                                     batch_shape=(1, int(config.train.seq_len)))
-        del model
-        meta = ckpt.restore_meta(step)
-        if meta.get("layout") != trainer.layout:
-            raise CLIError(f"checkpoint step {step} in {ckpt_dir} was written by another "
-                           "configuration (trainable parameters / loss differ from --train-config "
-                           f"{args.train_config})")
-        state, _ = ckpt.restore(step, abstract_like(trainer.abstract_state, trainer.state_shardings))
-    finally:
-        ckpt.close()
-    model = trainer.model_from(state)
-    base = config.model.path or f"random init (seed {seed})"
-    log(f"restored checkpoint step {step} from {ckpt_dir} over {base}")
-    tokenizer = loop.load_tokenizer_for(config)
-    model_dir = config.model.path if config.model.path and os.path.isdir(config.model.path) else None
-    return model, tokenizer, model_dir, f"{ckpt_dir} (step {step})"
-
-
-# ----------------------------------------------------------------------------------------------
-# prompts
-
-
-@dataclasses.dataclass
-class Prompt:
-    ids: list  # token ids
-    source: str  # where it came from, for messages ("--prompt #1", "line 3 of x.jsonl")
-    text: str | None = None  # the prompt as given (None for token ids / messages)
-    id: Any = None
-    max_new_tokens: int | None = None
-
-
-def _parse_ids(text: str, where: str) -> list[int]:
-    try:
-        ids = [int(t) for t in text.replace(",", " ").split()]
-    except ValueError:
-        raise CLIError(f"{where}: {text!r} is not a list of integers (use 1,2,3)") from None
-    if not ids:
-        raise CLIError(f"{where} is empty: every prompt needs at least one token")
-    return ids
-
-
-def read_prompts(args, tokenizer, chat: bool | None) -> list[Prompt]:
-    """The prompts as token ids, read and tokenized (names the offending prompt or line)."""
-    raw = []  # (source, kind, value, extra)
-    if args.prompt_ids is not None:
-        raw = [(f"--prompt-ids #{n}", "ids", _parse_ids(t, f"--prompt-ids #{n}"), {})
-               for n, t in enumerate(args.prompt_ids)]
-    elif args.jsonl is not None:
-        raw = list(_read_jsonl(args.jsonl))
-    elif args.prompt_file is not None:
-        if args.prompt_file == "-":
-            text = sys.stdin.read()
-        else:
-            try:
-                with open(os.path.expanduser(args.prompt_file), encoding="utf-8") as f:
-                    text = f.read()
-            except OSError as err:
-                raise CLIError(f"--prompt-file {args.prompt_file}: {err.strerror}") from None
-        raw = [(f"--prompt-file {args.prompt_file}", "text", text, {})]
-    elif args.prompt is not None:
-        raw = [(f"--prompt #{n}" if len(args.prompt) > 1 else "--prompt", "text", t, {})
-               for n, t in enumerate(args.prompt)]
-    else:
-        raw = [("the built-in prompt", "text", DEFAULT_PROMPT, {})]
-
-    template = getattr(tokenizer, "chat_template", None) if tokenizer is not None else None
-    use_chat = bool(template) if chat is None else chat
-    if chat and not template:
-        raise CLIError("--chat: the tokenizer has no chat template; drop --chat or give "
-                       "--tokenizer DIR with one")
-    prompts = []
-    for source, kind, value, extra in raw:
-        text = None
-        if kind == "ids":
-            ids = value
-        else:
-            if tokenizer is None:
-                raise CLIError(f"{source}: the model has no tokenizer (no tokenizer.json ...), so "
-                               "text cannot be encoded; pass token ids with --prompt-ids 1,2,3 (or "
-                               "'input_ids' in --jsonl), or a tokenizer with --tokenizer DIR")
-            if kind == "messages":
-                if not use_chat:
-                    raise CLIError(f"{source} has 'messages' but " + (
-                        "--no-chat was given" if chat is False else "the tokenizer has no chat template")
-                        + "; give 'prompt' (plain text) instead")
-                messages = value
-            else:
-                if not value.strip():
-                    raise CLIError(f"{source} is empty: give some text to continue")
-                text = value
-                messages = [{"role": "user", "content": value}] if use_chat else None
-            if messages is not None:
-                rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True,
-                                                         tokenize=False)
-                ids = tokenizer(rendered, add_special_tokens=False)["input_ids"]
-            else:
-                ids = tokenizer(value)["input_ids"]
-        if not ids:
-            raise CLIError(f"{source} is empty after tokenization")
-        prompts.append(Prompt([int(t) for t in ids], source, text, extra.get("id"),
-                              extra.get("max_new_tokens")))
-    return prompts
-
-
-def _read_jsonl(path):
-    try:
-        f = open(os.path.expanduser(path), encoding="utf-8")
-    except OSError as err:
-        raise CLIError(f"--jsonl {path}: {err.strerror}") from None
-    count = 0
-    with f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"line {number} of {path}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise CLIError(f"{where} is not valid JSON ({err.msg})") from None
-            if not isinstance(row, dict):
-                raise CLIError(f"{where}: expected a JSON object with 'prompt', 'messages' or 'input_ids'")
-            extra = {"id": row.get("id")}
-            if "max_new_tokens" in row:
-                value = row["max_new_tokens"]
-                if not (isinstance(value, int) and value >= 0):
-                    raise CLIError(f"{where}: max_new_tokens={value!r} must be an integer >= 0")
-                extra["max_new_tokens"] = value
-            if "input_ids" in row:
-                ids = row["input_ids"]
-                if not (isinstance(ids, list) and ids and all(isinstance(t, int) for t in ids)):
-                    raise CLIError(f"{where}: 'input_ids' must be a non-empty list of integers")
-                yield where, "ids", ids, extra
-            elif "messages" in row:
-                messages = row["messages"]
-                if not (isinstance(messages, list) and messages
-                        and all(isinstance(m, dict) and "role" in m and "content" in m for m in messages)):
-                    raise CLIError(f"{where}: 'messages' must be a non-empty list of "
-                                   "{'role': ..., 'content': ...} objects")
-                yield where, "messages", messages, extra
-            elif "prompt" in row:
-                if not isinstance(row["prompt"], str):
-                    raise CLIError(f"{where}: 'prompt' must be a string")
-                yield where, "text", row["prompt"], extra
-            else:
-                raise CLIError(f"{where} has none of 'prompt', 'messages', 'input_ids' "
-                               f"(keys: {sorted(row)})")
-            count += 1
-    if not count:
-        raise CLIError(f"--jsonl {path} holds no prompts")
-
-
-def stop_tokens(args, tokenizer, model_dir, vocab_size) -> list[int]:
-    if args.no_stop:
-        return []
-    if not args.stop:
-        return default_stop_tokens(tokenizer, model_dir, vocab_size)
-    ids = []
-    for item in args.stop:
-        if item.lstrip("-").isdigit():
-            token = int(item)
-        elif tokenizer is None:
-            raise CLIError(f"--stop {item!r}: the model has no tokenizer; give the token's id")
-        else:
-            token = tokenizer.convert_tokens_to_ids(item) if item in tokenizer.get_vocab() else None
-            if token is None:
-                encoded = tokenizer(item, add_special_tokens=False)["input_ids"]
-                if len(encoded) != 1:
-                    raise CLIError(f"--stop {item!r} is {len(encoded)} tokens {encoded}; give a single "
-                                   "token (or its id)")
-                token = encoded[0]
-        if not 0 <= token < vocab_size:
-            raise CLIError(f"--stop {item}: token id {token} is outside the model's vocabulary "
-                           f"[0, {vocab_size})")
-        ids.append(int(token))
-    return ids
-
-
-def default_stop_tokens(tokenizer, model_dir, vocab_size) -> list[int]:
-    """The tokenizer's eos and generation_config.json's eos_token_id (an id or a list)."""
-    found = []
-    if tokenizer is not None and tokenizer.eos_token_id is not None:
-        found.append(tokenizer.eos_token_id)
-    path = os.path.join(model_dir, "generation_config.json") if model_dir else None
-    if path and os.path.isfile(path):
-        with open(path) as f:
-            eos = json.load(f).get("eos_token_id")
-        found += eos if isinstance(eos, list) else [] if eos is None else [eos]
-    return sorted({int(t) for t in found if 0 <= int(t) < vocab_size})
-
-
-# ----------------------------------------------------------------------------------------------
 # checks against the model
 
 
@@ -644,54 +339,7 @@ def _row_new(args, prompt):
 
 
 # ----------------------------------------------------------------------------------------------
-# output
-
-
-class TextStream:
-    """Incremental detokenization of one row: prints only complete characters. The tokens are
-    decoded again from the last printed newline on, so each token costs a bounded decode."""
-
-    def __init__(self, tokenizer, out):
-        self.tokenizer, self.out = tokenizer, out
-        self.ids: list[int] = []  # since the last newline (all of them for token-id output)
-        self.printed = ""  # their text, as printed
-
-    def feed(self, ids):
-        self.ids += [int(t) for t in ids if t >= 0]
-        text = render(self.tokenizer, self.ids)
-        if self.tokenizer is not None and text.endswith("\ufffd"):
-            return  # an incomplete UTF-8 sequence: wait for its next bytes
-        self._emit(text)
-        if self.tokenizer is not None and text.endswith("\n"):
-            self.ids, self.printed = [], ""
-
-    def finish(self):
-        self._emit(render(self.tokenizer, self.ids))
-        self.out.write("\n")
-        self.out.flush()
-
-    def _emit(self, text):
-        self.out.write(text[len(self.printed):])
-        self.out.flush()
-        self.printed = text
-
-
-def render(tokenizer, ids) -> str:
-    if tokenizer is None:
-        return ",".join(str(int(t)) for t in ids)
-    return tokenizer.decode(list(ids), skip_special_tokens=True)
-
-
-def stats_to_json(stats) -> dict:
-    import numpy as np
-
-    out = {}
-    for field in dataclasses.fields(stats):
-        value = getattr(stats, field.name)
-        out[field.name] = value.tolist() if isinstance(value, np.ndarray) else (
-            value.item() if isinstance(value, np.generic) else value)
-    out["decode_tokens_per_s"] = float(stats.decode_tokens_per_s)
-    return out
+# main
 
 
 def run_generate(model, prompts, **kwargs):
@@ -699,10 +347,6 @@ def run_generate(model, prompts, **kwargs):
     import dms_jax
 
     return dms_jax.generate(model, prompts, **kwargs)
-
-
-# ----------------------------------------------------------------------------------------------
-# main
 
 
 def main(argv=None) -> int:
@@ -735,7 +379,13 @@ def _main(args, log) -> int:
     if args.policy is not None:  # unknown / planned names fail before the model loads
         get_named_policy(args)
 
-    model, tokenizer, model_dir, description = load_model(args, log)
+    from dms_jax.output import TextStream, render, stats_to_json  # imports jax: not for --help
+    from dms_jax.prompts import read_prompts, stop_tokens
+    from dms_jax.train.restore import load_for_inference
+
+    model, tokenizer, model_dir, description = load_for_inference(
+        args.model, train_config=args.train_config, base_model=args.base_model, dtype=args.dtype,
+        log=log)
     if args.tokenizer:
         import dms_jax
         from dms_jax.hf import resolve_model_dir
@@ -745,8 +395,10 @@ def _main(args, log) -> int:
             raise CLIError(f"--tokenizer {args.tokenizer} holds no tokenizer files (tokenizer.json ...)")
     cfg = model.config
     policy = make_policy(args, cfg)
-    prompts = read_prompts(args, tokenizer, args.chat)
-    stops = stop_tokens(args, tokenizer, model_dir, cfg.vocab_size)
+    prompts = read_prompts(tokenizer, prompt=args.prompt, prompt_file=args.prompt_file,
+                           jsonl=args.jsonl, prompt_ids=args.prompt_ids, chat=args.chat,
+                           default=DEFAULT_PROMPT)
+    stops = [] if args.no_stop else stop_tokens(args.stop, tokenizer, model_dir, cfg.vocab_size)
     max_len, window, capacity = check_against_model(args, cfg, prompts, policy)
 
     dms = f"DMS {cfg.dms.mode} window {cfg.dms.window}" if cfg.dms else "no DMS"

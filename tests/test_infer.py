@@ -1,9 +1,12 @@
 """infer.py: the no-argument run, prompt sources, stats JSON against `generate`, full vs dms, a
 model without a tokenizer against transformers, train.py checkpoints, and bad inputs (exit code 2
-before any compute). `infer.main` runs in-process; one run goes through the script itself."""
+before any compute). `infer.main` runs in-process; one run goes through the script itself; the
+package functions under it (dms_jax.prompts, dms_jax.output, dms_jax.train.restore) are called
+directly where that is cheaper."""
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -14,6 +17,9 @@ import pytest
 import dms_jax
 import infer
 from dms_jax.assets import DEFAULT_MODEL_DIR
+from dms_jax.output import TextStream
+from dms_jax.prompts import PromptInput, read_prompts, stop_tokens
+from dms_jax.prompts import read_jsonl as read_prompt_jsonl
 from tests import hf_models
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -202,6 +208,14 @@ def test_train_checkpoint_is_restored_over_its_base_model(capsys, tmp_path, defa
     assert_stats_equal(written, ref.stats)
     assert written["compression_ratio"] > 1.2  # the trained adapter evicts; at its zero init none
 
+    from dms_jax.train.restore import load_for_inference, load_train_config, restore_checkpoint
+
+    config = load_train_config(os.path.join(REPO, "configs", "tiny.py"))
+    with pytest.raises(ValueError, match=r"no complete checkpoint step 4 .*\(steps found: \[3\]\)"):
+        restore_checkpoint(config, str(tmp_path / "run" / "checkpoints"), 4)
+    with pytest.raises(ValueError, match="needs the run's config"):
+        load_for_inference(str(tmp_path / "run" / "checkpoints" / "3"))
+
 
 def _blank_prompt_file(tmp_path):
     path = tmp_path / "blank.txt"
@@ -341,12 +355,48 @@ def test_streaming_prints_whole_characters_only(default_model):
             pass
 
     sink = Sink()
-    stream = infer.TextStream(tokenizer, sink)
+    stream = TextStream(tokenizer, sink)
     for t in ids:
         stream.feed([t, -1])  # -1: a finished row's padding
     stream.finish()
     assert "".join(sink.parts) == text + "\n"
     assert not any("\ufffd" in p for p in sink.parts)
+
+    sink = Sink()  # a model without a tokenizer: the ids, comma-separated
+    stream = TextStream(None, sink)
+    stream.feed([1, 2])
+    stream.feed([-1, 3])
+    stream.finish()
+    assert sink.parts == ["1,2", ",3", "", "\n"]
+
+
+def test_read_prompts_and_stop_tokens_without_a_model(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps({"input_ids": [4, 5], "id": "a", "max_new_tokens": 3}) + "\n\n"
+                    + json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
+    where = f"line 3 of {path}"
+    assert list(read_prompt_jsonl(str(path))) == [
+        PromptInput(f"line 1 of {path}", "ids", [4, 5], "a", 3),
+        PromptInput(where, "messages", [{"role": "user", "content": "hi"}])]
+    with pytest.raises(ValueError, match=re.escape(f"{where}: the model has no tokenizer")):
+        read_prompts(None, jsonl=str(path))  # token ids need no tokenizer; messages do
+    (prompt,) = read_prompts(None, prompt_ids=["7, 8 9"])
+    assert (prompt.ids, prompt.source, prompt.text) == ([7, 8, 9], "--prompt-ids #0", None)
+    for row, message in (({"input_ids": [1.5]}, "'input_ids' must be a non-empty list of integers"),
+                         ({"prompt": "x", "max_new_tokens": -1}, "must be an integer >= 0"),
+                         ({"text": "x"}, "has none of 'prompt', 'messages', 'input_ids'")):
+        path.write_text(json.dumps(row) + "\n")
+        with pytest.raises(ValueError) as err:
+            read_prompts(None, jsonl=str(path))
+        assert str(err.value).startswith(f"line 1 of {path}") and message in str(err.value)
+    with pytest.raises(ValueError, match="give one kind of input"):
+        read_prompts(None, prompt=["a"], prompt_ids=["1"])
+
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [9, 2, 700]}))
+    assert stop_tokens(None, None, str(tmp_path), 512) == [2, 9]  # 700: outside the vocabulary
+    assert stop_tokens(["5"], None, str(tmp_path), 512) == [5]
+    with pytest.raises(ValueError, match="the model has no tokenizer; give the token's id"):
+        stop_tokens(["</s>"], None, None, 512)
 
 
 def test_help_lists_the_flags(capsys):
