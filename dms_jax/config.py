@@ -42,8 +42,8 @@ class DMSConfig:
     window: delayed-eviction window w; a key at distance <= w is always visible.
     scale, offset: z = scale * raw - offset.
     tau:    Gumbel-sigmoid temperature (training only).
-    target_cr: the compression ratio the decisions were trained to reach (a retrofit export
-            records its final scheduled CR); inference sizes its cache from it. None: unknown.
+    target_cr: the compression ratio the decisions reach (a retrofit export records what its
+            training reached at the end); inference sizes its cache from it. None: unknown.
     """
 
     mode: str = "adapter"

@@ -350,11 +350,12 @@ def train(config, *, devices=None, on_step: Callable[[int, dict], None] | None =
             ckpt.close()
 
     trained = trainer.model_from(state)
-    if trained.config.dms is not None and config.train.loss == "distill":
-        # record the CR the decisions were trained for: inference sizes its cache from it
-        t = config.train
-        reached = float(schedule.compression_ratio(max(start, steps), t.cr_start, t.cr_end,
-                                                   t.cr_steps))
+    achieved = [h["achieved_cr"] for h in history if "achieved_cr" in h]
+    if trained.config.dms is not None and config.train.loss == "distill" and achieved:
+        # record the CR the decisions reached (mean over the last tenth of the run's steps, the
+        # training-time figure 1 / (1 - mean d)): inference sizes its cache from it
+        tail = achieved[-max(1, len(achieved) // 10):]
+        reached = max(1.0, round(float(np.mean(tail)), 2))
         trained.config = dataclasses.replace(
             trained.config, dms=dataclasses.replace(trained.config.dms, target_cr=reached))
     export_dir = _opt(config.output, "export_dir")
