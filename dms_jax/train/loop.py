@@ -8,6 +8,7 @@ Resumes automatically from the newest complete checkpoint in checkpoint.dir.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import time
@@ -259,6 +260,22 @@ def _restore(ckpt: Checkpointer, trainer: Trainer, data) -> tuple[Any, int, int,
     return state, int(meta["step"]), int(meta["data_position"]), latest
 
 
+def reached_compression_ratio(history, metrics_path, steps: int) -> float | None:
+    """Mean training CR (1 / (1 - mean d)) over the last tenth of the run's steps, from this
+    process's history and, across resumes, the metrics file (the last record of each step)."""
+    by_step = {}
+    if metrics_path and os.path.exists(metrics_path):
+        with open(metrics_path) as f:
+            for line in f:
+                record = json.loads(line)
+                by_step[record.get("step")] = record
+    by_step.update({h.get("step"): h for h in history})
+    first = steps - max(1, steps // 10)
+    tail = [r["achieved_cr"] for k, r in by_step.items()
+            if isinstance(k, int) and k > first and "achieved_cr" in r]
+    return max(1.0, round(float(np.mean(tail)), 2)) if tail else None
+
+
 def train(config, *, devices=None, on_step: Callable[[int, dict], None] | None = None) -> TrainResult:
     """Run (or resume) the training described by `config`; see configs/tiny.py for the fields.
 
@@ -350,12 +367,9 @@ def train(config, *, devices=None, on_step: Callable[[int, dict], None] | None =
             ckpt.close()
 
     trained = trainer.model_from(state)
-    achieved = [h["achieved_cr"] for h in history if "achieved_cr" in h]
-    if trained.config.dms is not None and config.train.loss == "distill" and achieved:
-        # record the CR the decisions reached (mean over the last tenth of the run's steps, the
-        # training-time figure 1 / (1 - mean d)): inference sizes its cache from it
-        tail = achieved[-max(1, len(achieved) // 10):]
-        reached = max(1.0, round(float(np.mean(tail)), 2))
+    reached = reached_compression_ratio(history, writer.path, steps)
+    if trained.config.dms is not None and config.train.loss == "distill" and reached:
+        # inference sizes its cache from the CR the decisions reached
         trained.config = dataclasses.replace(
             trained.config, dms=dataclasses.replace(trained.config.dms, target_cr=reached))
     export_dir = _opt(config.output, "export_dir")
