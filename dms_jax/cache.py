@@ -166,6 +166,10 @@ def _fit_capacity(keep, priority, capacity, max_excess):
     """
     excess = jnp.maximum(keep.sum(axis=-1, dtype=jnp.int32) - capacity, 0)  # [B, Hkv]
     k = min(max_excess, keep.shape[-1])
+    if k == 1:  # a decode step: one argmax instead of a top-k and a scatter (same choice)
+        lowest = jnp.argmax(jnp.where(keep, -priority, -jnp.inf), axis=-1)  # [B, Hkv]
+        drop = (jnp.arange(keep.shape[-1]) == lowest[..., None]) & (excess[..., None] > 0)
+        return keep & ~drop, excess
     _, lowest = jax.lax.top_k(jnp.where(keep, -priority, -jnp.inf), k)  # [B, Hkv, k]
     drop_lowest = jnp.arange(k) < excess[..., None]  # [B, Hkv, k]
 
@@ -182,6 +186,9 @@ def _destinations(free, keep_new):
     free: bool [S] (slots not kept); keep_new: bool [C] -> int32 [C]
     """
     slots, chunk = free.shape[0], keep_new.shape[0]
+    if chunk == 1:  # a decode step: the first free slot, no cumsum or scatter over the slots
+        first_free = jnp.where(free.any(), jnp.argmax(free), slots).astype(jnp.int32)
+        return jnp.where(keep_new, first_free, slots)
     free_rank = jnp.cumsum(free, dtype=jnp.int32) - 1
     nth_free = jnp.full((chunk,), slots, jnp.int32).at[jnp.where(free, free_rank, chunk)].set(
         jnp.arange(slots, dtype=jnp.int32), mode="drop")
