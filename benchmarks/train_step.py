@@ -25,7 +25,7 @@ from dms_jax.train.loop import build_trainer, put_global
 from dms_jax.train.step import StepConfig
 
 
-def build(args, loss):
+def build(args, loss, remat=False):
     dms = DMSConfig(mode=args.dms_mode, window=args.window)
     cfg = ModelConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=4 * args.hidden,
                       num_layers=args.layers, num_heads=args.heads, num_kv_heads=args.kv_heads,
@@ -33,7 +33,8 @@ def build(args, loss):
     mesh = shd.make_mesh((-1, 1, 1))
     train_cfg = SimpleNamespace(trainable=args.trainable, learning_rate=3e-5, b1=0.9, b2=0.95, eps=1e-8,
                                 weight_decay=0.0, grad_clip=1.0, warmup_steps=0)
-    step_cfg = StepConfig(loss=loss, cr_start=1.0, cr_end=8.0, cr_steps=100, loss_chunk=args.loss_chunk)
+    step_cfg = StepConfig(loss=loss, cr_start=1.0, cr_end=8.0, cr_steps=100, loss_chunk=args.loss_chunk,
+                          remat=remat)
     trainer = build_trainer(Decoder(cfg, rngs=nnx.Rngs(0)), mesh, step_cfg, train_cfg, seed=0,
                             batch_shape=(args.batch, args.seq))
     state = trainer.init_fn(trainer.trainable_params)
@@ -47,8 +48,8 @@ def build(args, loss):
 class Runner:
     """One compiled step with its (donated, threaded-through) state."""
 
-    def __init__(self, args, loss):
-        self.compiled, self.state, self.frozen, self.teacher, self.batch = build(args, loss)
+    def __init__(self, args, loss, remat=False):
+        self.compiled, self.state, self.frozen, self.teacher, self.batch = build(args, loss, remat)
         mem = self.compiled.memory_analysis()
         self.temp = mem.temp_size_in_bytes
         self.peak = mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
@@ -87,18 +88,23 @@ def main():
           f"H={args.heads}/{args.kv_heads} V={args.vocab}; batch {args.batch} x {args.seq} tokens; "
           f"window {args.window}; trainable={args.trainable}; {args.dtype}")
     plain, dms = Runner(args, "distill_plain"), Runner(args, "distill")
+    remat = Runner(args, "distill", remat=True)
+    runners = (plain, dms, remat)
     for _ in range(args.warmup):
-        plain.step(record=False)
-        dms.step(record=False)
-    for _ in range(args.steps):  # interleaved, so load from other processes hits both alike
-        plain.step()
-        dms.step()
+        for r in runners:
+            r.step(record=False)
+    for _ in range(args.steps):  # interleaved, so load from other processes hits all alike
+        for r in runners:
+            r.step()
     mib = 2 ** 20
     print(f"{'step':<26}{'time (s)':>10}{'peak (MiB)':>12}{'scratch (MiB)':>15}")
-    for name, r in (("plain distillation", plain), ("DMS retrofit", dms)):
+    for name, r in (("plain distillation", plain), ("DMS retrofit", dms),
+                    ("DMS retrofit, remat", remat)):
         print(f"{name:<26}{r.time:>10.4f}{r.peak / mib:>12.1f}{r.temp / mib:>15.1f}")
     print(f"ratio retrofit / plain: time {dms.time / plain.time:.3f}x, "
           f"peak memory {dms.peak / plain.peak:.3f}x (target <= 1.3x)")
+    print(f"per-layer remat (train.remat=True) / without: time {remat.time / dms.time:.3f}x, "
+          f"scratch memory {remat.temp / dms.temp:.3f}x")
     print("peak memory = compiled arguments + outputs + scratch - donated (XLA memory analysis)")
 
 

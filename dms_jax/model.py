@@ -187,7 +187,7 @@ class Decoder(nnx.Module):
 
     def forward(self, input_ids, *, attention_mask=None, positions=None, mode="plain", key=None,
                 return_logits=True, attention_impl="auto", cache=None, policy=None,
-                window=None):
+                window=None, remat=False):
         """Run the decoder.
 
         input_ids: int [B, T]; attention_mask: [B, T] (1 real, 0 padding) or None;
@@ -198,6 +198,8 @@ class Decoder(nnx.Module):
         and the training-free baselines run in mode="plain"); the updated cache is in the output.
         With a cache, `positions` must continue each row's previous positions.
         window: overrides the DMS window of the config in mode="eval" (inference), or None.
+        remat: rematerialise each layer in the backward pass (training memory ~ one layer's
+        activations plus every layer's input, for ~1/3 more compute).
         """
         cfg = self.config
         validate_input_ids(input_ids, cfg.vocab_size)
@@ -225,10 +227,19 @@ class Decoder(nnx.Module):
         )
         keys = jax.random.split(key, cfg.num_layers) if mode == "train" else [None] * cfg.num_layers
         x = self.embed(input_ids)
+        if remat and cache is not None:
+            raise ValueError("remat is for training (it trades compute for activation memory); "
+                             "leave it off with a KV cache")
+
+        def run_layer(layer, x, key, layer_cache):
+            return layer(x, ctx, key=key, cache=layer_cache)
+
+        if remat:  # keep only each layer's input; recompute the layer in the backward pass
+            run_layer = nnx.remat(run_layer)
         per_layer, new_caches = [], []
         for i, layer in enumerate(self.layers):
             layer_cache = None if cache is None else cache[i]
-            x, aux, layer_cache = layer(x, ctx, key=keys[i], cache=layer_cache)
+            x, aux, layer_cache = run_layer(layer, x, keys[i], layer_cache)
             per_layer.append(aux)
             new_caches.append(layer_cache)
         hidden = self.final_norm(x)

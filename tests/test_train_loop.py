@@ -67,14 +67,18 @@ def losses_of(result, key="loss"):
 
 
 def test_meshes_give_the_same_losses(tmp_path):
-    """(8,1,1) data parallel, (2,4,1) with FSDP, (2,2,2) with tensor parallel and one device: same
-    losses (all weights train, so parameters, gradients and Adam moments are all sharded)."""
+    """(8,1,1) data parallel, (2,4,1) with FSDP, (2,2,2) with tensor parallel (and with remat) and
+    one device: same losses (all weights train, so parameters, gradients and Adam moments are all
+    sharded)."""
     cfg = tiny_config(tmp_path, steps=4, trainable="all", learning_rate=1e-3)
     runs = {"single": train(cfg, devices=jax.devices()[:1])}
     for shape in [(8, 1, 1), (2, 4, 1), (2, 2, 2)]:
         c = copy.deepcopy(cfg)
         c.mesh.shape = shape
         runs[shape] = train(c)
+    c = copy.deepcopy(cfg)  # per-layer rematerialisation changes memory, not the numbers
+    c.mesh.shape, c.train.remat = (2, 2, 2), True
+    runs["remat"] = train(c)
     ref = losses_of(runs["single"])
     assert ref[-1] != ref[0]  # the weights moved
     for shape, run in runs.items():

@@ -28,6 +28,7 @@ def base_config() -> ml_collections.ConfigDict:
         dms_loss_weight=1.0,
         loss_chunk=1024,  # tokens per vocabulary-projection chunk of the loss
         attention_impl="auto",
+        remat=False,  # rematerialise each layer in the backward pass (long sequences, big models)
     ))
     c.data = ml_collections.ConfigDict(dict(
         path="",  # local JSONL / JSON / text / parquet / csv file, directory or glob
@@ -60,7 +61,7 @@ def reference_recipe(model_path: str, mesh_shape=(-1, 1, 1), run_name: str = "ru
     """
     c = base_config()
     c.model.update(path=model_path, dtype="bfloat16")
-    c.train.update(loss="distill", trainable="decision")
+    c.train.update(loss="distill", trainable="decision", remat=True)  # 32k tokens: keep layer inputs only
     c.mesh.shape = tuple(mesh_shape)
     c.checkpoint.update(dir=f"runs/{run_name}/checkpoints", every=50, keep=3)
     c.output.update(dir=f"runs/{run_name}", export_dir=f"runs/{run_name}/export")

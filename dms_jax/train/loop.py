@@ -133,7 +133,7 @@ def step_config(config) -> StepConfig:
     return StepConfig(
         loss=t.loss, cr_start=float(t.cr_start), cr_end=float(t.cr_end), cr_steps=int(t.cr_steps),
         loss_chunk=int(_opt(t, "loss_chunk", 1024)), dms_loss_weight=float(_opt(t, "dms_loss_weight", 1.0)),
-        attention_impl=_opt(t, "attention_impl", "auto"),
+        attention_impl=_opt(t, "attention_impl", "auto"), remat=bool(_opt(t, "remat", False)),
     )
 
 

@@ -35,6 +35,7 @@ class StepConfig:
     loss_chunk: int = 1024
     dms_loss_weight: float = 1.0
     attention_impl: str = "auto"
+    remat: bool = False  # rematerialise each student layer in the backward pass
 
     def __post_init__(self):
         if self.loss not in LOSSES:
@@ -79,7 +80,7 @@ def make_train_step(graphdef, paths, masks, optimizer, step_cfg: StepConfig,
         metrics = {"tokens": jnp.sum(real)}
         if cfg.loss == "lm":
             out = student.forward(ids, attention_mask=attn, mode="plain", return_logits=False,
-                                  attention_impl=cfg.attention_impl)
+                                  attention_impl=cfg.attention_impl, remat=cfg.remat)
             hidden = constrain(out.hidden, ("batch", "seq", "act_embed"))
             total, count = losses.language_model_ce(hidden, unembed_of(student), ids, batch["loss_mask"],
                                                     attn, cfg.loss_chunk)
@@ -94,7 +95,7 @@ def make_train_step(graphdef, paths, masks, optimizer, step_cfg: StepConfig,
         dms_on = cfg.loss == "distill"
         s_out = student.forward(ids, attention_mask=attn, mode="train" if dms_on else "plain",
                                 key=key if dms_on else None, return_logits=False,
-                                attention_impl=cfg.attention_impl)
+                                attention_impl=cfg.attention_impl, remat=cfg.remat)
         s_hidden = constrain(s_out.hidden, ("batch", "seq", "act_embed"))
         t_hidden = constrain(t_out.hidden, ("batch", "seq", "act_embed"))
         kl_sum = losses.distillation_kl(s_hidden, t_hidden, unembed_of(student), unembed_of(teacher),
