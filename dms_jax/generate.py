@@ -29,6 +29,7 @@ import numpy as np
 from flax import nnx
 
 from dms_jax import cache as kvcache
+from dms_jax import sharding as shd
 from dms_jax.config import resolve_dtype
 from dms_jax.sampling import Sampling, sample_logits
 from dms_jax.stats import GenerateStats, make_generate_stats
@@ -260,7 +261,7 @@ def generate(model: Decoder, prompts, *, max_new_tokens=64, policy=None, window=
              target_cr=None, margin=0.5, capacity=None, budget=None, max_len=None,
              chunk_size=DEFAULT_CHUNK, temperature=0.0, top_k=0, top_p=1.0, key=None,
              stop_tokens=None, strict=False, state: GenerationState | None = None,
-             progress=None, on_tokens=None, decode_segment=None) -> GenerateOutput:
+             progress=None, on_tokens=None, decode_segment=None, mesh=None) -> GenerateOutput:
     """Prefill the prompts into a fixed-shape KV cache and generate.
 
     prompts: a list of token-id sequences (lengths may differ), one sequence, or an int array
@@ -282,6 +283,9 @@ def generate(model: Decoder, prompts, *, max_new_tokens=64, policy=None, window=
     on_tokens: a callable(new_tokens int32 [B, n]) called as tokens arrive (-1: row ended), for
       streaming; decode_segment: tokens per jitted decode call (default: all in one call), so
       `on_tokens` is called every `decode_segment` tokens.
+    mesh: a `jax.sharding.Mesh` with axes (data, fsdp, tensor) (`dms_jax.sharding.make_mesh`):
+      the parameters are placed by the rules table and the cache's rows over data x fsdp, its KV
+      heads over tensor (an axis that does not divide a dimension leaves it replicated).
     """
     cfg = model.config
     sampling = Sampling(float(temperature), int(top_k), float(top_p))
@@ -299,6 +303,8 @@ def generate(model: Decoder, prompts, *, max_new_tokens=64, policy=None, window=
     stop_ids = _check_stop(stop_tokens, cfg.vocab_size)
 
     graphdef, params = nnx.split(model)
+    if mesh is not None:  # the programs follow their inputs' shardings (computation follows data)
+        params = shd.shard_model_state(params, mesh)
     if state is None:
         pol = get_policy(policy if policy is not None else ("dms" if cfg.dms else "full"))
         if pol.uses_decisions and cfg.dms is None:
@@ -320,6 +326,8 @@ def generate(model: Decoder, prompts, *, max_new_tokens=64, policy=None, window=
                                    window=eff_window if pol.uses_decisions else 0,
                                    dtype=resolve_dtype(cfg.dtype),
                                    max_len=max_len)
+        if mesh is not None:
+            cache = shd.shard_cache(cache, mesh)
         pending = np.full(batch, -1, np.int32)
         start = np.zeros(batch, np.int32)
         kv_before = 0.0
@@ -346,19 +354,19 @@ def generate(model: Decoder, prompts, *, max_new_tokens=64, policy=None, window=
     last_hidden = jnp.zeros((batch, cfg.hidden_size), resolve_dtype(cfg.dtype))
     t0 = time.perf_counter()
     key, sub = jax.random.split(key)
-    compiled_sample = _sample_hidden.lower(graphdef, params, last_hidden, sub,
-                                           sampling=sampling).compile()
+    sample_first = _precompile(_sample_hidden, graphdef, params, last_hidden, sub,
+                               sampling=sampling)
     compile_s = time.perf_counter() - t0
     run_prefill = (_snapkv_prefill if state is None and isinstance(step.policy, SnapKVPolicy)
                    else _chunked_prefill)
     cache, last_hidden, prefill_compile_s, prefill_s = run_prefill(
         graphdef, params, cache, rows, start, step, chunk_size, last_hidden, progress)
     t0 = time.perf_counter()
-    compiled_stats = _stats.lower(cache).compile()
+    stats_of = _precompile(_stats, cache)
     compile_s += prefill_compile_s + time.perf_counter() - t0
     t0 = time.perf_counter()
-    first = compiled_sample(params, last_hidden, sub)
-    kv_after_prefill = float(compiled_stats(cache).kv_reads.sum())
+    first = sample_first(graphdef, params, last_hidden, sub)
+    kv_after_prefill = float(stats_of(cache).kv_reads.sum())
     first.block_until_ready()
     prefill_s += time.perf_counter() - t0
 
@@ -371,9 +379,8 @@ def generate(model: Decoder, prompts, *, max_new_tokens=64, policy=None, window=
         carry = jax.jit(start_decode, static_argnames="max_new")(
             first, row_max, stop_ids, key, max_new=_bucket(max_new))  # a power-of-two buffer
         t0 = time.perf_counter()
-        compiled_decode = decode_loop.lower(
-            graphdef, params, cache, carry, next_pos, row_max, stop_ids, step=step,
-            sampling=sampling, segment=segment).compile()
+        decode = _precompile(decode_loop, graphdef, params, cache, carry, next_pos, row_max,
+                             stop_ids, step=step, sampling=sampling, segment=segment)
         compile_s += time.perf_counter() - t0
         shown = 0
         while True:
@@ -385,7 +392,7 @@ def generate(model: Decoder, prompts, *, max_new_tokens=64, policy=None, window=
             if bool(carry.done.all()):  # every row stops at its own length
                 break
             t0 = time.perf_counter()
-            carry, cache = compiled_decode(params, cache, carry, next_pos, row_max, stop_ids)
+            carry, cache = decode(graphdef, params, cache, carry, next_pos, row_max, stop_ids)
             carry.i.block_until_ready()
             decode_s += time.perf_counter() - t0
         tokens, lengths = np.asarray(carry.tokens)[:, :max_new], np.asarray(carry.lengths)
@@ -393,7 +400,7 @@ def generate(model: Decoder, prompts, *, max_new_tokens=64, policy=None, window=
         tokens = np.zeros((batch, 0), np.int32)
         lengths = np.zeros(batch, np.int32)
 
-    stats_dev = compiled_stats(cache)
+    stats_dev = stats_of(cache)
     if strict:
         kvcache.assert_no_overflow(cache)
     # each generated token but the last entered the cache (the last is pending)
@@ -435,9 +442,8 @@ def _chunked_prefill(graphdef, params, cache, rows, start, step: StepConfig, chu
     last_index = np.where(last_idx < chunk, last_idx, -1).astype(np.int32)
     t0 = time.perf_counter()
     cols = slice(0, chunk)
-    compiled_prefill = prefill_step.lower(
-        graphdef, params, cache, ids[:, cols], valid[:, cols], positions[:, cols], last_hidden,
-        last_index, step=step).compile()
+    run_step = _precompile(prefill_step, graphdef, params, cache, ids[:, cols], valid[:, cols],
+                           positions[:, cols], last_hidden, last_index, step=step)
     compile_s = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -445,8 +451,8 @@ def _chunked_prefill(graphdef, params, cache, rows, start, step: StepConfig, chu
         cols = slice(c * chunk, (c + 1) * chunk)
         last_index = np.where((last_idx >= c * chunk) & (last_idx < (c + 1) * chunk),
                               last_idx - c * chunk, -1).astype(np.int32)
-        _, last_hidden, cache = compiled_prefill(params, cache, ids[:, cols], valid[:, cols],
-                                                 positions[:, cols], last_hidden, last_index)
+        _, last_hidden, cache = run_step(graphdef, params, cache, ids[:, cols], valid[:, cols],
+                                         positions[:, cols], last_hidden, last_index)
         if progress is not None:
             progress(min((c + 1) * chunk, int(lens.max())), int(lens.max()))
     jax.block_until_ready(last_hidden)
@@ -483,7 +489,7 @@ def _snapkv_prefill(graphdef, params, cache, rows, start, step: StepConfig, chun
         graphdef, params, whole, tails, start + head_lens, StepConfig(policy.observe()),
         policy.obs_window, last_hidden)
     t0 = time.perf_counter()
-    compress = _snapkv_compress.lower(whole, policy=policy, capacity=budget).compile()
+    compress = _precompile(_snapkv_compress, whole, policy=policy, capacity=budget)
     compile_s += compile2_s + time.perf_counter() - t0
     t0 = time.perf_counter()
     compressed = jax.block_until_ready(compress(whole))
@@ -497,6 +503,15 @@ def _snapkv_compress(cache, *, policy: SnapKVPolicy, capacity: int):
     """Each layer's prefilled prompt compacted to `capacity` slots by SnapKV's pooled scores."""
     return tuple(kvcache.compact(c, *policy.prompt_priority(c.pos, c.scores, c.last_pos),
                                  capacity) for c in cache)
+
+
+def _precompile(jitted, *args, **static):
+    """Compile `jitted` for these arguments now (so the caller can time compilation apart) and
+    return it with its static arguments bound. Calls go through jit's own dispatch, which finds
+    this compiled program in its cache and, on a mesh, compiles another only if an input arrives
+    with a different sharding."""
+    jitted.lower(*args, **static).compile()
+    return functools.partial(jitted, **static)
 
 
 def _bucket(n: int) -> int:

@@ -32,6 +32,8 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     ("decision", None),  # the Hkv outputs of the DMS adapter
     ("layers", None),
     ("norm", None),
+    ("cache_batch", ("data", "fsdp")),  # the KV cache's batch rows
+    ("cache_heads", "tensor"),  # the KV cache's KV heads (each holds its own tokens)
 )
 
 # parameter path (dots, e.g. "layers.3.attn.q_proj.kernel") -> logical axes of its dimensions
@@ -166,6 +168,33 @@ def mirrored_shardings(tree, params: Mapping[str, Any], shardings_by_path: Mappi
         return replicated
 
     return jax.tree_util.tree_map_with_path(pick, tree)
+
+
+def _dotted(key_path) -> str:
+    names = [getattr(k, "key", getattr(k, "name", getattr(k, "idx", None))) for k in key_path]
+    return ".".join(str(n) for n in names if n not in ("value", "raw_value"))
+
+
+def shard_model_state(state, mesh, rules=LOGICAL_RULES):
+    """An `nnx.split` state placed on `mesh` by the parameter rules (inference: no optimizer)."""
+
+    def place(key_path, x):
+        axes = param_logical_axes(_dotted(key_path), x.ndim)
+        return jax.device_put(x, logical_sharding(axes, mesh, x.shape, rules))
+
+    return jax.tree_util.tree_map_with_path(place, state)
+
+
+def cache_logical_axes(ndim: int) -> tuple[str | None, ...]:
+    """KV cache arrays are [B] or [B, Hkv, ...]: rows over the data axes, KV heads over tensor."""
+    return ("cache_batch",) if ndim == 1 else ("cache_batch", "cache_heads") + (None,) * (ndim - 2)
+
+
+def shard_cache(cache, mesh, rules=LOGICAL_RULES):
+    """A KV cache pytree (`dms_jax.cache.LayerCache` per layer) placed on `mesh`."""
+    return jax.tree.map(
+        lambda x: jax.device_put(x, logical_sharding(cache_logical_axes(x.ndim), mesh, x.shape,
+                                                     rules)), cache)
 
 
 def constrain(x, logical_axes, mesh, rules=LOGICAL_RULES):

@@ -263,3 +263,20 @@ def test_dms_policy_needs_a_dms_model(hf_model_dirs):
     plain = dms_jax.from_pretrained(hf_model_dirs["llama"])
     with pytest.raises(ValueError, match="needs a DMS model"):
         generate(plain, [[1, 2]], policy="dms")
+
+
+def test_sharded_generation_on_a_mesh_equals_one_device(llama_dms):
+    """Parameters by the rules table, cache rows over (data, fsdp), KV heads over tensor: the
+    same tokens and cache figures as on one device (8 simulated CPU devices, conftest.py)."""
+    from dms_jax import sharding as shd
+
+    rng = np.random.default_rng(8)
+    prompts = [rng.integers(0, 97, n).tolist() for n in (19, 7, 30, 12)]
+    mesh = shd.make_mesh((2, 2, 2))
+    for kw in (dict(policy="dms", capacity=48, max_len=48), dict(policy="h2o", budget=12)):
+        one = generate(llama_dms, prompts, max_new_tokens=6, chunk_size=8, **kw)
+        many = generate(llama_dms, prompts, max_new_tokens=6, chunk_size=8, mesh=mesh, **kw)
+        assert many.sequences() == one.sequences()
+        np.testing.assert_array_equal(many.stats.held_tokens, one.stats.held_tokens)
+        spec = many.state.cache[0].keys.sharding.spec
+        assert spec[0] == ("data", "fsdp") and spec[1] == "tensor"
