@@ -50,6 +50,9 @@ class StepConfig:
     policy: Policy
     window: int | None = None  # DMS window override, None: the model's
     attention_impl: str = "dense"
+    # a neuron-mode DMS model: every policy runs the retrofitted network (decision neuron zeroed,
+    # the model's eval mode); policies without decisions ignore the flags
+    neuron: bool = False
 
     def __post_init__(self):
         if self.policy.needs_attention and self.attention_impl != "dense":
@@ -60,7 +63,7 @@ class StepConfig:
 
     @property
     def mode(self) -> str:
-        return "eval" if self.policy.uses_decisions else "plain"
+        return "eval" if self.policy.uses_decisions or self.neuron else "plain"
 
 
 def _forward(graphdef, params, cache, ids, valid, positions, step: StepConfig):
@@ -112,7 +115,7 @@ def start_decode(first, row_max, stop_ids, key, max_new: int) -> DecodeCarry:
                        (row_max <= 1) | _is_stop(first, stop_ids), first, key)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "step", "sampling", "segment"),
+@functools.partial(jax.jit, static_argnames=("graphdef", "step", "segment"),
                    donate_argnames=("cache", "carry"))
 def decode_loop(graphdef, params, cache, carry: DecodeCarry, next_pos, row_max, stop_ids, *,
                 step: StepConfig, sampling: Sampling, segment: int):
@@ -147,7 +150,7 @@ def decode_loop(graphdef, params, cache, carry: DecodeCarry, next_pos, row_max, 
     return carry, cache
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "sampling"))
+@functools.partial(jax.jit, static_argnames=("graphdef",))
 def _sample_hidden(graphdef, params, hidden, key, *, sampling: Sampling):
     model = nnx.merge(graphdef, params)
     return sample_logits(model.unembed(hidden), key, sampling)
@@ -183,7 +186,7 @@ class GenerateOutput:
         return [row[:n].tolist() for row, n in zip(self.tokens, self.lengths)]
 
 
-def _as_rows(prompts, vocab_size) -> list[np.ndarray]:
+def _as_rows(prompts, vocab_size, allow_empty=False) -> list[np.ndarray]:
     if isinstance(prompts, (np.ndarray, jax.Array)):
         arr = np.asarray(prompts)
         if arr.ndim == 1:
@@ -200,7 +203,7 @@ def _as_rows(prompts, vocab_size) -> list[np.ndarray]:
             if r.size:
                 validate_input_ids(r[None], vocab_size)
     for i, r in enumerate(rows):
-        if r.size == 0:
+        if r.size == 0 and not allow_empty:
             raise ValueError(f"prompt {i} is empty: every row needs at least one token")
     return [r.astype(np.int32) for r in rows]
 
@@ -295,9 +298,19 @@ def generate(model: Decoder, prompts, *, max_new_tokens=64, policy=None, window=
         key = jax.random.key(0)
     if not (isinstance(chunk_size, (int, np.integer)) and chunk_size >= 1):
         raise ValueError(f"chunk_size={chunk_size!r} must be a positive integer")
-    rows = _as_rows(prompts, cfg.vocab_size)
+    if decode_segment is not None and not (isinstance(decode_segment, (int, np.integer))
+                                           and decode_segment >= 1):
+        raise ValueError(f"decode_segment={decode_segment!r} must be a positive integer or None")
+    if state is not None and state.cache is None:
+        raise ValueError("this GenerationState was already continued (its cache was donated to "
+                         "that call); continue from that call's output.state")
+    rows = _as_rows(prompts, cfg.vocab_size, allow_empty=state is not None)
     batch = len(rows)
-    row_max = np.broadcast_to(np.asarray(max_new_tokens, np.int32), (batch,)).copy()
+    row_max = np.asarray(max_new_tokens, np.int32)
+    if row_max.ndim and row_max.shape != (batch,):
+        raise ValueError(f"max_new_tokens has {row_max.size} values for {batch} prompts: give "
+                         "one int, or one per prompt")
+    row_max = np.broadcast_to(row_max, (batch,)).copy()
     if (row_max < 0).any():
         raise ValueError(f"max_new_tokens={max_new_tokens!r} must be >= 0")
     stop_ids = _check_stop(stop_tokens, cfg.vocab_size)
@@ -318,14 +331,17 @@ def generate(model: Decoder, prompts, *, max_new_tokens=64, policy=None, window=
             raise ValueError(f"target_cr={target_cr} must be >= 1 (8.0 keeps ~1/8 of the tokens)")
         longest = max(len(r) for r in rows) + int(row_max.max())
         max_len = longest if max_len is None else int(max_len)
-        cap = resolve_capacity(cfg, max_len, pol, window=eff_window, target_cr=target_cr,
+        # the cache is sized for a bucketed length, so nearby lengths share compiled programs
+        alloc_len = _bucket_len(max_len)
+        cap = resolve_capacity(cfg, alloc_len, pol, window=eff_window, target_cr=target_cr,
                                margin=margin, capacity=capacity, budget=budget)
         step = StepConfig(pol, int(eff_window) if pol.uses_decisions else None,
-                          attention_impl="dense")
+                          attention_impl="dense",
+                          neuron=cfg.dms is not None and cfg.dms.mode == "neuron")
         cache = kvcache.init_cache(cfg.num_layers, batch, cfg.num_kv_heads, cap, cfg.head_dim,
                                    window=eff_window if pol.uses_decisions else 0,
                                    dtype=resolve_dtype(cfg.dtype),
-                                   max_len=max_len)
+                                   max_len=alloc_len)
         if mesh is not None:
             cache = shd.shard_cache(cache, mesh)
         pending = np.full(batch, -1, np.int32)
@@ -338,8 +354,12 @@ def generate(model: Decoder, prompts, *, max_new_tokens=64, policy=None, window=
             raise ValueError(f"the state has {len(state.pending)} rows, the new turn {batch}")
         step, cache, max_len = state.step, state.cache, state.max_len
         pending, start, kv_before = state.pending, state.next_pos, state.kv_reads
+        state.cache = None  # donated below: a second continuation from it gets a clear error
         rows = [r if p < 0 else np.concatenate([[p], r]).astype(np.int32)
                 for r, p in zip(rows, pending)]
+        for i, r in enumerate(rows):
+            if r.size == 0:
+                raise ValueError(f"row {i} has no new tokens and nothing pending to continue from")
 
     lens = np.asarray([len(r) for r in rows], np.int32)
     total = start + lens + row_max
@@ -375,7 +395,7 @@ def generate(model: Decoder, prompts, *, max_new_tokens=64, policy=None, window=
     next_pos = (start + lens).astype(np.int32)
     decode_s = 0.0
     if max_new > 0:
-        segment = max_new if decode_segment is None else int(decode_segment)
+        segment = _bucket(max_new) if decode_segment is None else int(decode_segment)
         carry = jax.jit(start_decode, static_argnames="max_new")(
             first, row_max, stop_ids, key, max_new=_bucket(max_new))  # a power-of-two buffer
         t0 = time.perf_counter()
@@ -401,8 +421,6 @@ def generate(model: Decoder, prompts, *, max_new_tokens=64, policy=None, window=
         lengths = np.zeros(batch, np.int32)
 
     stats_dev = stats_of(cache)
-    if strict:
-        kvcache.assert_no_overflow(cache)
     # each generated token but the last entered the cache (the last is pending)
     fed = np.maximum(lengths - 1, 0)
     last = tokens[np.arange(batch), np.maximum(lengths - 1, 0)] if max_new else lengths
@@ -414,7 +432,14 @@ def generate(model: Decoder, prompts, *, max_new_tokens=64, policy=None, window=
                                 prefill_tokens=int(lens.sum()), decode_tokens=int(fed.sum()),
                                 kv_before=kv_before, kv_after_prefill=kv_after_prefill,
                                 prefill_s=prefill_s, decode_s=decode_s, compile_s=compile_s)
-    return GenerateOutput(tokens, lengths, stats, new_state)
+    output = GenerateOutput(tokens, lengths, stats, new_state)
+    if strict:
+        try:
+            kvcache.assert_no_overflow(cache)
+        except kvcache.CacheOverflowError as err:
+            err.output = output  # the tokens and the cache are not lost
+            raise
+    return output
 
 
 def _chunked_prefill(graphdef, params, cache, rows, start, step: StepConfig, chunk_size,
@@ -512,6 +537,14 @@ def _precompile(jitted, *args, **static):
     with a different sharding."""
     jitted.lower(*args, **static).compile()
     return functools.partial(jitted, **static)
+
+
+def _bucket_len(n: int) -> int:
+    """Lengths in buckets of a quarter octave (at most 25% over n; 64 at least)."""
+    if n <= 64:
+        return 64
+    step = 1 << (int(n).bit_length() - 3)
+    return -(-int(n) // step) * step
 
 
 def _bucket(n: int) -> int:

@@ -111,7 +111,8 @@ class Attention(nnx.Module):
         if dms_on and cfg.dms.mode == "neuron":
             q = gating.zero_decision_neuron(q, cfg.num_kv_heads)
 
-        window = (cfg.dms.window if ctx.window is None else ctx.window) if dms_on else 0
+        evicts = dms_on and (ctx.policy is None or ctx.policy.uses_decisions)
+        window = (cfg.dms.window if ctx.window is None else ctx.window) if evicts else 0
         if cache is not None:
             valid = jnp.ones((batch, seq), bool) if ctx.k_valid is None else ctx.k_valid
             hard = gating.hard_decisions(z) if dms_on else None  # [B, T, Hkv or 1]
@@ -267,7 +268,9 @@ class Decoder(nnx.Module):
         row (spec section 6), counted from the hard decisions and the window.
         """
         out = self.forward(input_ids, attention_mask=attention_mask, mode="eval", **kw)
-        return out, compression_ratio_from_decisions(out.decisions, attention_mask, self.config.dms.window)
+        window = kw.get("window")
+        window = self.config.dms.window if window is None else window
+        return out, compression_ratio_from_decisions(out.decisions, attention_mask, window)
 
 
 def _check_cache_policy(policy, mode, cfg, num_cache_layers, attention_impl):
@@ -276,8 +279,8 @@ def _check_cache_policy(policy, mode, cfg, num_cache_layers, attention_impl):
         raise ValueError("a KV cache is for inference: use mode='eval' (dms) or 'plain'")
     if policy.uses_decisions and mode != "eval":
         raise ValueError(f"policy {policy.name!r} applies DMS decisions: use mode='eval'")
-    if not policy.uses_decisions and mode != "plain":
-        raise ValueError(f"policy {policy.name!r} does not use DMS decisions: use mode='plain'")
+    # a policy without decisions may run in mode="eval" (the retrofitted network of a
+    # neuron-mode model, decision neuron zeroed): the flags are computed and ignored
     if policy.needs_attention and attention_impl not in ("auto", "dense"):
         raise ValueError(f"policy {policy.name!r} ranks tokens by attention scores, which only "
                          "the dense cache attention gives: use attention_impl='dense'")

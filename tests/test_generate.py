@@ -280,3 +280,45 @@ def test_sharded_generation_on_a_mesh_equals_one_device(llama_dms):
         np.testing.assert_array_equal(many.stats.held_tokens, one.stats.held_tokens)
         spec = many.state.cache[0].keys.sharding.spec
         assert spec[0] == ("data", "fsdp") and spec[1] == "tensor"
+
+
+def test_nearby_shapes_and_sampling_values_reuse_compiled_programs(llama_dms):
+    from dms_jax.generate import decode_loop
+
+    rng = np.random.default_rng(9)
+    kw = dict(temperature=0.7, top_p=0.9, key=jax.random.key(0))
+    generate(llama_dms, [rng.integers(0, 97, 40).tolist()], max_new_tokens=10, **kw)
+    programs = (prefill_step._cache_size(), decode_loop._cache_size())
+    for n, new, temp in ((41, 11, 0.71), (43, 12, 0.9)):  # lengths, token counts, temperatures
+        generate(llama_dms, [rng.integers(0, 97, n).tolist()], max_new_tokens=new,
+                 **{**kw, "temperature": temp})
+    assert (prefill_step._cache_size(), decode_loop._cache_size()) == programs
+
+
+def test_neuron_mode_policies_run_the_retrofitted_network(hf_model_dirs):
+    """`full` on a neuron-mode DMS model == DMS with nothing evicted (window >= length): both
+    zero the decision neuron; the plain (teacher) network would not."""
+    model = dms_jax.from_pretrained(hf_model_dirs["llama"], dms=DMSConfig(mode="neuron", window=4))
+    prompt = np.random.default_rng(10).integers(0, 97, 20).tolist()
+    full = generate(model, [prompt], max_new_tokens=6, policy="full")
+    kept = generate(model, [prompt], max_new_tokens=6, policy="dms", window=100)
+    assert kept.stats.compression_ratio == 1.0
+    assert full.sequences() == kept.sequences()
+
+
+def test_state_use_empty_turns_and_strict_keep_the_output(llama_dms):
+    first = generate(llama_dms, [[1, 2, 3], [4, 5]], max_new_tokens=3, max_len=32)
+    more = generate(llama_dms, [[], [6]], state=first.state, max_new_tokens=2)  # row 0: go on
+    whole = [[1, 2, 3] + first.sequences()[0], [4, 5] + first.sequences()[1] + [6]]
+    once = generate(llama_dms, whole, max_new_tokens=2, max_len=32)
+    assert more.sequences() == once.sequences()
+    with pytest.raises(ValueError, match="already continued"):
+        generate(llama_dms, [[7], [8]], state=first.state)
+    with pytest.raises(ValueError, match="decode_segment"):
+        generate(llama_dms, [[1]], decode_segment=0)
+    with pytest.raises(ValueError, match="3 values for 2 prompts"):
+        generate(llama_dms, [[1], [2]], max_new_tokens=[1, 2, 3])
+    with pytest.raises(kvcache.CacheOverflowError) as err:
+        generate(llama_dms, [np.arange(40).tolist()], max_new_tokens=2, capacity=WINDOW + 2,
+                 strict=True)
+    assert len(err.value.output.sequences()[0]) == 2  # the tokens are not lost
