@@ -39,7 +39,8 @@ def build(args, loss, remat=False):
                             batch_shape=(args.batch, args.seq))
     state = trainer.init_fn(trainer.trainable_params)
     ids = np.random.default_rng(0).integers(0, args.vocab, (args.batch, args.seq)).astype(np.int32)
-    batch = {"input_ids": ids, "attention_mask": np.ones_like(ids), "loss_mask": np.ones_like(ids)}
+    batch = {"input_ids": ids, "attention_mask": np.ones_like(ids), "loss_mask": np.ones_like(ids),
+             "segment_ids": np.zeros_like(ids)}
     batch = {k: put_global(v, trainer.batch_sharding) for k, v in batch.items()}
     compiled = trainer.step_fn.lower(state, trainer.frozen, trainer.teacher, batch).compile()
     return compiled, state, trainer.frozen, trainer.teacher, batch

@@ -47,6 +47,7 @@ class LayerContext(NamedTuple):
     inv_freq: Any  # [D // 2]
     policy: Any = None  # a dms_jax.policies.Policy when a KV cache is passed
     window: Any = None  # DMS window override (inference), None: the config's
+    segment_ids: Any = None  # int32 [B, T] packed-document ids (training), or None
 
 
 class Attention(nnx.Module):
@@ -134,6 +135,7 @@ class Attention(nnx.Module):
         kwargs = dict(
             q_pos=ctx.positions, k_pos=ctx.positions, evict_bias=bias, window=window,
             k_valid=ctx.k_valid, sliding_window=self.cfg.sliding_window,
+            segment_ids=ctx.segment_ids,
         )
         if impl == "dense":
             return dense_attention(q, k, v, **kwargs)
@@ -188,7 +190,7 @@ class Decoder(nnx.Module):
 
     def forward(self, input_ids, *, attention_mask=None, positions=None, mode="plain", key=None,
                 return_logits=True, attention_impl="auto", cache=None, policy=None,
-                window=None, remat=False):
+                window=None, remat=False, segment_ids=None):
         """Run the decoder.
 
         input_ids: int [B, T]; attention_mask: [B, T] (1 real, 0 padding) or None;
@@ -201,6 +203,8 @@ class Decoder(nnx.Module):
         window: overrides the DMS window of the config in mode="eval" (inference), or None.
         remat: rematerialise each layer in the backward pass (training memory ~ one layer's
         activations plus every layer's input, for ~1/3 more compute).
+        segment_ids: int [B, T] ids of the documents packed into each row (a token sees only its
+        own document; RoPE is relative, so positions need not restart), or None.
         """
         cfg = self.config
         validate_input_ids(input_ids, cfg.vocab_size)
@@ -224,10 +228,14 @@ class Decoder(nnx.Module):
         ctx = LayerContext(
             mode=mode, positions=positions.astype(jnp.int32), k_valid=k_valid,
             attention_impl=attention_impl, policy=policy, window=window,
+            segment_ids=None if segment_ids is None else jnp.asarray(segment_ids, jnp.int32),
             inv_freq=rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling_dict),
         )
         keys = jax.random.split(key, cfg.num_layers) if mode == "train" else [None] * cfg.num_layers
         x = self.embed(input_ids)
+        if segment_ids is not None and cache is not None:
+            raise ValueError("segment_ids are for packed training rows; a KV cache holds one "
+                             "sequence per row")
         if remat and cache is not None:
             raise ValueError("remat is for training (it trades compute for activation memory); "
                              "leave it off with a KV cache")

@@ -23,7 +23,7 @@ from dms_jax.ops.blockwise import blockwise_attention, causal_blockwise_attentio
 
 
 def reference_attention(q, k, v, q_pos, k_pos, *, window, zt=None, d=None, k_valid=None,
-                        sliding_window=None):
+                        sliding_window=None, segments=None):
     """q [B,T,H,D], k/v [B,T,Hkv,D] float64 tensors; q_pos/k_pos int [B,T].
 
     zt [B,T,Hkv] (soft: key j outside the window gets log(1 - sigmoid(zt[j+1])) added) or
@@ -38,6 +38,8 @@ def reference_attention(q, k, v, q_pos, k_pos, *, window, zt=None, d=None, k_val
         visible = visible & k_valid[:, None, :]
     if sliding_window is not None:
         visible = visible & (dist < sliding_window)
+    if segments is not None:  # packed documents: a key is visible only from its own document
+        visible = visible & (segments[:, :, None] == segments[:, None, :])
     outside = (dist > window)[:, None]  # [B, 1, Tq, Tk]
     visible = visible[:, None].expand(batch, num_heads, seq, seq).clone()  # [B, H, Tq, Tk]
     k_h = k.repeat_interleave(group, dim=2)  # query head h reads KV head h // group
@@ -222,6 +224,38 @@ def test_shift_by_one_and_window_edge(mode):
     assert weights[8, 5] > 0.1  # i - j == w: still visible
     assert weights[9, 5] < 1e-12  # i - j == w + 1: evicted
     assert weights[11, 6] > 0.05  # the token carrying the decision is not the one evicted
+
+
+def test_packed_documents_values_and_gradients_match_reference():
+    """segment_ids: a query sees only keys of its own document (soft mask, blocks that do not
+    divide T, documents that straddle blocks), values and gradients."""
+    rng = np.random.RandomState(11)
+    batch, seq, heads, kv, dim, window = 2, 23, 4, 2, 8, 3
+    q, k, v = (rng.randn(batch, seq, h, dim) for h in (heads, kv, kv))
+    zt = 2 * rng.randn(batch, seq, kv)
+    segments = np.stack([np.repeat([0, 1, 2], [9, 5, 9]), np.repeat([0, 1], [4, 19])])
+    pos = np.broadcast_to(np.arange(seq), (batch, seq))
+    weights = rng.randn(batch, seq, heads, dim)
+
+    def ours(q, k, v, zt):
+        bias = jnp.swapaxes(gating.soft_evict_bias(zt), 1, 2)
+        out = blockwise_attention(q, k, v, q_pos=pos, k_pos=pos, evict_bias=bias, window=window,
+                                  segment_ids=jnp.asarray(segments), block_q=5, block_k=7)
+        dense = dense_attention(q, k, v, q_pos=pos, k_pos=pos, evict_bias=bias, window=window,
+                                segment_ids=jnp.asarray(segments))
+        return jnp.sum(out * weights), out, dense
+
+    args = [jnp.asarray(a, jnp.float32) for a in (q, k, v, zt)]
+    _, out, dense = ours(*args)
+    grads = jax.grad(lambda *a: ours(*a)[0], argnums=(0, 1, 2, 3))(*args)
+    t_args = [torch.tensor(a, dtype=torch.float64, requires_grad=True) for a in (q, k, v, zt)]
+    want = reference_attention(*t_args[:3], torch.tensor(pos), torch.tensor(pos), window=window,
+                               zt=t_args[3], segments=torch.tensor(segments))
+    (want * torch.tensor(weights)).sum().backward()
+    np.testing.assert_allclose(np.asarray(out), want.detach().numpy(), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(dense), want.detach().numpy(), atol=1e-5)
+    for g, t in zip(grads, t_args):
+        np.testing.assert_allclose(np.asarray(g), t.grad.numpy(), atol=1e-5)
 
 
 def test_causal_baseline_is_dense_causal():

@@ -150,3 +150,22 @@ def test_modes_need_a_dms_model_and_a_key(hf_model_dirs):
         DMSConfig(window=-1)
     with pytest.raises(ValueError, match="DMSConfig.mode"):
         DMSConfig(mode="magic")
+
+
+@pytest.mark.parametrize("impl", ["dense", "blockwise"])
+def test_packed_documents_equal_documents_run_alone(hf_model_dirs, impl):
+    """With segment_ids, each document of a packed row gets the logits (hard DMS evaluation) it
+    gets alone: no attention across documents, and RoPE is relative so positions may run on."""
+    model = dms_jax.from_pretrained(hf_model_dirs["qwen3"], dms=DMSConfig(window=2, offset=-2.0))
+    rng = np.random.default_rng(12)
+    docs = [rng.integers(0, 97, n) for n in (7, 12, 5)]
+    packed = np.concatenate(docs)[None]
+    segments = np.repeat(np.arange(3), [len(d) for d in docs])[None]
+    out = model.forward(jnp.asarray(packed), mode="eval", segment_ids=segments,
+                        attention_impl=impl)
+    start = 0
+    for doc in docs:
+        alone = model.forward(jnp.asarray(doc)[None], mode="eval", attention_impl=impl)
+        np.testing.assert_allclose(np.asarray(out.logits[0, start:start + len(doc)]),
+                                   np.asarray(alone.logits[0]), atol=1e-4, rtol=0)
+        start += len(doc)

@@ -26,6 +26,8 @@ def test_packing_joins_documents_with_eos_and_masks_boundaries():
     assert rows["attention_mask"] == [[1, 1, 1, 1], [1, 1, 1, 1], [1, 0, 0, 0]]
     # a document's last token (EOS) predicts the next document's first token: does not count
     assert rows["loss_mask"] == [[1, 1, 1, 0], [1, 1, 0, 1], [0, 0, 0, 0]]
+    # documents numbered within each row (padding: the next id), for document-only attention
+    assert rows["segment_ids"] == [[0, 0, 0, 0], [0, 0, 0, 1], [0, 1, 1, 1]]
 
 
 def test_jsonl_text_and_parquet_give_the_same_packed_rows(tmp_path, tokenizer):

@@ -21,13 +21,14 @@ def _per_head(x, num_kv_heads):
 
 
 def dense_attention(q, k, v, *, q_pos, k_pos, evict_bias=None, window=0, k_valid=None,
-                    sliding_window=None, scale=None, return_probs=False):
+                    sliding_window=None, scale=None, return_probs=False, segment_ids=None):
     """Softmax attention with the DMS bias, materialising the [Tq, Tk] scores.
 
     q: [B, Tq, H, D]; k, v: [B, Tk, Hkv, D]
     q_pos: int [B, Tq]; k_pos: int [B, Tk] or [B, Hkv, Tk]
     evict_bias: float [B, Hkv, Tk] (per key, already shifted) or None
     k_valid: bool [B, Tk] or [B, Hkv, Tk] or None
+    segment_ids: int [B, T] packed-document ids of queries and keys (self-attention), or None
     returns out [B, Tq, H, D] (q.dtype); with return_probs also probs [B, Hkv, G, Tq, Tk] f32
     """
     batch, q_len, num_heads, head_dim = q.shape
@@ -43,6 +44,8 @@ def dense_attention(q, k, v, *, q_pos, k_pos, evict_bias=None, window=0, k_valid
         window,
         k_valid=_per_head(k_valid, num_kv_heads),
         sliding_window=sliding_window,
+        q_seg=None if segment_ids is None else segment_ids[:, None, None, :, None],
+        k_seg=None if segment_ids is None else segment_ids[:, None, None, None, :],
     )
     probs = jax.nn.softmax(scores + bias, axis=-1)  # [B, Hkv, G, Tq, Tk]
     out = jnp.einsum("bhgqk,bkhd->bqhgd", probs.astype(v.dtype), v)

@@ -52,11 +52,12 @@ class _Static(NamedTuple):
 # Per-block pieces shared by the forward and the backward.
 
 
-def _block_bias(q_pos, k_pos, evict_bias, k_valid, st: _Static):
+def _block_bias(q_pos, k_pos, evict_bias, k_valid, st: _Static, q_seg=None, k_seg=None):
     """The DMS bias of one block pair.
 
     q_pos [B, bq]; k_pos [B, Hx, bk]; evict_bias [B, Hkv, bk] f32 or None; k_valid [B, Hx, bk]
-    bool or None (Hx is 1 or Hkv).  returns f32 [B, Hkv|1, 1, bq, bk]
+    bool or None (Hx is 1 or Hkv); q_seg [B, bq], k_seg [B, 1, bk] document ids or None.
+    returns f32 [B, Hkv|1, 1, bq, bk]
     """
     return visibility_bias(
         q_pos[:, None, None, :, None],
@@ -65,10 +66,12 @@ def _block_bias(q_pos, k_pos, evict_bias, k_valid, st: _Static):
         st.window,
         k_valid=None if k_valid is None else k_valid[:, :, None, None, :],
         sliding_window=st.sliding_window,
+        q_seg=None if q_seg is None else q_seg[:, None, None, :, None],
+        k_seg=None if k_seg is None else k_seg[:, :, None, None, :],
     )
 
 
-def _block_bias_t(q_pos, k_pos, evict_bias, k_valid, st: _Static):
+def _block_bias_t(q_pos, k_pos, evict_bias, k_valid, st: _Static, q_seg=None, k_seg=None):
     """`_block_bias` laid out key-major: returns f32 [B, Hkv|1, bk, 1, bq]."""
     return visibility_bias(
         q_pos[:, None, None, None, :],
@@ -77,6 +80,8 @@ def _block_bias_t(q_pos, k_pos, evict_bias, k_valid, st: _Static):
         st.window,
         k_valid=None if k_valid is None else k_valid[:, :, :, None, None],
         sliding_window=st.sliding_window,
+        q_seg=None if q_seg is None else q_seg[:, None, None, None, :],
+        k_seg=None if k_seg is None else k_seg[:, :, :, None, None],
     )
 
 
@@ -133,7 +138,7 @@ def _ranges(need):
 #   Tq, Tk multiples of block_q, block_k.
 
 
-def _forward(q, k, v, evict_bias, q_pos, k_pos, k_valid, st: _Static):
+def _forward(q, k, v, evict_bias, q_pos, k_pos, k_valid, q_seg, k_seg, st: _Static):
     """returns out [B, Hkv, G, Tq, D] (q.dtype), lse [B, Hkv, G, Tq] f32 (+inf: sees no key)."""
     batch, num_kv, group, q_total, head_dim = q.shape
     bq, bk = st.block_q, st.block_k
@@ -143,12 +148,14 @@ def _forward(q, k, v, evict_bias, q_pos, k_pos, k_valid, st: _Static):
     def one_query_block(_, qi):
         q_blk = _slice(q, qi, bq, 3)  # [B, Hkv, G, bq, D]
         qp = _slice(q_pos, qi, bq, 1)  # [B, bq]
+        qs = _slice_or_none(q_seg, qi, bq, 1)
 
         def one_key_block(kj, carry):
             m, l, acc = carry  # [B, Hkv, G, bq], same, [B, Hkv, G, bq, D]
             k_blk, v_blk = _slice(k, kj, bk, 2), _slice(v, kj, bk, 2)  # [B, Hkv, bk, D]
             bias = _block_bias(qp, _slice(k_pos, kj, bk, 2), _slice_or_none(evict_bias, kj, bk, 2),
-                               _slice_or_none(k_valid, kj, bk, 2), st)
+                               _slice_or_none(k_valid, kj, bk, 2), st, qs,
+                               _slice_or_none(k_seg, kj, bk, 2))
             s = _scores(q_blk, k_blk, st) + bias  # [B, Hkv, G, bq, bk]
             m_new = jnp.maximum(m, jnp.max(s, axis=-1))
             correction = jnp.exp(m - m_new)
@@ -174,18 +181,18 @@ def _forward(q, k, v, evict_bias, q_pos, k_pos, k_valid, st: _Static):
     return out, lse
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
-def _flash(q, k, v, evict_bias, q_pos, k_pos, k_valid, st: _Static):
-    return _forward(q, k, v, evict_bias, q_pos, k_pos, k_valid, st)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(9,))
+def _flash(q, k, v, evict_bias, q_pos, k_pos, k_valid, q_seg, k_seg, st: _Static):
+    return _forward(q, k, v, evict_bias, q_pos, k_pos, k_valid, q_seg, k_seg, st)[0]
 
 
-def _flash_fwd(q, k, v, evict_bias, q_pos, k_pos, k_valid, st):
-    out, lse = _forward(q, k, v, evict_bias, q_pos, k_pos, k_valid, st)
-    return out, (q, k, v, evict_bias, q_pos, k_pos, k_valid, out, lse)
+def _flash_fwd(q, k, v, evict_bias, q_pos, k_pos, k_valid, q_seg, k_seg, st):
+    out, lse = _forward(q, k, v, evict_bias, q_pos, k_pos, k_valid, q_seg, k_seg, st)
+    return out, (q, k, v, evict_bias, q_pos, k_pos, k_valid, q_seg, k_seg, out, lse)
 
 
 def _flash_bwd(st: _Static, residuals, d_out):
-    q, k, v, evict_bias, q_pos, k_pos, k_valid, out, lse = residuals
+    q, k, v, evict_bias, q_pos, k_pos, k_valid, q_seg, k_seg, out, lse = residuals
     num_kv, k_total, head_dim = k.shape[1], k.shape[2], k.shape[3]
     bq, bk = st.block_q, st.block_k
     nk = k_total // bk
@@ -198,6 +205,7 @@ def _flash_bwd(st: _Static, residuals, d_out):
         k_blk, v_blk = _slice(k, kj, bk, 2), _slice(v, kj, bk, 2)  # [B, Hkv, bk, D]
         kp, kv = _slice(k_pos, kj, bk, 2), _slice_or_none(k_valid, kj, bk, 2)
         eb = _slice_or_none(evict_bias, kj, bk, 2)  # [B, Hkv, bk] or None
+        ks = _slice_or_none(k_seg, kj, bk, 2)
 
         def one_query_block(qi, carry):
             # Everything per block pair is laid out key-major, [B, Hkv, bk, G, bq], so that the
@@ -205,11 +213,11 @@ def _flash_bwd(st: _Static, residuals, d_out):
             d_q, d_k, d_v, d_eb = carry
             q_blk, do_blk = _slice(q, qi, bq, 3), _slice(d_out, qi, bq, 3)  # [B, Hkv, G, bq, D]
             lse_blk, delta_blk = _slice(lse, qi, bq, 3), _slice(delta, qi, bq, 3)  # [B,Hkv,G,bq]
-            qp = _slice(q_pos, qi, bq, 1)
+            qp, qs = _slice(q_pos, qi, bq, 1), _slice_or_none(q_seg, qi, bq, 1)
             if eb is None:
-                bias = _block_bias_t(qp, kp, None, kv, st)
+                bias = _block_bias_t(qp, kp, None, kv, st, qs, ks)
             else:
-                bias, bias_vjp = jax.vjp(lambda e: _block_bias_t(qp, kp, e, kv, st), eb)
+                bias, bias_vjp = jax.vjp(lambda e: _block_bias_t(qp, kp, e, kv, st, qs, ks), eb)
             s_t = jnp.einsum("bhkd,bhgqd->bhkgq", k_blk, q_blk,
                              preferred_element_type=jnp.float32) * st.scale
             p_t = jnp.exp(s_t + bias - lse_blk[:, :, None])  # [B, Hkv, bk, G, bq]
@@ -242,7 +250,8 @@ def _flash_bwd(st: _Static, residuals, d_out):
     d_v = jnp.moveaxis(d_v, 0, 2).reshape(v.shape)
     if d_eb is not None:
         d_eb = jnp.moveaxis(d_eb, 0, 2).reshape(evict_bias.shape).astype(evict_bias.dtype)
-    return (d_q.astype(q.dtype), d_k.astype(k.dtype), d_v.astype(v.dtype), d_eb, None, None, None)
+    return (d_q.astype(q.dtype), d_k.astype(k.dtype), d_v.astype(v.dtype), d_eb, None, None, None,
+            None, None)
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
@@ -273,13 +282,15 @@ def _pad_axis(x, pad, axis, mode="constant", value=0):
 
 
 def blockwise_attention(q, k, v, *, q_pos, k_pos, evict_bias=None, window=0, k_valid=None,
-                        sliding_window=None, scale=None, block_q=512, block_k=512):
+                        sliding_window=None, scale=None, block_q=512, block_k=512,
+                        segment_ids=None):
     """Softmax attention under the DMS visibility rule, memory O(T * block).
 
     q: [B, T, H, D]; k, v: [B, T, Hkv, D]; q_pos: int [B, T]; k_pos: int [B, T] (or [B, Hkv, T]).
     evict_bias: float32 [B, Hkv, T] per-key bias, already shifted by one (gating.soft_evict_bias
       or gating.hard_evict_bias_from_decisions, transposed from [B, T, Hkv]), or None.
     k_valid: bool [B, T] (or [B, Hkv, T]) or None.
+    segment_ids: int [B, T] packed-document ids (self-attention: Tq == Tk), or None.
     window, sliding_window, block_q, block_k: static python ints.
     Differentiable w.r.t. q, k, v and evict_bias (float32 accumulation; bf16 inputs are fine).
     returns out [B, T, H, D] in q.dtype. A query that sees no key gets 0.
@@ -321,9 +332,17 @@ def blockwise_attention(q, k, v, *, q_pos, k_pos, evict_bias=None, window=0, k_v
     k_pos = _pad_axis(k_pos, k_pad, 2, mode="edge")
     k_valid = _pad_axis(k_valid, k_pad, 2, value=False)
 
+    q_seg = k_seg = None
+    if segment_ids is not None:
+        if segment_ids.shape != (batch, q_len) or k_len != q_len:
+            raise ValueError(f"segment_ids has shape {segment_ids.shape}; expected [B={batch}, "
+                             f"T={q_len}] for self-attention")
+        q_seg = _pad_axis(jnp.asarray(segment_ids).astype(jnp.int32), q_pad, 1, mode="edge")
+        k_seg = _pad_axis(q_seg[:, None, :q_len], k_pad, 2, mode="edge")
     st = _Static(int(window), None if sliding_window is None else int(sliding_window), scale,
                  block_q, block_k, q_len)
-    out = _flash(qg, kt, vt, evict_bias, q_pos, k_pos, k_valid, st)  # [B, Hkv, G, Tq_pad, D]
+    out = _flash(qg, kt, vt, evict_bias, q_pos, k_pos, k_valid, q_seg, k_seg, st)
+    # out: [B, Hkv, G, Tq_pad, D]
     out = out[:, :, :, :q_len]
     return jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(batch, q_len, num_heads, head_dim)
 

@@ -4,7 +4,8 @@ Every attention path (blockwise soft training attention, dense hard evaluation, 
 and decode over the cache, the baselines' scoring) builds its additive score bias here.
 
 For query position `i` and key position `j`:
-  * `j > i` (or the key slot is invalid / outside a sliding window): masked;
+  * `j > i` (or the key slot is invalid / outside a sliding window / in another packed
+    document): masked;
   * `i - j <= window`: visible, bias 0;
   * `i - j > window`: bias = `evict_bias[j]`, where `evict_bias[j]` is
       - training (soft):  log(1 - alpha[j+1]) = log_sigmoid(-zt[j+1])
@@ -21,7 +22,8 @@ import jax.numpy as jnp
 MASK_VALUE = -1e30
 
 
-def visibility_bias(q_pos, k_pos, evict_bias, window, *, k_valid=None, sliding_window=None):
+def visibility_bias(q_pos, k_pos, evict_bias, window, *, k_valid=None, sliding_window=None,
+                    q_seg=None, k_seg=None):
     """Additive attention bias from the DMS rule. All inputs broadcast against each other.
 
     q_pos:      int   [..., Tq, 1]  query positions
@@ -30,6 +32,8 @@ def visibility_bias(q_pos, k_pos, evict_bias, window, *, k_valid=None, sliding_w
     window:     int   delayed-eviction window w (>= 0)
     k_valid:    bool  [..., 1, Tk]  key slot holds a real token (None: all valid)
     sliding_window: int | None  Mistral-style: visible only if i - j < sliding_window
+    q_seg, k_seg: int [..., Tq, 1], [..., 1, Tk] packed-document ids (None: one document);
+                  a key is visible only from its own document
     returns:    float [..., Tq, Tk]  0 (visible), evict_bias (outside window) or MASK_VALUE
     """
     distance = q_pos - k_pos
@@ -38,6 +42,8 @@ def visibility_bias(q_pos, k_pos, evict_bias, window, *, k_valid=None, sliding_w
         allowed = allowed & k_valid
     if sliding_window is not None:
         allowed = allowed & (distance < sliding_window)
+    if q_seg is not None:
+        allowed = allowed & (q_seg == k_seg)
     if evict_bias is None:
         inside = jnp.zeros((), jnp.float32)
     else:

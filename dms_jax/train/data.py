@@ -114,7 +114,9 @@ def _document_ids(batch, columns, tokenizer, data_cfg) -> list[list[int]]:
 def pack_documents(docs: list[list[int]], seq_len: int, eos_id: int | None, pad_id: int = 0) -> dict:
     """Join documents (each followed by EOS) and cut rows of seq_len; pad the last row.
 
-    Returns {"input_ids", "attention_mask", "loss_mask"}: lists of int lists of length seq_len.
+    Returns {"input_ids", "attention_mask", "loss_mask", "segment_ids"}: lists of int lists of
+    length seq_len; segment_ids numbers the documents inside each row (0, 1, ...; padding gets
+    the next id), so attention can stay within a document.
     """
     tokens, last = [], []
     for doc in docs:
@@ -125,7 +127,7 @@ def pack_documents(docs: list[list[int]], seq_len: int, eos_id: int | None, pad_
             doc.append(eos_id)
         tokens.extend(doc)
         last.extend([0] * (len(doc) - 1) + [1])
-    rows = {"input_ids": [], "attention_mask": [], "loss_mask": []}
+    rows = {"input_ids": [], "attention_mask": [], "loss_mask": [], "segment_ids": []}
     for start in range(0, len(tokens), seq_len):
         ids = tokens[start:start + seq_len]
         ends = last[start:start + seq_len]
@@ -134,6 +136,10 @@ def pack_documents(docs: list[list[int]], seq_len: int, eos_id: int | None, pad_
         rows["attention_mask"].append([1] * len(ids) + [0] * pad)
         # the very last token of the stream has no successor in any row: its prediction never counts
         rows["loss_mask"].append([1 - e for e in ends] + [0] * pad)
+        segments = [0]
+        for e in ends[:-1]:  # a document's last token ends its segment
+            segments.append(segments[-1] + e)
+        rows["segment_ids"].append(segments[:len(ids)] + [segments[-1] + ends[-1]] * pad)
     return rows
 
 
@@ -190,7 +196,11 @@ class PackedData:
 
     def batch(self, position: int) -> dict[str, np.ndarray]:
         rows = self.rows[self.indices(position).tolist()]
-        return {k: np.asarray(rows[k], np.int32) for k in ("input_ids", "attention_mask", "loss_mask")}
+        out = {k: np.asarray(rows[k], np.int32) for k in ("input_ids", "attention_mask", "loss_mask")}
+        segments = rows["segment_ids"] if "segment_ids" in rows else None
+        out["segment_ids"] = (np.zeros_like(out["input_ids"]) if segments is None
+                              else np.asarray(segments, np.int32))
+        return out
 
     def max_token_id(self) -> int:
         return max(int(np.max(self.rows[i:i + 4096]["input_ids"])) for i in range(0, self.num_sequences, 4096))

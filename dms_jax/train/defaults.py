@@ -29,6 +29,7 @@ def base_config() -> ml_collections.ConfigDict:
         loss_chunk=1024,  # tokens per vocabulary-projection chunk of the loss
         attention_impl="auto",
         remat=False,  # rematerialise each layer in the backward pass (long sequences, big models)
+        document_attention=True,  # packed rows: attend only within each document (segment ids)
     ))
     c.data = ml_collections.ConfigDict(dict(
         path="",  # local JSONL / JSON / text / parquet / csv file, directory or glob

@@ -134,6 +134,7 @@ def step_config(config) -> StepConfig:
         loss=t.loss, cr_start=float(t.cr_start), cr_end=float(t.cr_end), cr_steps=int(t.cr_steps),
         loss_chunk=int(_opt(t, "loss_chunk", 1024)), dms_loss_weight=float(_opt(t, "dms_loss_weight", 1.0)),
         attention_impl=_opt(t, "attention_impl", "auto"), remat=bool(_opt(t, "remat", False)),
+        document_attention=bool(_opt(t, "document_attention", True)),
     )
 
 
@@ -233,7 +234,7 @@ def build_trainer(model, mesh, step_cfg: StepConfig, train_cfg, *, seed: int, ba
                    teacher, batch_sh, graphdef, paths, layout, param_dtypes)
 
 
-BATCH_KEYS = ("input_ids", "attention_mask", "loss_mask")
+BATCH_KEYS = ("input_ids", "attention_mask", "loss_mask", "segment_ids")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -36,6 +36,7 @@ class StepConfig:
     dms_loss_weight: float = 1.0
     attention_impl: str = "auto"
     remat: bool = False  # rematerialise each student layer in the backward pass
+    document_attention: bool = True  # packed rows: a token attends only within its document
 
     def __post_init__(self):
         if self.loss not in LOSSES:
@@ -57,7 +58,8 @@ def make_train_step(graphdef, paths, masks, optimizer, step_cfg: StepConfig,
 
     teacher_params: initial copies of the trainable leaves the plain forward reads (all of them
     when every weight trains; the q_proj kernels in neuron mode; none for the adapter, which the
-    plain forward never reads). batch: {"input_ids", "attention_mask", "loss_mask"} int32 [B, T].
+    plain forward never reads). batch: {"input_ids", "attention_mask", "loss_mask",
+    "segment_ids"} int32 [B, T].
     constrain(x, logical_axes) places activations (sharding.constrain bound to the mesh).
     """
     partial = optim.partial_masks(masks)
@@ -75,12 +77,13 @@ def make_train_step(graphdef, paths, masks, optimizer, step_cfg: StepConfig,
 
     def loss_fn(trainable, frozen, teacher_params, batch, key, step):
         ids, attn = batch["input_ids"], batch["attention_mask"]
+        seg = {"segment_ids": batch["segment_ids"]} if cfg.document_attention else {}
         real = attn.astype(jnp.float32)
         student = optim.merge_model(graphdef, gathered({**frozen, **trainable}), paths)
         metrics = {"tokens": jnp.sum(real)}
         if cfg.loss == "lm":
             out = student.forward(ids, attention_mask=attn, mode="plain", return_logits=False,
-                                  attention_impl=cfg.attention_impl, remat=cfg.remat)
+                                  attention_impl=cfg.attention_impl, remat=cfg.remat, **seg)
             hidden = constrain(out.hidden, ("batch", "seq", "act_embed"))
             total, count = losses.language_model_ce(hidden, unembed_of(student), ids, batch["loss_mask"],
                                                     attn, cfg.loss_chunk)
@@ -91,11 +94,11 @@ def make_train_step(graphdef, paths, masks, optimizer, step_cfg: StepConfig,
         teacher_flat = {**frozen, **jax.lax.stop_gradient(trainable), **teacher_params}
         teacher = optim.merge_model(graphdef, gathered(teacher_flat), paths)
         t_out = teacher.forward(ids, attention_mask=attn, mode="plain", return_logits=False,
-                                attention_impl=cfg.attention_impl)
+                                attention_impl=cfg.attention_impl, **seg)
         dms_on = cfg.loss == "distill"
         s_out = student.forward(ids, attention_mask=attn, mode="train" if dms_on else "plain",
                                 key=key if dms_on else None, return_logits=False,
-                                attention_impl=cfg.attention_impl, remat=cfg.remat)
+                                attention_impl=cfg.attention_impl, remat=cfg.remat, **seg)
         s_hidden = constrain(s_out.hidden, ("batch", "seq", "act_embed"))
         t_hidden = constrain(t_out.hidden, ("batch", "seq", "act_embed"))
         kl_sum = losses.distillation_kl(s_hidden, t_hidden, unembed_of(student), unembed_of(teacher),
