@@ -119,21 +119,49 @@ def init_cache(num_layers, batch, num_kv_heads, capacity, head_dim, *, window,
 
 def init_cache_for_model(cfg, batch, max_len, *, policy="dms", target_cr=1.0, margin=0.5,
                          capacity=None, dtype=None) -> tuple:
-    """A cache for a `ModelConfig`. Capacity unless given: max_len for 'full' (or a model without
-    DMS), from max_len and the target CR for 'dms'; the baselines need it (their budget)."""
+    """A cache for a `ModelConfig`, its capacity from `resolve_capacity` (max_len for 'full',
+    from max_len and the target CR for 'dms'; the baselines need it: their budget)."""
     pol = get_policy(policy)
     window = cfg.dms.window if cfg.dms is not None and pol.uses_decisions else 0
-    if capacity is None:
-        if pol.name == "full" or (cfg.dms is None and not isinstance(pol, BudgetPolicy)):
-            capacity = max_len
-        elif pol.uses_decisions:
-            capacity = capacity_for(max_len, window, target_cr, margin)
-        else:
-            raise ValueError(f"policy {pol.name!r} evicts down to a budget: pass capacity=<held "
-                             "tokens per head> (dms_jax.policies.budget_for_ratio / "
-                             "budget_from_stats)")
+    capacity = resolve_capacity(cfg, max_len, pol, window=window, target_cr=target_cr,
+                                margin=margin, capacity=capacity, budget=None)
     return init_cache(cfg.num_layers, batch, cfg.num_kv_heads, capacity, cfg.head_dim,
                       window=window, dtype=resolve_dtype(dtype or cfg.dtype), max_len=max_len)
+
+
+def resolve_capacity(cfg, max_len, policy: Policy, *, window, target_cr, margin, capacity,
+                     budget):
+    """Slots per (layer, row, KV head), checked (errors name the fix)."""
+    if capacity is not None and budget is not None:
+        raise ValueError("give either capacity (slots per head) or budget, not both")
+    if budget is not None:
+        capacity = budget
+    if isinstance(policy, BudgetPolicy):
+        _check_baseline_budget(policy, capacity, max_len)
+    if capacity is not None:
+        if not (isinstance(capacity, (int, np.integer)) and capacity >= 1):
+            raise ValueError(f"capacity={capacity!r} must be a positive integer (slots per head)")
+        if policy.uses_decisions and capacity < min(window + 1, max_len):
+            raise ValueError(
+                f"capacity {capacity} cannot hold the DMS window of {window} + 1 tokens: "
+                f"use capacity >= {window + 1} or a smaller --window")
+        return int(min(capacity, max_len))
+    if policy.name == "full" or not policy.uses_decisions:
+        return int(max_len)
+    return capacity_for(max_len, window, target_cr, margin)
+
+
+def _check_baseline_budget(policy: BudgetPolicy, budget, max_len):
+    """A baseline evicts down to its budget: it needs one, large enough for its rule unless it
+    holds every token anyway."""
+    if budget is None:
+        raise ValueError(
+            f"policy {policy.name!r} evicts down to a budget: pass budget= (held tokens per "
+            "layer, row and KV head; dms_jax.policies.budget_from_stats(dms_output.stats) "
+            "matches a DMS run, budget_for_ratio(tokens, ratio) a compression ratio)")
+    if not (isinstance(budget, (int, np.integer)) and budget < max_len):
+        return  # a bad type is reported by the caller; a budget >= max_len evicts nothing
+    policy.check_budget(int(budget))
 
 
 # ----------------------------------------------------------------------------- the step

@@ -29,12 +29,13 @@ import numpy as np
 from flax import nnx
 
 from dms_jax import cache as kvcache
+from dms_jax.cache import resolve_capacity  # noqa: F401  (public here too: infer.py)
 from dms_jax import sharding as shd
 from dms_jax.config import resolve_dtype
 from dms_jax.sampling import Sampling, sample_logits
 from dms_jax.stats import GenerateStats, make_generate_stats
 from dms_jax.model import Decoder, validate_input_ids
-from dms_jax.policies import FULL, BudgetPolicy, Policy, SnapKVPolicy, get_policy
+from dms_jax.policies import FULL, Policy, SnapKVPolicy, get_policy
 
 DEFAULT_CHUNK = 512
 DEFAULT_TARGET_CR = 8.0
@@ -223,41 +224,6 @@ def default_target_cr(cfg) -> float:
     """The CR a cache is sized for by default: the model's recorded `dms.target_cr`, else 8."""
     recorded = cfg.dms.target_cr if cfg.dms is not None else None
     return float(recorded) if recorded else DEFAULT_TARGET_CR
-
-
-def resolve_capacity(cfg, max_len, policy: Policy, *, window, target_cr, margin, capacity,
-                     budget):
-    """Slots per (layer, row, KV head), checked (errors name the fix)."""
-    if capacity is not None and budget is not None:
-        raise ValueError("give either capacity (slots per head) or budget, not both")
-    if budget is not None:
-        capacity = budget
-    if isinstance(policy, BudgetPolicy):
-        _check_baseline_budget(policy, capacity, max_len)
-    if capacity is not None:
-        if not (isinstance(capacity, (int, np.integer)) and capacity >= 1):
-            raise ValueError(f"capacity={capacity!r} must be a positive integer (slots per head)")
-        if policy.uses_decisions and capacity < min(window + 1, max_len):
-            raise ValueError(
-                f"capacity {capacity} cannot hold the DMS window of {window} + 1 tokens: "
-                f"use capacity >= {window + 1} or a smaller --window")
-        return int(min(capacity, max_len))
-    if policy.name == "full" or not policy.uses_decisions:
-        return int(max_len)
-    return kvcache.capacity_for(max_len, window, target_cr, margin)
-
-
-def _check_baseline_budget(policy: BudgetPolicy, budget, max_len):
-    """A baseline evicts down to its budget: it needs one, large enough for its rule unless it
-    holds every token anyway."""
-    if budget is None:
-        raise ValueError(
-            f"policy {policy.name!r} evicts down to a budget: pass budget= (held tokens per "
-            "layer, row and KV head; dms_jax.policies.budget_from_stats(dms_output.stats) "
-            "matches a DMS run, budget_for_ratio(tokens, ratio) a compression ratio)")
-    if not (isinstance(budget, (int, np.integer)) and budget < max_len):
-        return  # a bad type is reported by the caller; a budget >= max_len evicts nothing
-    policy.check_budget(int(budget))
 
 
 def generate(model: Decoder, prompts, *, max_new_tokens=64, policy=None, window=None,

@@ -20,6 +20,7 @@ from dms_jax.config import ModelConfig, resolve_dtype
 from dms_jax.layers import MLP, RMSNorm, apply_rope, rope_inv_freq
 from dms_jax.ops import gating
 from dms_jax.ops.attention import dense_attention
+from dms_jax.ops.mask import is_visible
 from dms_jax.policies import get_policy
 
 MODES = ("plain", "train", "eval")
@@ -312,8 +313,11 @@ def compression_ratio_from_decisions(decisions, attention_mask, window):
     # the decision of a pad token never flags a real one: zero flags whose successor is padding
     next_valid = jnp.concatenate([valid[:, 1:], jnp.zeros((batch, 1), bool)], axis=1)
     flags = flags & next_valid[None, :, :, None]
-    in_window = (n[:, None] - 1 - rank) <= window  # [B, T]
-    held = valid[None, :, :, None] & (in_window[None, :, :, None] | ~flags)
+    # held at the end = what the row's last query may still see (the one rule, spec section 4)
+    held = is_visible((n - 1)[None, :, None, None], rank[None, :, None, :],
+                      jnp.swapaxes(flags, 2, 3), window,
+                      k_valid=valid[None, :, None, :])  # [L, B, Hkv, T]
+    held = jnp.swapaxes(held, 2, 3)  # [L, B, T, Hkv]
     ratio = held.sum(axis=2) / jnp.maximum(n, 1)[None, :, None]  # [L, B, Hkv]
     return 1.0 / jnp.mean(ratio)
 

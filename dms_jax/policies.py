@@ -150,7 +150,8 @@ def visible_to_newest(cand: Candidates):
 
 def window_first_then_oldest(cand: Candidates):
     """The overflow ranking of `full` and `dms`: window tokens first, then older before newer."""
-    in_window = (cand.query_pos[:, None, None] - cand.pos) <= cand.window
+    # inside the window = still visible with every flag set (the one rule, ops/mask.py)
+    in_window = is_visible(cand.query_pos[:, None, None], cand.pos, True, cand.window)
     return jnp.where(in_window, KEEP_FIRST, -cand.pos.astype(jnp.float32))
 
 

@@ -255,17 +255,24 @@ def check_invariants(steps, d, cache_history, *, capacity, overflow_free):
         prev = held
 
 
+def run_and_check_held(data, p_flag, capacity, overflow_free):
+    """A drawn run through the cache: the spec's invariants and the plain set simulation of
+    section 5 (with the overflow rule) hold after every step. Returns what the tests check next."""
+    q, k, v, d, steps, totals = draw_run(data, p_flag)
+    history = []
+    cache = kvcache.init_layer_cache(B, HKV, capacity, D, window=W)
+    out, cache = run_cache(cache, steps, q, k, v, d, window=W,
+                           on_step=lambda i, m, c: history.append(held_sets(c)))
+    check_invariants(steps, d, history, capacity=capacity, overflow_free=overflow_free)
+    expected, overflow = simulate_held(steps, d, window=W, capacity=capacity, num_kv_heads=HKV)
+    assert [{key: sorted(s) for key, s in e.items()} for e in expected] == history
+    return q, k, v, d, totals, out, cache, overflow
+
+
 @settings(max_examples=200, **PROP_SETTINGS)
 @given(data=st.data(), p_flag=st.floats(0.5, 0.9))
 def test_property_no_overflow_matches_spec(data, p_flag):
-    q, k, v, d, steps, totals = draw_run(data, p_flag)
-    history = []
-    cache = kvcache.init_layer_cache(B, HKV, T, D, window=W)
-    out, cache = run_cache(cache, steps, q, k, v, d, window=W,
-                           on_step=lambda i, m, c: history.append(held_sets(c)))
-    check_invariants(steps, d, history, capacity=T, overflow_free=True)
-    expected, overflow = simulate_held(steps, d, window=W, capacity=T, num_kv_heads=HKV)
-    assert [{key: sorted(s) for key, s in e.items()} for e in expected] == history
+    q, k, v, d, totals, out, cache, overflow = run_and_check_held(data, p_flag, T, True)
     assert not overflow.any() and not np.asarray(cache.overflow).any()
 
     # held count after prefill + decode, exactly (spec section 5)
@@ -304,14 +311,7 @@ SMALL = 7  # slots: the window (4) plus 3 retained tokens
 @settings(max_examples=150, **PROP_SETTINGS)
 @given(data=st.data(), p_flag=st.floats(0.0, 0.9))
 def test_property_overflow_rule_matches_simulation(data, p_flag):
-    q, k, v, d, steps, totals = draw_run(data, p_flag)
-    history = []
-    cache = kvcache.init_layer_cache(B, HKV, SMALL, D, window=W)
-    out, cache = run_cache(cache, steps, q, k, v, d, window=W,
-                           on_step=lambda i, m, c: history.append(held_sets(c)))
-    check_invariants(steps, d, history, capacity=SMALL, overflow_free=False)
-    expected, overflow = simulate_held(steps, d, window=W, capacity=SMALL, num_kv_heads=HKV)
-    assert [{key: sorted(s) for key, s in e.items()} for e in expected] == history
+    q, k, v, d, totals, out, cache, overflow = run_and_check_held(data, p_flag, SMALL, False)
     np.testing.assert_array_equal(np.asarray(cache.overflow), overflow)
     pos = np.asarray(cache.pos)
     bb, hh, ss = np.nonzero(pos >= 0)
