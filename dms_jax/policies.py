@@ -55,7 +55,7 @@ from typing import Any, ClassVar, NamedTuple
 import jax.numpy as jnp
 import numpy as np
 
-from dms_jax.ops.mask import MASK_VALUE, is_visible, visibility_bias
+from dms_jax.ops.mask import is_visible
 
 # Priority of the tokens a policy must keep before any other (finite, so ties with the -inf used
 # for "not kept" can never occur when ranking).
@@ -141,11 +141,8 @@ class Policy:
 def visible_to_newest(cand: Candidates):
     """bool [B, Hkv, N]: real tokens the newest query (or a later one) can still see, no eviction
     (causal, and beyond a sliding window nothing is ever seen again)."""
-    bias = visibility_bias(
-        cand.query_pos[:, None, None], cand.pos, None, cand.window, k_valid=cand.valid,
-        sliding_window=cand.sliding_window,
-    )
-    return bias > MASK_VALUE / 2
+    return is_visible(cand.query_pos[:, None, None], cand.pos, False, cand.window,
+                      k_valid=cand.valid, sliding_window=cand.sliding_window)
 
 
 def window_first_then_oldest(cand: Candidates):
