@@ -1,12 +1,22 @@
 """Training data with Hugging Face `datasets`: load, tokenise, pack, shuffle deterministically.
 
 Documents (a text column, chat `messages` rendered with the tokenizer's chat template, or
-pre-tokenised `input_ids`) are tokenised, joined with EOS and packed into rows of exactly
-`seq_len` tokens. Each row carries
+pre-tokenised `input_ids`) are tokenised, followed by EOS and packed into rows of exactly
+`seq_len` tokens. Two packings (`data.packing`):
+  "concat"  documents joined end to end and cut every seq_len tokens (no padding but the last
+            row; a document may continue in the next row): natural text, distillation;
+  "bin"     documents placed whole, in order, into rows (a row is padded when the next document
+            does not fit; a document longer than seq_len is an error): supervised tasks whose
+            questions need their context in the same row.
+Pre-tokenised documents may carry `target_mask` (int [len(input_ids)]): 1 on the tokens whose
+prediction the loss counts (answers), 0 elsewhere; without it every next token counts.
+Each row carries
   input_ids      int32 [T]
-  attention_mask int32 [T]  1 real token, 0 padding (only the tail of a group's last row)
-  loss_mask      int32 [T]  1 where the next-token prediction counts (0 on padding and on a
-                            document's last token, whose successor belongs to another document)
+  attention_mask int32 [T]  1 real token, 0 padding
+  loss_mask      int32 [T]  1 where the prediction of the next token counts (0 on padding, on a
+                            document's last token, whose successor belongs to another document,
+                            and before every token whose target_mask is 0)
+  segment_ids    int32 [T]  the document of each token inside its row
 Batches are a pure function of a data position (batches consumed so far): epoch e uses the
 permutation of `np.random.default_rng([seed, e])`, so saving the position in a checkpoint restores
 the exact data order.
@@ -22,6 +32,8 @@ import numpy as np
 _FORMATS = {".json": "json", ".jsonl": "json", ".txt": "text", ".text": "text",
             ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
 PACK_GROUP = 1000  # documents packed together by one `Dataset.map` call
+PACKINGS = ("concat", "bin")
+TARGET_COLUMN = "target_mask"
 
 
 class DataError(ValueError):
@@ -85,10 +97,24 @@ def load_documents(data_cfg: Mapping[str, Any]):
     return ds
 
 
+def _document_targets(batch, columns) -> list[list[int]] | None:
+    """The per-token target masks of pre-tokenised documents, checked against their ids."""
+    if TARGET_COLUMN not in columns:
+        return None
+    targets = [list(map(int, t)) for t in batch[TARGET_COLUMN]]
+    for i, (ids, t) in enumerate(zip(batch["input_ids"], targets)):
+        if len(t) != len(ids):
+            raise DataError(f"document {i} of a batch has {len(ids)} input_ids but {len(t)} "
+                            f"{TARGET_COLUMN} entries: they must have the same length")
+    return targets
+
+
 def _document_ids(batch, columns, tokenizer, data_cfg) -> list[list[int]]:
     """Token ids of each document of a `Dataset.map` batch."""
     if "input_ids" in columns:  # pre-tokenised
         return [list(map(int, ids)) for ids in batch["input_ids"]]
+    if TARGET_COLUMN in columns:
+        raise DataError(f"a {TARGET_COLUMN!r} column needs pre-tokenised documents ('input_ids')")
     if tokenizer is None:
         raise DataError("the data is text but no tokenizer was found: set data.tokenizer=DIR")
     messages_field = data_cfg.get("messages_field") or "messages"
@@ -111,31 +137,67 @@ def _document_ids(batch, columns, tokenizer, data_cfg) -> list[list[int]]:
     return tokenizer(texts, add_special_tokens=add_special)["input_ids"]
 
 
-def pack_documents(docs: list[list[int]], seq_len: int, eos_id: int | None, pad_id: int = 0) -> dict:
-    """Join documents (each followed by EOS) and cut rows of seq_len; pad the last row.
+def _with_eos(docs, targets, eos_id):
+    """Non-empty documents, each ending in EOS, with a loss flag per token (1: the prediction of
+    the next token counts; 0 at the document's last token)."""
+    out = []
+    for i, doc in enumerate(docs):
+        doc = list(doc)
+        if not doc:
+            continue
+        target = [1] * len(doc) if targets is None else list(targets[i])
+        if eos_id is not None and doc[-1] != eos_id:
+            doc.append(eos_id)
+            target.append(1 if targets is None else 0)
+        # position i counts when its successor, inside the same document, is a target
+        out.append((doc, target[1:] + [0]))
+    return out
 
+
+def _row_streams(docs, seq_len: int, packing: str):
+    """Rows of (tokens, loss flags, last-of-document flags) before padding."""
+    if packing not in PACKINGS:
+        raise DataError(f"data.packing={packing!r}; use one of {PACKINGS}")
+    if packing == "concat":
+        tokens, target, last = [], [], []
+        for doc, t in docs:
+            tokens += doc
+            target += t
+            last += [0] * (len(doc) - 1) + [1]
+        for start in range(0, len(tokens), seq_len):
+            yield tokens[start:start + seq_len], target[start:start + seq_len], last[start:start + seq_len]
+        return
+    row = ([], [], [])
+    for doc, t in docs:
+        if len(doc) > seq_len:
+            raise DataError(f"data.packing='bin' keeps documents whole, but a document has {len(doc)} "
+                            f"tokens (with EOS) > train.seq_len={seq_len}: raise train.seq_len, "
+                            "shorten the documents or use data.packing='concat'")
+        if len(row[0]) + len(doc) > seq_len:
+            yield row
+            row = ([], [], [])
+        row[0].extend(doc)
+        row[1].extend(t)
+        row[2].extend([0] * (len(doc) - 1) + [1])
+    if row[0]:
+        yield row
+
+
+def pack_documents(docs: list[list[int]], seq_len: int, eos_id: int | None, pad_id: int = 0, *,
+                   targets: list[list[int]] | None = None, packing: str = "concat") -> dict:
+    """Pack documents (each followed by EOS) into rows of seq_len (see the module docstring).
+
+    targets: per-document target flags (1 where predicting that token counts) or None (all).
     Returns {"input_ids", "attention_mask", "loss_mask", "segment_ids"}: lists of int lists of
     length seq_len; segment_ids numbers the documents inside each row (0, 1, ...; padding gets
     the next id), so attention can stay within a document.
     """
-    tokens, last = [], []
-    for doc in docs:
-        doc = list(doc)
-        if not doc:
-            continue
-        if eos_id is not None and doc[-1] != eos_id:
-            doc.append(eos_id)
-        tokens.extend(doc)
-        last.extend([0] * (len(doc) - 1) + [1])
     rows = {"input_ids": [], "attention_mask": [], "loss_mask": [], "segment_ids": []}
-    for start in range(0, len(tokens), seq_len):
-        ids = tokens[start:start + seq_len]
-        ends = last[start:start + seq_len]
+    for ids, target, ends in _row_streams(_with_eos(docs, targets, eos_id), seq_len, packing):
         pad = seq_len - len(ids)
         rows["input_ids"].append(ids + [pad_id] * pad)
         rows["attention_mask"].append([1] * len(ids) + [0] * pad)
-        # the very last token of the stream has no successor in any row: its prediction never counts
-        rows["loss_mask"].append([1 - e for e in ends] + [0] * pad)
+        rows["loss_mask"].append(list(target) + [0] * pad)
         segments = [0]
         for e in ends[:-1]:  # a document's last token ends its segment
             segments.append(segments[-1] + e)
@@ -154,8 +216,11 @@ def tokenize_and_pack(ds, tokenizer, seq_len: int, data_cfg: Mapping[str, Any]):
     pad_id = getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None
     pad_id = pad_id if pad_id is not None else (eos_id if eos_id is not None else 0)
 
+    packing = data_cfg.get("packing") or "concat"
+
     def pack(batch):
-        return pack_documents(_document_ids(batch, columns, tokenizer, data_cfg), seq_len, eos_id, pad_id)
+        return pack_documents(_document_ids(batch, columns, tokenizer, data_cfg), seq_len, eos_id, pad_id,
+                              targets=_document_targets(batch, columns), packing=packing)
 
     packed = ds.map(pack, batched=True, batch_size=PACK_GROUP, remove_columns=columns,
                     keep_in_memory=bool(data_cfg.get("keep_in_memory", False)),

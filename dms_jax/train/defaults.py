@@ -43,7 +43,10 @@ def base_config() -> ml_collections.ConfigDict:
         cache_dir="",  # datasets cache; default ~/.cache/huggingface/datasets
         keep_in_memory=False,
         eos_id=-1,  # pre-tokenised data without a tokenizer: the separator id (-1: none)
+        packing="concat",  # "concat" (cut every seq_len) or "bin" (documents whole, rows padded)
     ))
+    # held-out task examples (dms_jax.eval.tasks) scored teacher-forced every `every` steps
+    c.eval = ml_collections.ConfigDict(dict(every=0, tasks="", length=0, examples=16, seed=0))
     c.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1, 1)))  # (data, fsdp, tensor); -1 fills
     c.checkpoint = ml_collections.ConfigDict(dict(dir="", every=100, keep=3, resume=True, async_save=True))
     c.output = ml_collections.ConfigDict(dict(dir="", export_dir="", progress=True, tensorboard=True))

@@ -21,7 +21,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from dms_jax import sharding as shd
 from dms_jax.config import DMSConfig, ModelConfig
-from dms_jax.train import optim, schedule
+from dms_jax.train import evaluate, optim, schedule
 from dms_jax.train.checkpoint import Checkpointer, ResumeError, abstract_like
 from dms_jax.train.data import build_data
 from dms_jax.train.metrics import MetricsWriter
@@ -182,12 +182,16 @@ class Trainer:
     layout: dict  # what a checkpoint of this state must match
     param_dtypes: dict  # each parameter's storage dtype in the model
 
+    def params_from(self, state) -> dict:
+        """Every parameter (flat path -> array), trained ones from `state`, in storage dtypes."""
+        return {**self.frozen, **{k: v.astype(self.param_dtypes[k]) for k, v in state["params"].items()}}
+
     def model_from(self, state):
         """The Decoder with the state's trained parameters, in their storage dtypes.
 
         One process: the parameters stay where they are (sharded over the mesh). Several
         processes: gathered into host numpy arrays on every process (for the export)."""
-        params = {**self.frozen, **{k: v.astype(self.param_dtypes[k]) for k, v in state["params"].items()}}
+        params = self.params_from(state)
         if jax.process_count() > 1:
             params = {k: to_host(v) for k, v in params.items()}
         return optim.merge_model(self.graphdef, params, self.paths)
@@ -302,6 +306,8 @@ def train(config, *, devices=None, on_step: Callable[[int, dict], None] | None =
     data.check_vocab(model.config.vocab_size)
     trainer = build_trainer(model, mesh, step_cfg, t, seed=seed, batch_shape=(batch_size, seq_len))
     del model
+    task_eval = evaluate.build_task_eval(_opt(config, "eval"), tokenizer, seq_len=seq_len)
+    eval_every = int(config.eval.every) if task_eval is not None else 0
 
     ckpt, state, start, position, resumed_from = None, None, 0, 0, None
     if _opt(config.checkpoint, "dir"):
@@ -321,6 +327,7 @@ def train(config, *, devices=None, on_step: Callable[[int, dict], None] | None =
                     desc="retrofit" if step_cfg.loss == "distill" else step_cfg.loss, dynamic_ncols=True)
     history = []
     next_batch = None
+    last_eval = None
 
     def device_batch(pos):
         return {k: put_global(v, trainer.batch_sharding) for k, v in data.batch(pos).items()}
@@ -350,11 +357,17 @@ def train(config, *, devices=None, on_step: Callable[[int, dict], None] | None =
             elapsed, tic = now - tic, now
             record.update(step=step + 1, data_position=position, step_time=elapsed,
                           tokens_per_s=record["tokens"] / max(elapsed, 1e-9))
+            if eval_every and ((step + 1) % eval_every == 0 or step + 1 == steps):
+                record.update(evaluate.score(task_eval, trainer.params_from(state), trainer.graphdef,
+                                             trainer.paths, dms_mode=step_cfg.loss == "distill"))
+                last_eval = record["eval/mean"]
             history.append(record)
             writer.write(record)
-            progress.set_postfix({k: f"{record[k]:.4g}" for k in
-                                  ("loss", "kl", "ce", "target_cr", "achieved_cr", "tokens_per_s") if k in record},
-                                 refresh=False)
+            postfix = {k: f"{record[k]:.4g}" for k in
+                       ("loss", "kl", "ce", "target_cr", "achieved_cr", "tokens_per_s") if k in record}
+            if last_eval is not None:
+                postfix["eval"] = f"{last_eval:.3f}"
+            progress.set_postfix(postfix, refresh=False)
             progress.update()
             if ckpt is not None and ckpt.should_save(step + 1, final=step + 1 == steps):
                 ckpt.save(step + 1, state, {"step": step + 1, "data_position": position, "seed": seed,
