@@ -122,3 +122,41 @@ def test_chat_messages_rendered_with_the_chat_template(tmp_path, tokenizer):
     np.testing.assert_array_equal(np.asarray(data.rows["input_ids"]).reshape(-1)[:len(first)], first)
     with pytest.raises(DataError, match="no chat template"):
         build_data(cfg, tokenizer, seq_len=16, batch_size=2, vocab_size=512)
+
+
+def test_bin_packing_keeps_documents_whole_and_counts_only_targets():
+    # documents of 3, 2 and 1 tokens, targets on the last token of each; rows of 5
+    rows = pack_documents([[5, 6, 7], [8, 9], [10]], seq_len=5, eos_id=1, pad_id=0,
+                          targets=[[0, 0, 1], [0, 1], [1]], packing="bin")
+    # 5 6 7 1 (next doc of 3 tokens does not fit: pad) | 8 9 1 10 1
+    assert rows["input_ids"] == [[5, 6, 7, 1, 0], [8, 9, 1, 10, 1]]
+    assert rows["attention_mask"] == [[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]]
+    # position t counts when token t + 1 is a target of the same document; EOS never is
+    assert rows["loss_mask"] == [[0, 1, 0, 0, 0], [1, 0, 0, 0, 0]]
+    assert rows["segment_ids"] == [[0, 0, 0, 0, 1], [0, 0, 0, 1, 1]]
+
+
+def test_bin_packing_refuses_a_document_longer_than_a_row():
+    with pytest.raises(DataError, match="keeps documents whole"):
+        pack_documents([[5] * 6], seq_len=5, eos_id=1, packing="bin")
+    with pytest.raises(DataError, match="data.packing"):
+        pack_documents([[5]], seq_len=5, eos_id=1, packing="zip")
+
+
+def test_target_masks_travel_from_jsonl_to_the_loss_mask(tmp_path):
+    docs = [{"input_ids": [2, 3, 4, 5], "target_mask": [0, 0, 1, 1]},
+            {"input_ids": [6, 7, 8], "target_mask": [0, 1, 0]}]
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs * 4))
+    data = build_data(_cfg(tmp_path, path=str(tmp_path / "t.jsonl"), eos_id=1, packing="bin"), None,
+                      seq_len=8, batch_size=2, vocab_size=16)
+    ids, loss = np.asarray(data.rows["input_ids"]), np.asarray(data.rows["loss_mask"])
+    real = np.asarray(data.rows["attention_mask"])
+    # every row holds one whole document: 2 3 4 5 1 | 6 7 8 1 do not fit in 8 together
+    assert ids[0, :5].tolist() == [2, 3, 4, 5, 1] and real[0].tolist() == [1] * 5 + [0] * 3
+    assert loss[0].tolist() == [0, 1, 1, 0, 0, 0, 0, 0]
+    assert ids[1, :4].tolist() == [6, 7, 8, 1] and real[1].tolist() == [1] * 4 + [0] * 4
+    assert loss[1].tolist() == [1, 0, 0, 0, 0, 0, 0, 0]
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"input_ids": [2, 3], "target_mask": [1]}) + "\n")
+    with pytest.raises(DataError, match="same length"):
+        build_data(_cfg(tmp_path, path=str(tmp_path / "bad.jsonl"), eos_id=1), None, seq_len=8,
+                   batch_size=1, vocab_size=16)

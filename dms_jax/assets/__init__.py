@@ -2,3 +2,4 @@
 import os
 
 DEFAULT_MODEL_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "default_model")
+ASSETS_DIR = os.path.dirname(os.path.abspath(__file__))

@@ -52,13 +52,15 @@ def sample_params(rng, task: str, length: int) -> dict:
         n = int(rng.integers(2, 7))
         return {"num_facts": n, "num_queries": int(rng.integers(1, n + 1))}
     if task == "mqar":
-        most = max(2, min(32, (length // 2) // 9))
+        most = max(2, min(32, (length // 2) // 8))
         n = int(rng.integers(2, most + 1))
         return {"num_facts": n, "num_queries": int(rng.integers(max(1, n // 2), n + 1))}
     if task == "vt":
         return {"hops": int(rng.integers(1, 4)), "num_chains": int(rng.integers(1, 3))}
     if task == "cwe":
         return {"num_common": 3}
+    if task == "copy":
+        return {"num_words": int(rng.integers(4, max(5, (length - 6) // 2) + 1))}
     raise T.TaskError(f"no training difficulty for task {task!r}")
 
 

@@ -3,17 +3,21 @@
 Every task renders an `Example`: a context (facts or lists hidden in generated filler) followed by
 one or more questions. A question is `? X` and its answer is one or more words then `.`:
 
-    niah_single      one fact `key K is V .` in filler; `? K` -> `V`
+    niah_single      one fact `key K V .` in filler; `? K` -> `V`
     niah_multikey    several facts with distinct keys (distractors); one is asked
     niah_multivalue  one key with several values in separate facts; `? K` -> all values
     niah_multiquery  several facts; several keys are asked, one question per turn
     mqar             multi-query associative recall: many facts, many questions (Zoology's MQAR)
-    vt               variable tracking: `VAR XA = 57 .` then `VAR YB = XA .` ... through filler;
-                     `? 57` -> every variable that holds 57 (the chain, in order)
+    vt               variable tracking: `VAR 57 XA .` (XA takes 57) then `VAR XA YB .` (YB takes
+                     XA) ... through filler; `? 57` -> every variable that holds 57 (the chain,
+                     in order)
     cwe              common words extraction: `list w w w ... .`; `? common` -> the most frequent
                      words
+    copy             (training warm-up) `list w w w ... .`; `? list` -> the list again
 
-Questions after the first are asked as further turns on the same context (the model's own
+A question repeats the words that introduced what it asks (`? K` answered by what followed `K`),
+so the answer is always "what came after this word last time": the induction pattern that small
+attention models learn fastest. Questions after the first are asked as further turns on the same context (the model's own
 earlier answers stay in context), as a chat would. Filler is sentences from a seeded grammar
 over 160 pseudo-words, so no fixed sentence repeats and filler cannot be told apart by surface.
 Token counts are word counts (one token per word, plus `<s>`), so lengths are exact.
@@ -159,7 +163,7 @@ def place(rng, items: list[list[str]], num_filler: int, depths=None) -> list[str
 
 
 def fact(key: str, value: str) -> list[str]:
-    return [V.FACT, key, V.IS, value, V.END]
+    return [V.FACT, key, value, V.END]
 
 
 def _distinct(rng, pool, n: int) -> list[str]:
@@ -232,7 +236,7 @@ def niah_multiquery(rng, length, num_facts=4, num_queries=2, depth=None):
 def mqar(rng, length, num_facts=None, num_queries=None):
     """Many facts (default: as many as fill about half the length), half of them asked."""
     if num_facts is None:
-        num_facts = max(2, min(len(V.word_classes()["keys"]), (length // 2) // 9))
+        num_facts = max(2, min(len(V.word_classes()["keys"]), (length // 2) // 8))
     if num_queries is None:
         num_queries = max(1, num_facts // 2)
     if not 1 <= num_queries <= num_facts:
@@ -251,9 +255,9 @@ def vt(rng, length, hops=2, num_chains=2):
     for ci in range(num_chains):
         chain = names[ci * (hops + 1):(ci + 1) * (hops + 1)]
         chains.append(chain)
-        items.append([V.VAR, chain[0], V.ASSIGN, values[ci], V.END])
+        items.append([V.VAR, values[ci], chain[0], V.END])
         for prev, name in zip(chain, chain[1:]):
-            items.append([V.VAR, name, V.ASSIGN, prev, V.END])
+            items.append([V.VAR, prev, name, V.END])
     # each chain's assignments in order; chains interleaved at random
     order = []
     pending = [list(range(ci * (hops + 1), (ci + 1) * (hops + 1))) for ci in range(num_chains)]
@@ -299,6 +303,22 @@ def cwe(rng, length, num_common=3, common_freq=None, num_words=None):
     return context, [(V.QUERY, V.COMMON)], [tuple(common)]
 
 
+def copy(rng, length, num_words=None):
+    """A warm-up task: `list w w w ... .` then `? list` -> the whole list again, in order.
+
+    Every answer word is "the word that followed the previous word last time", so the task
+    trains the induction circuit that recall needs on most of its tokens (not in EVAL_TASKS)."""
+    pool = [w for name in ("keys", "values", "nouns") for w in V.word_classes()[name]]
+    if num_words is None:
+        num_words = max(1, (length - 6) // 2)
+    fixed = 2 * num_words + 5  # list w... . ? list w... .
+    room = _need("copy", length, fixed, f"a list of {num_words} words and its copy")
+    words = [str(pool[i]) for i in rng.integers(len(pool), size=num_words)]
+    context = [w for sentence in filler(rng, room) for w in sentence] if room else []
+    context += [V.LIST] + words + [V.END]
+    return context, [(V.QUERY, V.LIST)], [tuple(words)]
+
+
 TASKS: dict[str, Callable[..., Any]] = {
     "niah_single": niah_single,
     "niah_multikey": niah_multikey,
@@ -307,8 +327,11 @@ TASKS: dict[str, Callable[..., Any]] = {
     "mqar": mqar,
     "vt": vt,
     "cwe": cwe,
+    "copy": copy,
 }
 NEEDLE_TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery")
+# the evaluation suite (RULER's categories); "copy" is a training warm-up only
+EVAL_TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "mqar", "vt", "cwe")
 
 
 def _task_id(name: str) -> int:

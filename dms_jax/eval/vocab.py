@@ -16,10 +16,10 @@ PAD, BOS, EOS, UNK = SPECIAL_TOKENS
 # structure words of the task formats (never used by the filler grammar)
 QUERY = "?"  # starts a question: "? K" -> the answer, then END
 END = "."  # ends a sentence, a fact and an answer
-FACT = "key"  # a fact: "key K is V ."
-IS = "is"
-VAR = "VAR"  # variable tracking: "VAR X = V ." / "VAR Y = X ."
-ASSIGN = "="
+FACT = "key"  # a fact: "key K V ."
+IS = "is"  # reserved (kept so token ids stay stable)
+VAR = "VAR"  # variable tracking: "VAR 57 XA ." (XA takes 57) / "VAR XA YB ." (YB takes XA)
+ASSIGN = "="  # reserved
 LIST = "list"  # word extraction: "list w w w ... ." then "? common" -> the most frequent words
 COMMON = "common"
 STRUCTURE = (QUERY, END, FACT, IS, VAR, ASSIGN, LIST, COMMON)

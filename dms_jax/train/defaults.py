@@ -30,6 +30,7 @@ def base_config() -> ml_collections.ConfigDict:
         attention_impl="auto",
         remat=False,  # rematerialise each layer in the backward pass (long sequences, big models)
         document_attention=True,  # packed rows: attend only within each document (segment ids)
+        kl_tokens="all",  # distillation KL over "all" tokens or the data's "targets" (answers)
     ))
     c.data = ml_collections.ConfigDict(dict(
         path="",  # local JSONL / JSON / text / parquet / csv file, directory or glob

@@ -36,7 +36,7 @@ def build_task_eval(eval_cfg, tokenizer, *, seq_len: int) -> TaskEval | None:
         return None
     if tokenizer is None:
         raise ValueError("eval.every > 0 scores task examples: set data.tokenizer (the tasks' tokenizer)")
-    names = tuple(t.strip() for t in str(eval_cfg.get("tasks") or ",".join(T.TASKS)).split(",") if t.strip())
+    names = tuple(t.strip() for t in str(eval_cfg.get("tasks") or ",".join(T.EVAL_TASKS)).split(",") if t.strip())
     for name in names:
         T.check_task(name)
     length = int(eval_cfg.get("length") or seq_len - 1)  # a document and its EOS fill a row

@@ -135,6 +135,7 @@ def step_config(config) -> StepConfig:
         loss_chunk=int(_opt(t, "loss_chunk", 1024)), dms_loss_weight=float(_opt(t, "dms_loss_weight", 1.0)),
         attention_impl=_opt(t, "attention_impl", "auto"), remat=bool(_opt(t, "remat", False)),
         document_attention=bool(_opt(t, "document_attention", True)),
+        kl_tokens=str(_opt(t, "kl_tokens", "all")),
     )
 
 

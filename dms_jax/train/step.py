@@ -19,6 +19,7 @@ import optax
 from dms_jax.train import losses, optim, schedule
 
 LOSSES = ("distill", "distill_plain", "lm")
+KL_TOKENS = ("all", "targets")
 EMBEDDING = "embed.embedding"
 
 
@@ -37,10 +38,13 @@ class StepConfig:
     attention_impl: str = "auto"
     remat: bool = False  # rematerialise each student layer in the backward pass
     document_attention: bool = True  # packed rows: a token attends only within its document
+    kl_tokens: str = "all"  # distillation KL over "all" real tokens or the data's "targets" (loss_mask)
 
     def __post_init__(self):
         if self.loss not in LOSSES:
             raise ValueError(f"train.loss={self.loss!r}; use one of {LOSSES}")
+        if self.kl_tokens not in KL_TOKENS:
+            raise ValueError(f"train.kl_tokens={self.kl_tokens!r}; use one of {KL_TOKENS}")
 
 
 def init_state(trainable: Mapping[str, Any], optimizer: optax.GradientTransformation, rng_data):
@@ -101,9 +105,11 @@ def make_train_step(graphdef, paths, masks, optimizer, step_cfg: StepConfig,
                                 attention_impl=cfg.attention_impl, remat=cfg.remat, **seg)
         s_hidden = constrain(s_out.hidden, ("batch", "seq", "act_embed"))
         t_hidden = constrain(t_out.hidden, ("batch", "seq", "act_embed"))
+        # "targets": only where the data supervises a prediction (answers of task documents)
+        kl_weights = real if cfg.kl_tokens == "all" else batch["loss_mask"].astype(jnp.float32) * real
         kl_sum = losses.distillation_kl(s_hidden, t_hidden, unembed_of(student), unembed_of(teacher),
-                                        real, cfg.loss_chunk)
-        kl = kl_sum / jnp.maximum(jnp.sum(real), 1.0)
+                                        kl_weights, cfg.loss_chunk)
+        kl = kl_sum / jnp.maximum(jnp.sum(kl_weights), 1.0)
         loss = kl
         metrics["kl"] = kl
         if dms_on:

@@ -1,0 +1,218 @@
+"""Build the proof's artefacts from scratch: tokenizer, corpora, the vanilla recall model, its DMS
+retrofit at 2x / 4x / 8x, the evaluation against every baseline, and the shipped copies.
+
+    python scripts/build_recall_models.py                  # everything (hours on a 2-core CPU)
+    python scripts/build_recall_models.py --stages eval    # one stage (its inputs must exist)
+    python scripts/build_recall_models.py --preset tiny --out /tmp/recall   # the CI version
+
+Each stage writes into --out (default runs/recall) and is skipped when its outputs exist, so a
+stopped run continues from its last finished stage; pretraining and the retrofit also resume
+from their newest checkpoint inside the stage. A stage that fails leaves the earlier stages'
+artefacts in place and the error names the stage to rerun. Wall times go to OUT/timings.json.
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+STAGES = ("tokenizer", "corpus", "pretrain", "retrofit", "eval", "ship")
+# pretraining: the evaluation tasks plus the copy warm-up (it forms the induction circuit that
+# recall needs); the retrofit distils on the evaluation tasks alone
+RETROFIT_MIX = dict(niah_single=1, niah_multikey=2, niah_multivalue=1, niah_multiquery=2, mqar=3, vt=1.5, cwe=1)
+TASK_MIX = dict(copy=4, **RETROFIT_MIX)
+
+# sizes per preset; "full" is what ships, "tiny" runs in about a minute (CI)
+PRESETS = {
+    "full": dict(
+        pretrain_docs=60000, doc_lengths=(63, 127, 255), retrofit_docs=8000, retrofit_length=255,
+        pretrain={}, retrofit={}, legs=((2, 60), (4, 160), (8, 360)),
+        eval_args=["--length", "255", "--examples", "50"],
+    ),
+    "tiny": dict(
+        pretrain_docs=300, doc_lengths=(31, 63), retrofit_docs=100, retrofit_length=63,
+        pretrain={"model.init.hidden_size": 32, "model.init.intermediate_size": 64, "model.init.num_layers": 2,
+                  "model.init.num_heads": 4, "model.init.num_kv_heads": 2, "model.init.head_dim": 8,
+                  "train.steps": 6, "train.batch_size": 4, "train.seq_len": 64, "train.warmup_steps": 1,
+                  "eval.every": 3, "eval.examples": 2, "checkpoint.every": 3},
+        retrofit={"model.dms.window": 4, "train.batch_size": 4, "train.seq_len": 64, "train.cr_end": 9.0,
+                  "train.cr_steps": 8, "train.warmup_steps": 1, "eval.every": 2, "eval.examples": 2,
+                  "checkpoint.every": 2},
+        legs=((2, 2), (4, 4), (8, 8)),
+        eval_args=["--length", "63", "--examples", "2", "--tasks", "niah_single,mqar"],
+    ),
+}
+
+
+class StageError(RuntimeError):
+    pass
+
+
+def _done(path: str) -> bool:
+    return os.path.exists(os.path.join(path, "config.json")) if os.path.isdir(path) else os.path.exists(path)
+
+
+def _run(stage: str, cmd: list[str]) -> None:  # a stage run as a command (the evaluation CLI)
+    print(f"[{stage}] $ {' '.join(cmd)}", flush=True)
+    proc = subprocess.run(cmd, cwd=REPO)
+    if proc.returncode != 0:
+        raise StageError(f"stage {stage!r} failed (exit {proc.returncode}); the earlier stages' "
+                         f"artefacts are intact: fix the cause and rerun with --stages {stage}")
+
+
+def stage_tokenizer(out, preset):
+    from dms_jax.eval.tokenizer import save_tokenizer
+
+    path = os.path.join(out, "tokenizer")
+    if not os.path.exists(os.path.join(path, "tokenizer.json")):
+        tmp = path + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        save_tokenizer(tmp)
+        os.replace(tmp, path)
+
+
+def stage_corpus(out, preset):
+    import dms_jax
+    from dms_jax.eval.corpus import write_corpus
+
+    tok_dir = os.path.join(out, "tokenizer")
+    if not os.path.exists(os.path.join(tok_dir, "tokenizer.json")):
+        raise StageError("stage 'corpus' needs the tokenizer: run --stages tokenizer first")
+    tokenizer = dms_jax.load_tokenizer(tok_dir)
+    data = os.path.join(out, "data")
+    pre, ret = os.path.join(data, "pretrain.jsonl"), os.path.join(data, "retrofit.jsonl")
+    if not os.path.exists(pre):  # two shards (seeds 1 and 2) written in parallel, then joined
+        half = preset["pretrain_docs"] // 2
+        shards = [f"{pre}.shard{seed}" for seed in (1, 2)]
+        with concurrent.futures.ProcessPoolExecutor(2) as pool:
+            jobs = [pool.submit(write_corpus, shard, tokenizer, num_docs=half, lengths=preset["doc_lengths"],
+                                mix=TASK_MIX, seed=seed) for seed, shard in zip((1, 2), shards)]
+            for job in jobs:
+                job.result()
+        with open(pre + ".tmp", "wb") as f:
+            for shard in shards:
+                with open(shard, "rb") as part:
+                    shutil.copyfileobj(part, f)
+        os.replace(pre + ".tmp", pre)
+        for shard in shards:
+            os.remove(shard)
+    if not os.path.exists(ret):  # its own seed, one length: the retrofit's
+        write_corpus(ret, tokenizer, num_docs=preset["retrofit_docs"], lengths=(preset["retrofit_length"],),
+                     mix=RETROFIT_MIX, seed=3)
+
+
+def _config(name: str, out: str, run: str, overrides: dict):
+    """configs/NAME.py with the run's paths under `out` and the preset's overrides."""
+    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "configs", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    paths = {"data.tokenizer": os.path.join(out, "tokenizer"),
+             "checkpoint.dir": os.path.join(out, run, "checkpoints"), "output.dir": os.path.join(out, run),
+             "output.progress": sys.stderr.isatty() or bool(os.environ.get("DMS_PROGRESS"))}
+    for dotted, value in {**paths, **overrides}.items():
+        section, _, field = dotted.rpartition(".")
+        node = config
+        for part in section.split("."):
+            node = node[part]
+        node[field] = value
+    return config
+
+
+def _train(stage: str, config) -> None:
+    from dms_jax.train import train
+
+    print(f"[{stage}] train.steps={config.train.steps} -> {config.output.export_dir}", flush=True)
+    try:
+        train(config)
+    except Exception as err:  # noqa: BLE001 - any failure: name the stage to rerun
+        raise StageError(f"stage {stage!r} failed ({type(err).__name__}: {err}); the earlier stages' "
+                         f"artefacts are intact: fix the cause and rerun with --stages {stage}") from err
+
+
+def stage_pretrain(out, preset):
+    export = os.path.join(out, "vanilla")
+    if _done(export):
+        return
+    _train("pretrain", _config("recall_pretrain", out, "pretrain", {
+        "data.path": os.path.join(out, "data", "pretrain.jsonl"), "output.export_dir": export,
+        **preset["pretrain"]}))
+
+
+def stage_retrofit(out, preset):
+    if not _done(os.path.join(out, "vanilla")):
+        raise StageError("stage 'retrofit' needs the vanilla model: run --stages pretrain first")
+    for ratio, steps in preset["legs"]:  # one schedule, exported as it passes each ratio
+        export = os.path.join(out, f"dms{ratio}x")
+        if _done(export):
+            continue
+        _train("retrofit", _config("recall_retrofit", out, "retrofit", {
+            "model.path": os.path.join(out, "vanilla"), "data.path": os.path.join(out, "data", "retrofit.jsonl"),
+            "train.steps": steps, "output.export_dir": export, **preset["retrofit"]}))
+
+
+def stage_eval(out, preset):
+    dms = [a for r, _ in preset["legs"] for a in ("--dms", f"{r}x={os.path.join(out, f'dms{r}x')}")]
+    _run("eval", [sys.executable, "-m", "dms_jax.eval", "--vanilla", os.path.join(out, "vanilla"), *dms,
+                  "--out", os.path.join(out, "eval"), *preset["eval_args"]])
+
+
+def stage_ship(out, preset):
+    """Copy the vanilla and 8x models into the package and the results into docs/results."""
+    from dms_jax.assets import ASSETS_DIR
+
+    for name, src in (("recall_vanilla", "vanilla"), ("recall_dms8x", "dms8x")):
+        dst = os.path.join(ASSETS_DIR, name)
+        shutil.rmtree(dst, ignore_errors=True)
+        shutil.copytree(os.path.join(out, src), dst,
+                        ignore=shutil.ignore_patterns("*.tmp*", ".*"))
+    results = os.path.join(REPO, "docs", "results")
+    os.makedirs(results, exist_ok=True)
+    for f in os.listdir(os.path.join(out, "eval")):
+        if f.endswith((".md", ".png", ".json")):
+            shutil.copy2(os.path.join(out, "eval", f), os.path.join(results, f))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    parser.add_argument("--out", default=os.path.join(REPO, "runs", "recall"))
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="full")
+    parser.add_argument("--stages", default="all", help=f"comma-separated, from {STAGES} (default all)")
+    args = parser.parse_args(argv)
+    stages = STAGES if args.stages == "all" else tuple(s.strip() for s in args.stages.split(","))
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown:
+        parser.error(f"unknown stage(s) {unknown}; stages: {', '.join(STAGES)}")
+    if "ship" in stages and args.preset != "full" and args.stages == "all":
+        stages = tuple(s for s in stages if s != "ship")  # only the full models ship
+    out = os.path.abspath(args.out)
+    os.makedirs(out, exist_ok=True)
+    preset = PRESETS[args.preset]
+    timings_path = os.path.join(out, "timings.json")
+    timings = json.load(open(timings_path)) if os.path.exists(timings_path) else {}
+    for stage in stages:
+        tic = time.time()
+        print(f"== stage {stage} ({args.preset})", flush=True)
+        try:
+            globals()[f"stage_{stage}"](out, preset)
+        except StageError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 1
+        timings[stage] = round(timings.get(stage, 0.0) + time.time() - tic, 1)
+        with open(timings_path, "w") as f:
+            json.dump(timings, f, indent=1)
+    print(f"done: {', '.join(stages)}; wall seconds per stage in {timings_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
