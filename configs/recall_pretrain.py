@@ -1,6 +1,6 @@
 """Pretrain the small recall model (the vanilla model of the proof) on the synthetic tasks.
 
-A Llama-family decoder (4 layers, d 128, MLP 256, 8 query / 4 KV heads of 16, tied embeddings, 0.5M
+A Llama-family decoder (4 layers, d 128, MLP 256, 4 query / 2 KV heads of 32, tied embeddings, 0.5M
 parameters) learns the tasks of `dms_jax.eval.tasks` from documents of 63, 127 and 255 tokens
 binned whole into 256-token rows, with the loss on the answers only. Made by
 `python scripts/build_recall_models.py` (stage "pretrain"), which writes the tokenizer and the
@@ -21,8 +21,8 @@ RUN = os.path.join(REPO, "runs", "recall")
 def get_config() -> ml_collections.ConfigDict:
     c = base_config()
     c.model.init = ml_collections.ConfigDict(dict(
-        vocab_size=340, hidden_size=128, intermediate_size=256, num_layers=4, num_heads=8,
-        num_kv_heads=4, head_dim=16, max_position_embeddings=2048, tie_word_embeddings=True,
+        vocab_size=340, hidden_size=128, intermediate_size=256, num_layers=4, num_heads=4,
+        num_kv_heads=2, head_dim=32, max_position_embeddings=2048, tie_word_embeddings=True,
         rope_theta=10000.0,
     ))
     c.model.dms.mode = ""  # a plain model; DMS comes with the retrofit

@@ -18,7 +18,6 @@ import importlib.util
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 
@@ -59,14 +58,6 @@ class StageError(RuntimeError):
 
 def _done(path: str) -> bool:
     return os.path.exists(os.path.join(path, "config.json")) if os.path.isdir(path) else os.path.exists(path)
-
-
-def _run(stage: str, cmd: list[str]) -> None:  # a stage run as a command (the evaluation CLI)
-    print(f"[{stage}] $ {' '.join(cmd)}", flush=True)
-    proc = subprocess.run(cmd, cwd=REPO)
-    if proc.returncode != 0:
-        raise StageError(f"stage {stage!r} failed (exit {proc.returncode}); the earlier stages' "
-                         f"artefacts are intact: fix the cause and rerun with --stages {stage}")
 
 
 def stage_tokenizer(out, preset):
@@ -161,9 +152,14 @@ def stage_retrofit(out, preset):
 
 
 def stage_eval(out, preset):
+    from dms_jax.eval.suite import main as eval_main
+
     dms = [a for r, _ in preset["legs"] for a in ("--dms", f"{r}x={os.path.join(out, f'dms{r}x')}")]
-    _run("eval", [sys.executable, "-m", "dms_jax.eval", "--vanilla", os.path.join(out, "vanilla"), *dms,
-                  "--out", os.path.join(out, "eval"), *preset["eval_args"]])
+    argv = ["--vanilla", os.path.join(out, "vanilla"), *dms, "--out", os.path.join(out, "eval"),
+            *preset["eval_args"]]
+    print(f"[eval] python -m dms_jax.eval {' '.join(argv)}", flush=True)
+    if eval_main(argv) != 0:
+        raise StageError("stage 'eval' failed (see above); the models are intact: rerun with --stages eval")
 
 
 def stage_ship(out, preset):
