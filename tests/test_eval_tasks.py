@@ -51,11 +51,11 @@ def test_train_and_eval_splits_are_disjoint(task):
 
 
 def facts_in(context):
-    """{key: [values]} of the `key K is V .` facts in a context."""
+    """{key: [values]} of the `key K V .` facts in a context."""
     out = collections.defaultdict(list)
-    for i in range(len(context) - 4):
-        if context[i] == V.FACT and context[i + 2] == V.IS and context[i + 4] == V.END:
-            out[context[i + 1]].append(context[i + 3])
+    for i in range(len(context) - 3):
+        if context[i] == V.FACT and context[i + 3] == V.END:
+            out[context[i + 1]].append(context[i + 2])
     return out
 
 
@@ -77,7 +77,7 @@ def test_needle_depth_places_the_fact():
     start = T.make_example("niah_single", 0, 255, depth=0.0).context
     end = T.make_example("niah_single", 0, 255, depth=1.0).context
     assert start[0] == V.FACT
-    assert end[-5] == V.FACT and end[-1] == V.END
+    assert end[-4] == V.FACT and end[-1] == V.END
 
 
 def test_variable_tracking_answer_is_the_chain():
@@ -87,8 +87,8 @@ def test_variable_tracking_answer_is_the_chain():
         assign = {}
         c = ex.context
         for i in range(len(c) - 3):
-            if c[i] == V.VAR and c[i + 2] == V.ASSIGN:
-                assign[c[i + 1]] = c[i + 3]
+            if c[i] == V.VAR and c[i + 3] == V.END:  # VAR src dst .
+                assign[c[i + 2]] = c[i + 1]
         chain, holder = [], value
         while True:  # follow the assignments forward from the value
             nxt = [name for name, src in assign.items() if src == holder]
