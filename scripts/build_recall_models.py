@@ -47,7 +47,8 @@ PRESETS = {
                   "train.cr_steps": 8, "train.warmup_steps": 1, "eval.every": 2, "eval.examples": 2,
                   "checkpoint.every": 2},
         legs=((2, 2), (4, 4), (8, 8)),
-        eval_args=["--length", "63", "--examples", "2", "--tasks", "niah_single,mqar"],
+        eval_args=["--length", "63", "--examples", "2", "--tasks", "niah_single,mqar", "--baselines", "streaming"],
+        eval_legs=(8,),
     ),
 }
 
@@ -154,7 +155,8 @@ def stage_retrofit(out, preset):
 def stage_eval(out, preset):
     from dms_jax.eval.suite import main as eval_main
 
-    dms = [a for r, _ in preset["legs"] for a in ("--dms", f"{r}x={os.path.join(out, f'dms{r}x')}")]
+    legs = preset.get("eval_legs") or [r for r, _ in preset["legs"]]
+    dms = [a for r in legs for a in ("--dms", f"{r}x={os.path.join(out, f'dms{r}x')}")]
     argv = ["--vanilla", os.path.join(out, "vanilla"), *dms, "--out", os.path.join(out, "eval"),
             *preset["eval_args"]]
     print(f"[eval] python -m dms_jax.eval {' '.join(argv)}", flush=True)

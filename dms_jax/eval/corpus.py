@@ -83,8 +83,14 @@ def write_corpus(path: str, tokenizer, *, num_docs: int, lengths: Sequence[int],
         for i in range(num_docs):
             task = names[int(rng.choice(len(names), p=weights))]
             length = int(rng.choice(lengths))
-            params = sample_params(rng, task, length)
-            example = T.make_example(task, seed * 10**7 + i, length, split, **params)
+            for attempt in range(20):  # a difficulty that fits the length (short documents)
+                params = sample_params(rng, task, length)
+                try:
+                    example = T.make_example(task, seed * 10**7 + i, length, split, **params)
+                    break
+                except T.TaskError:
+                    if attempt == 19:
+                        raise
             ids, target = encode_example(example, tokenizer)
             f.write(json.dumps({"input_ids": ids, "target_mask": target, "task": task}) + "\n")
     os.replace(tmp, path)
