@@ -189,7 +189,7 @@ class Variant:
         jax.block_until_ready(carry)
         tic = time.perf_counter()
         carry, self.cache = self.compiled(self.params, self.cache, carry, self._next_pos(),
-                                          self.row_max, self.stop_ids)
+                                          self.row_max, self.stop_ids, sampling=self.sampling)
         jax.block_until_ready((carry, self.cache))
         elapsed = time.perf_counter() - tic
         if int(carry.i) != self.steps + 1:
