@@ -246,8 +246,7 @@ class Decoder(nnx.Module):
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
         k_valid = None if attention_mask is None else jnp.asarray(attention_mask).astype(bool)
-        if window is None:
-            window = cfg.dms.window if cfg.dms is not None else 0
+        window = full_sequence_window(cfg, window)
         ctx = LayerContext(
             mode=mode, positions=positions.astype(jnp.int32), k_valid=k_valid,
             attention_impl=attention_impl, window=window, plan=plan,
@@ -298,10 +297,17 @@ class Decoder(nnx.Module):
         equals the CR `generate` reports for the same tokens.
         """
         out = self.forward(input_ids, attention_mask=attention_mask, mode="eval", **kw)
-        window = kw.get("window")
-        window = self.config.dms.window if window is None else window
         return out, compression_ratio_from_decisions(
-            out.decisions, attention_mask, window, sliding_window=self.config.sliding_window)
+            out.decisions, attention_mask, full_sequence_window(self.config, kw.get("window")),
+            sliding_window=self.config.sliding_window)
+
+
+def full_sequence_window(cfg: ModelConfig, window=None) -> int:
+    """The DMS window of a forward without a cache (train / eval): the given one, else the
+    config's (0 without DMS). With a cache the plan decides (`dms_jax.plan.resolve_window`)."""
+    if window is not None:
+        return window
+    return cfg.dms.window if cfg.dms is not None else 0
 
 
 def _cache_settings(plan, cfg, num_cache_layers, mode, attention_impl, window):
