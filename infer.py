@@ -12,21 +12,28 @@
 output directory (its export/ when present), or a train.py checkpoint directory (or one step of
 it) together with --train-config, the config file the run was trained with: the newest complete
 checkpoint is restored over the run's base model. Prints the generated text (streamed for one
-prompt) and a table of cache statistics; progress bars go to stderr. Bad flags or inputs print
-`error: ...` and exit with code 2 before any model compute.
+prompt) and a table of cache statistics; progress goes to stderr (bars on a terminal, else a line
+every few seconds). Bad flags or inputs print `error: ...` and exit with code 2 before any model
+compute; so does a cache that would not fit in memory. The settings are decided by the library's
+one plan (`dms_jax.plan.plan_inference`): the flags are checked against it, and the input line
+shows what it decided.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
+import time
 from typing import Any
+
+# transformers prints "PyTorch was not found ..." at import on a JAX-only install: an advisory
+# message, not an error (set before anything imports transformers; a user's setting wins)
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 DEFAULT_MAX_NEW_TOKENS = 128
 DEFAULT_DECODE_SEGMENT = 16
-POLICY_NAMES = ("full", "dms", "streaming", "h2o", "tova", "snapkv")
+LOG_EVERY_S = 5.0  # without a terminal: a progress line at most this often
 
 # The built-in long prompt (about 1.8k tokens with the default model's byte-level tokenizer).
 DEFAULT_PROMPT = """\
@@ -99,11 +106,13 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from dms_jax.policies import POLICY_TYPES
+
     p = argparse.ArgumentParser(
         prog="infer.py", description=__doc__.split("\n\n")[0],
         epilog="Exit codes: 0 done, 1 the run failed (e.g. --strict and the cache overflowed), "
                "2 bad flags or inputs (reported before any model compute).",
-        formatter_class=_HelpFormatter)
+        formatter_class=_HelpFormatter, allow_abbrev=False)
     m = p.add_argument_group("model")
     m.add_argument("--model", metavar="PATH", default=None,
                    help="HF model directory (a train.py export included), hub id, train.py output "
@@ -151,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = p.add_argument_group("KV cache")
     c.add_argument("--policy", metavar="NAME", default=None,
-                   help=f"eviction policy: one of {', '.join(POLICY_NAMES)} (default: dms for a "
+                   help=f"eviction policy: one of {', '.join(POLICY_TYPES)} (default: dms for a "
                         "DMS model, else full)")
     c.add_argument("--policy-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="a parameter of the policy (repeatable), e.g. sinks=4 (streaming), "
@@ -219,8 +228,16 @@ def _parse_value(text: str):
     return text
 
 
+def _flag(field, value) -> str:
+    return f"--{field.replace('_', '-')} {value}"
+
+
 def check_flags(args) -> None:
-    """Everything checkable without the model (names the flag, the value and the fix)."""
+    """Everything checkable without the model (names the flag, the value and the fix): the
+    plan's and the sampler's own checks, spelled as flags, and the CLI's."""
+    from dms_jax.plan import PlanError, check_settings
+    from dms_jax.sampling import check_sampling
+
     sources = [name for name, value in (("--prompt", args.prompt), ("--prompt-file", args.prompt_file),
                                         ("--jsonl", args.jsonl), ("--prompt-ids", args.prompt_ids))
                if value is not None]
@@ -228,25 +245,16 @@ def check_flags(args) -> None:
         raise CLIError(f"give one kind of input, not {' and '.join(sources)}")
     if args.max_new_tokens < 0:
         raise CLIError(f"--max-new-tokens {args.max_new_tokens} must be >= 0")
-    if not args.temperature >= 0:
-        raise CLIError(f"--temperature {args.temperature} must be >= 0 (0: greedy)")
-    if args.top_k < 0:
-        raise CLIError(f"--top-k {args.top_k} must be >= 0 (0: no top-k filter)")
-    if not 0.0 < args.top_p <= 1.0:
-        raise CLIError(f"--top-p {args.top_p} must be in (0, 1] (1.0: no nucleus filter)")
-    if args.window is not None and args.window < 0:
-        raise CLIError(f"--window {args.window} must be >= 0")
-    if args.target_cr is not None and not (args.target_cr >= 1.0 and math.isfinite(args.target_cr)):
-        raise CLIError(f"--target-cr {args.target_cr} must be a finite number >= 1 "
-                       "(8 keeps about 1/8 of the tokens)")
-    if not (args.margin >= 0 and math.isfinite(args.margin)):
-        raise CLIError(f"--margin {args.margin} must be >= 0")
-    for flag, value in (("--capacity", args.capacity), ("--budget", args.budget),
-                        ("--max-len", args.max_len), ("--chunk-size", args.chunk_size)):
-        if value is not None and value < 1:
-            raise CLIError(f"{flag} {value} must be a positive integer")
-    if args.capacity is not None and args.budget is not None:
-        raise CLIError("give --capacity (slots per head) or --budget (held tokens), not both")
+    try:
+        check_sampling(args.temperature, args.top_k, args.top_p, spell=_flag)
+    except ValueError as err:
+        raise CLIError(str(err)) from None
+    try:
+        check_settings(window=args.window, target_cr=args.target_cr, margin=args.margin,
+                       capacity=args.capacity, budget=args.budget, max_len=args.max_len,
+                       chunk_size=args.chunk_size)
+    except PlanError as err:
+        raise CLIError(err.flag_message) from None
     if args.no_stop and args.stop:
         raise CLIError("--stop and --no-stop contradict each other; give one")
     if args.base_model and not args.train_config:
@@ -261,11 +269,12 @@ def check_flags(args) -> None:
 # checks against the model
 
 
-def get_named_policy(args):
-    """The Policy of --policy and --policy-arg (no model needed: unknown names fail early)."""
+def get_named_policy(args, name=None):
+    """The Policy of --policy (or `name`) and --policy-arg (no model needed: unknown names fail
+    early)."""
     from dms_jax.policies import get_policy
 
-    name = args.policy
+    name = args.policy if name is None else name
     params = parse_policy_args(args.policy_arg)
     try:
         return get_policy(name, **params) if params else get_policy(name)
@@ -277,21 +286,12 @@ def get_named_policy(args):
         raise CLIError(f"--policy {name}: {err}") from None
 
 
-def make_policy(args, cfg):
-    """--policy (default: dms for a DMS model, else full), checked against the model."""
-    if args.policy is None:
-        args = argparse.Namespace(**{**vars(args), "policy": "dms" if cfg.dms else "full"})
-    policy = get_named_policy(args)
-    if policy.uses_decisions and cfg.dms is None:
-        raise CLIError(f"--policy {policy.name} needs a DMS model (config.json with a 'dms' block, "
-                       "or a train.py export); this model has none: use --policy full or a baseline")
-    return policy
-
-
-def check_against_model(args, cfg, prompts, policy):
-    """Token ids, lengths and cache sizes (before any compute); returns (max_len, window, capacity)."""
-    from dms_jax.generate import default_target_cr, resolve_capacity
-    from dms_jax.policies import BudgetPolicy, budget_for_ratio
+def make_plan(args, cfg, prompts, policy):
+    """The inference plan of these flags for this model and these prompts (the library's one
+    plan, `dms_jax.plan.plan_inference`), its cache checked against the memory available;
+    returns (plan, max_len). Errors are the plan's, spelled as flags."""
+    from dms_jax.plan import PlanError, check_memory, default_target_cr, plan_inference
+    from dms_jax.policies import budget_for_ratio
 
     vocab = cfg.vocab_size
     for p in prompts:
@@ -310,28 +310,24 @@ def check_against_model(args, cfg, prompts, policy):
         raise CLIError(f"{detail} > the model's max_position_embeddings {cfg.max_position_embeddings}: "
                        "shorten the prompt or lower --max-new-tokens (--max-len overrides the limit)")
     max_len = args.max_len or need
-    window = (args.window if args.window is not None else cfg.dms.window) if cfg.dms else 0
-    if args.target_cr is None:
-        args.target_cr = default_target_cr(cfg)
-    if policy.uses_decisions:
-        size = args.capacity or args.budget
-        if size is not None and size < min(window + 1, max_len):
-            raise CLIError(f"--{'capacity' if args.capacity else 'budget'} {size} cannot hold the DMS "
-                           f"window: it needs at least window + 1 = {window + 1} slots per head; raise it "
-                           "or lower --window")
-    if isinstance(policy, BudgetPolicy) and args.budget is None and args.capacity is None:
-        example = budget_for_ratio(max_len, args.target_cr)
-        raise CLIError(f"--policy {policy.name} evicts down to a budget: add --budget N (held tokens "
-                       f"per layer, row and KV head), e.g. --budget {example} holds 1/"
-                       f"{args.target_cr:g} of {max_len} tokens")
     try:
-        capacity = resolve_capacity(cfg, max_len, policy, window=window, target_cr=args.target_cr,
-                                    margin=args.margin, capacity=args.capacity, budget=args.budget)
-    except ValueError as err:
+        plan = plan_inference(cfg, policy=policy, window=args.window, capacity=args.capacity,
+                              budget=args.budget, target_cr=args.target_cr, max_len=max_len,
+                              chunk_size=args.chunk_size, margin=args.margin)
+        check_memory(plan, len(prompts))
+    except PlanError as err:
+        if err.field == "budget" and err.value is None:  # a baseline without its budget
+            cr = default_target_cr(cfg) if args.target_cr is None else args.target_cr
+            raise CLIError(
+                f"--policy {policy.name} evicts down to a budget: add --budget N (held tokens "
+                f"per layer, row and KV head), e.g. --budget {budget_for_ratio(max_len, cr)} "
+                f"holds 1/{cr:g} of {max_len} tokens") from None
+        raise CLIError(err.flag_message) from None
+    except ValueError as err:  # the policy's own rules (a baseline's budget)
         size = (f" --budget {args.budget}" if args.budget is not None else
                 f" --capacity {args.capacity}" if args.capacity is not None else "")
         raise CLIError(f"--policy {policy.name}{size}: {err}") from None
-    return max_len, window, capacity
+    return plan, max_len
 
 
 def _row_new(args, prompt):
@@ -379,7 +375,8 @@ def _main(args, log) -> int:
     if args.policy is not None:  # unknown / planned names fail before the model loads
         get_named_policy(args)
 
-    from dms_jax.output import TextStream, render, stats_to_json  # imports jax: not for --help
+    from dms_jax.output import TextStream, render  # imports jax: not for --help
+    from dms_jax.plan import default_policy
     from dms_jax.prompts import read_prompts, stop_tokens
     from dms_jax.train.restore import load_for_inference
 
@@ -394,56 +391,23 @@ def _main(args, log) -> int:
         if tokenizer is None:
             raise CLIError(f"--tokenizer {args.tokenizer} holds no tokenizer files (tokenizer.json ...)")
     cfg = model.config
-    policy = make_policy(args, cfg)
+    policy = get_named_policy(args, args.policy or default_policy(cfg))
     prompts = read_prompts(tokenizer, prompt=args.prompt, prompt_file=args.prompt_file,
                            jsonl=args.jsonl, prompt_ids=args.prompt_ids, chat=args.chat,
                            default=DEFAULT_PROMPT)
     stops = [] if args.no_stop else stop_tokens(args.stop, tokenizer, model_dir, cfg.vocab_size)
-    max_len, window, capacity = check_against_model(args, cfg, prompts, policy)
-
-    dms = f"DMS {cfg.dms.mode} window {cfg.dms.window}" if cfg.dms else "no DMS"
-    total = sum(len(p.ids) for p in prompts)
-    log(f"model: {description} ({cfg.model_type}, {cfg.num_layers} layers, vocab {cfg.vocab_size}, {dms})")
-    log(f"input: {len(prompts)} prompt(s), {total} tokens; policy {policy.name}"
-        + (f", window {window}" if policy.uses_decisions else "")
-        + f", capacity {capacity} slots/head, max-len {max_len}")
+    plan, max_len = make_plan(args, cfg, prompts, policy)
+    _log_inputs(log, description, cfg, prompts, plan, max_len)
 
     import jax
-    from tqdm.auto import tqdm
 
     from dms_jax.cache import CacheOverflowError
 
-    bars = not args.quiet and sys.stderr.isatty()
-    stream = args.stream and len(prompts) == 1
-    streamer = TextStream(tokenizer, sys.stdout) if stream else None
-    longest = max(len(p.ids) for p in prompts)
-    prefill_bar = tqdm(total=longest, desc="prefill (compiling)", unit="tok", file=sys.stderr,
-                       disable=not bars, leave=False, dynamic_ncols=True)
-    decode_bar = None
+    streamer = TextStream(tokenizer, sys.stdout) if args.stream and len(prompts) == 1 else None
     per_row = [_row_new(args, p) for p in prompts]
-    max_new = max(per_row)
-
-    compiled = []
-
-    def on_prefill(done, total_tokens):
-        if not compiled:  # the first chunk is done: restart the clock so the rate excludes compiling
-            compiled.append(True)
-            prefill_bar.reset(total=total_tokens)
-            prefill_bar.set_description("prefill", refresh=False)
-        prefill_bar.update(done - prefill_bar.n)
-
-    def on_tokens(new):
-        nonlocal decode_bar
-        prefill_bar.close()
-        if streamer is not None:
-            streamer.feed(new[0])
-        elif bars:
-            if decode_bar is None:
-                decode_bar = tqdm(total=max_new, desc="decode", unit="tok", file=sys.stderr,
-                                  leave=False, dynamic_ncols=True)
-            decode_bar.update(new.shape[1])
-
-    callbacks = streamer is not None or bars  # on_tokens needs the decode cut into segments
+    progress = Progress(max(len(p.ids) for p in prompts), max(per_row), streamer=streamer,
+                        bars=not args.quiet and sys.stderr.isatty(),
+                        lines=not args.quiet and not sys.stderr.isatty(), log=log)
     try:
         out = run_generate(
             model, [p.ids for p in prompts],
@@ -452,16 +416,13 @@ def _main(args, log) -> int:
             capacity=args.capacity, budget=args.budget, max_len=max_len, chunk_size=args.chunk_size,
             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
             key=jax.random.key(args.seed), stop_tokens=stops, strict=args.strict,
-            progress=on_prefill,
-            on_tokens=on_tokens if callbacks else None,
-            decode_segment=min(args.decode_segment, max_new) if callbacks else None)
+            progress=progress.prefill, on_tokens=progress.on_tokens,
+            decode_segment=progress.decode_segment(args.decode_segment))
     except CacheOverflowError as err:  # --strict
         print(f"error: {err}", file=sys.stderr)
         return 1
     finally:
-        prefill_bar.close()
-        if decode_bar is not None:
-            decode_bar.close()
+        progress.close()
 
     sequences = out.sequences()
     if streamer is not None:
@@ -475,9 +436,29 @@ def _main(args, log) -> int:
     stats = out.stats
     if not args.quiet:
         print(f"\n{stats.table()}")
-    if stats.overflow and getattr(policy, "counts_overflow", True) and not args.quiet:
+    if stats.overflow and policy.counts_overflow and not args.quiet:
         log(f"note: {stats.overflow} tokens were dropped because a head's {stats.capacity} slots were "
             "full; raise --capacity or --margin, or lower --target-cr (--strict makes this an error)")
+    write_outputs(args, prompts, sequences, stats, tokenizer, stops)
+    return 0
+
+
+def _log_inputs(log, description, cfg, prompts, plan, max_len):
+    """The model line and the input line: what the plan decided (its capacity is the one the
+    stats table shows)."""
+    dms = f"DMS {cfg.dms.mode} window {cfg.dms.window}" if cfg.dms else "no DMS"
+    total = sum(len(p.ids) for p in prompts)
+    log(f"model: {description} ({cfg.model_type}, {cfg.num_layers} layers, vocab {cfg.vocab_size}, {dms})")
+    log(f"input: {len(prompts)} prompt(s), {total} tokens; policy {plan.policy.name}"
+        + (f", window {plan.window}" if plan.uses_decisions else "")
+        + f", capacity {plan.capacity} slots/head, max-len {max_len} (cache allocated for "
+          f"{plan.max_len} tokens per row)")
+
+
+def write_outputs(args, prompts, sequences, stats, tokenizer, stops):
+    """--stats-json and --output-jsonl."""
+    from dms_jax.output import render, stats_to_json
+
     if args.stats_json:
         with open(os.path.expanduser(args.stats_json), "w") as f:
             json.dump(stats_to_json(stats), f, indent=1)
@@ -489,7 +470,83 @@ def _main(args, log) -> int:
                        "text": render(tokenizer, seq) if tokenizer is not None else None,
                        "stopped": bool(seq) and seq[-1] in stops}
                 f.write(json.dumps(row) + "\n")
-    return 0
+
+
+class Progress:
+    """Prefill and decode progress on stderr, and the streamed text.
+
+    On a terminal (`bars`): tqdm bars, the prefill's moving chunk by chunk. Without one
+    (`lines`: a log file, a pipe): a line at most every `LOG_EVERY_S` seconds, and at the start
+    and end of each phase. `prefill` and `on_tokens` are `generate`'s callbacks.
+    """
+
+    def __init__(self, prompt_tokens, max_new, *, streamer, bars, lines, log):
+        from tqdm.auto import tqdm
+
+        self.tqdm, self.max_new, self.streamer = tqdm, max_new, streamer
+        self.bars, self.lines, self.log = bars, lines, log
+        self.prefill_bar = tqdm(total=prompt_tokens, desc="prefill (compiling)", unit="tok",
+                                file=sys.stderr, disable=not bars, leave=False,
+                                dynamic_ncols=True)
+        self.decode_bar = None
+        self.started = self.last_line = time.perf_counter()
+        self.decoded = 0
+        if lines:
+            log(f"prefill: compiling ({prompt_tokens} prompt tokens)")
+
+    def decode_segment(self, segment):
+        """Tokens per decode call: cut into segments when anything follows the tokens (None: one
+        call; no decode at all with --max-new-tokens 0)."""
+        if self.max_new == 0 or not (self.streamer is not None or self.bars or self.lines):
+            return None
+        return min(segment, self.max_new)
+
+    @property
+    def on_tokens(self):
+        return self._tokens if self.decode_segment(1) is not None else None
+
+    def _due(self, final=False):
+        now = time.perf_counter()
+        if final or now - self.last_line >= LOG_EVERY_S:
+            self.last_line = now
+            return True
+        return False
+
+    def prefill(self, done, total):
+        if done == 0:  # compiled: restart the clock so the rate excludes compiling
+            self.prefill_bar.reset(total=total)
+            self.prefill_bar.set_description("prefill", refresh=False)
+            self.started = self.last_line = time.perf_counter()
+            if self.lines:
+                self.log(f"prefill: 0/{total} tokens")
+            return
+        self.prefill_bar.update(done - self.prefill_bar.n)
+        if self.lines and self._due(final=done >= total):
+            rate = done / max(time.perf_counter() - self.started, 1e-9)
+            self.log(f"prefill: {done}/{total} tokens ({100 * done / total:.0f}%, "
+                     f"{rate:.0f} tok/s)")
+
+    def _tokens(self, new):
+        if self.decoded == 0:
+            self.prefill_bar.close()
+            self.started = self.last_line = time.perf_counter()
+        self.decoded += new.shape[1]
+        if self.streamer is not None:
+            self.streamer.feed(new[0])
+        elif self.bars:
+            if self.decode_bar is None:
+                self.decode_bar = self.tqdm(total=self.max_new, desc="decode", unit="tok",
+                                            file=sys.stderr, leave=False, dynamic_ncols=True)
+            self.decode_bar.update(new.shape[1])
+        if self.lines and self._due(final=self.decoded >= self.max_new):
+            rate = self.decoded / max(time.perf_counter() - self.started, 1e-9)
+            self.log(f"decode: {min(self.decoded, self.max_new)}/{self.max_new} tokens "
+                     f"({rate:.1f} tok/s)")
+
+    def close(self):
+        self.prefill_bar.close()
+        if self.decode_bar is not None:
+            self.decode_bar.close()
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Training-free baselines vs DMS at equal held-token budgets (dms-spec.md section 8).
+"""Training-free baselines vs DMS at equal held-token budgets (docs/dms.md section 8).
 
 One model, the same prompts, every policy through `dms_jax.generate` (the same jitted prefill /
 decode programs and the same cache counters): `full`, then for each target compression ratio
@@ -6,7 +6,7 @@ decode programs and the same cache counters): `full`, then for each target compr
 `snapkv` with budget = `budget_from_stats(dms.stats)` (DMS's mean held tokens per layer, row and
 KV head at the end), so every row of a group holds the same number of tokens.
 
-Printed (markdown): per policy the budget, the achieved CR (seen / held, spec section 6), the
+Printed (markdown): per policy the budget, the achieved CR (seen / held, docs/dms.md section 6), the
 peak KV bytes held (sum over layers, rows, KV heads of each one's peak; SnapKV's includes the
 whole prompt it prefills before compressing), those bytes relative to `full`, the KV reads of
 the prefill and of the decode (keys attended, summed over queries, layers, rows, KV heads) and

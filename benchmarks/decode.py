@@ -18,7 +18,7 @@ with random keys / values, per layer, row and KV head:
     context-1, all flagged but the newest, whose flag is pending) plus R retained older tokens
     (unflagged, evenly spaced over positions 0 .. context-w-2), where
       --held seen-held  (default)  R = context / c - (w + 1): seen / held = c exactly, the CR of
-                                    dms-spec.md section 6 (held includes the window);
+                                    docs/dms.md section 6 (held includes the window);
       --held flag-rate             R = (context - w - 1) / c: what a model flagging a fraction
                                     1 - 1/c of the tokens holds (seen / held < c: the window
                                     counts in full).
@@ -62,11 +62,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dms_jax.cache import LayerCache, cache_stats, capacity_for
+from dms_jax.cache import LayerCache, cache_stats
 from dms_jax.config import DMSConfig, ModelConfig, resolve_dtype
-from dms_jax.generate import Sampling, StepConfig, decode_loop, start_decode
+from dms_jax.generate import Sampling, decode_loop, start_decode
 from dms_jax.model import Decoder
-from dms_jax.policies import DMS, FULL
+from dms_jax.plan import capacity_for, plan_inference
 
 GiB = 2 ** 30
 MiB = 2 ** 20
@@ -146,9 +146,6 @@ def build_cache(cfg, batch, capacity, pos, flags, seed=0):
 # ----------------------------------------------------------------------------- one variant
 
 
-_start_decode = jax.jit(start_decode, static_argnames="max_new")
-
-
 class Variant:
     """One cache (full or dms at a CR) decoding `steps` tokens per call with `decode_loop`."""
 
@@ -158,8 +155,10 @@ class Variant:
         self.capacity, self.start_held = capacity, len(pos)
         self.retained = pos[pos < context - window - 1]  # held tokens older than the window
         self.graphdef, self.params = nnx.split(model)
-        self.step_cfg = StepConfig(DMS if cr is not None else FULL,
-                                   window if cr is not None else None, attention_impl="dense")
+        # the library's plan for this cache (its length: any bound >= the capacity)
+        self.plan = plan_inference(cfg, policy="dms" if cr is not None else "full",
+                                   window=window, capacity=capacity,
+                                   max_len=cfg.max_position_embeddings)
         self.sampling = Sampling()
         self.cache = build_cache(cfg, batch, capacity, pos, flags)
         self.next_pos = context  # position of the next token fed
@@ -171,13 +170,13 @@ class Variant:
         carry = self._carry()
         self.compiled = decode_loop.lower(
             self.graphdef, self.params, self.cache, carry, self._next_pos(), self.row_max,
-            self.stop_ids, step=self.step_cfg, sampling=self.sampling, segment=steps).compile()
+            self.stop_ids, plan=self.plan, sampling=self.sampling, segment=steps).compile()
         self.compile_s = time.perf_counter() - tic
         self.calls_left = calls
 
     def _carry(self):
-        return _start_decode(self.first, self.row_max, self.stop_ids, jax.random.key(0),
-                             max_new=self.steps + 1)
+        return start_decode(self.first, self.row_max, self.stop_ids, jax.random.key(0),
+                            max_new=self.steps + 1)
 
     def _next_pos(self):
         return np.full(self.batch, self.next_pos, np.int32)
@@ -190,7 +189,7 @@ class Variant:
         jax.block_until_ready(carry)
         tic = time.perf_counter()
         carry, self.cache = self.compiled(self.params, self.cache, carry, self._next_pos(),
-                                          self.row_max, self.stop_ids)
+                                          self.row_max, self.stop_ids, sampling=self.sampling)
         jax.block_until_ready((carry, self.cache))
         elapsed = time.perf_counter() - tic
         if int(carry.i) != self.steps + 1:
@@ -219,7 +218,7 @@ class Variant:
         if self.cr is None:
             expected = np.arange(seen)
         else:
-            window = self.step_cfg.window
+            window = self.plan.window
             expected = np.concatenate([self.retained,
                                        np.arange(max(seen - window - 1, 0), seen)])
         for layer in self.cache:
@@ -481,7 +480,7 @@ def main(argv=None):
         print(f"skipped ctx={context} B={batch}: {why}")
     print("speed = dms tok/s / full tok/s; ideal = (params + K/V of all full slots) / (params + "
           "K/V of all dms slots) per step; sp/id = speed / ideal; id(held) = the same with held "
-          "tokens; achCR = seen / held after the run (spec section 6); peak x = peak held KV "
+          "tokens; achCR = seen / held after the run (docs/dms.md section 6); peak x = peak held KV "
           "full / dms (cache_stats.peak_held_bytes); alloc x = allocated K/V full / dms")
     top = [r for r in rows if r["context"] >= 16384 and r["cr"] == max(args.crs)]
     if top:

@@ -1,18 +1,21 @@
-"""The fixed-shape KV cache with DMS delayed eviction (dms-spec.md section 5).
+"""The fixed-shape KV cache with DMS delayed eviction (docs/dms.md section 5).
 
 Layout, per layer (`LayerCache`, a registered pytree): S slots per (batch row, KV head), each
 holding one token's key, value, position (-1: free) and evict flag. Heads hold different tokens in
 different slots; a freed slot is reused by the next token to be stored. Nothing is kept in order:
 every mask is built from the stored positions and flags through the one rule of `ops/mask.py`.
 
-One step (`attend_and_update`, pure and jittable; the model calls it once per layer):
-  1. flags: the decision of the chunk's first real token sets the flag of the newest cached token
-     (kept in `last_slot`); inside the chunk the decision of the next real token flags a token;
-     the newest real token's flag stays pending (False);
-  2. attention: the chunk's C queries attend to the S cached slots and to the chunk's own tokens
-     (causally) under the visibility rule, one softmax over both (no [S + C] copy of K/V);
-  3. eviction: the policy keeps what the newest query may still see (DMS: the window t-w .. t
-     and every older unflagged token); the chunk's kept tokens go into free slots.
+One step (`attend_and_update`, pure and jittable; the model calls it once per layer, with its
+plan's window, policy and sliding window), each part a function of its own:
+  1. flags (`_chunk_flags`): the decision of the chunk's first real token sets the flag of the
+     newest cached token (kept in `last_slot`); inside the chunk the decision of the next real
+     token flags a token; the newest real token's flag stays pending (False);
+  2. attention (`attend_blocks`): the chunk's C queries attend to the S cached slots and to the
+     chunk's own tokens (causally) under the visibility rule, one softmax over both (no [S + C]
+     copy of K/V); a scoring policy's scores are updated (`accumulate_scores`);
+  3. eviction (`place_tokens`, `store_tokens`): the policy keeps what the newest query may still
+     see (DMS: the window t-w .. t and every older unflagged token); the chunk's kept tokens go
+     into free slots.
   A decode step (C = 1) does 3 before 2, so the donated cache is updated in place (a read before
   an in-place write makes XLA copy the whole buffer); the result is the same.
 So after a step a stream holds exactly min(seen, w+1) + (# unflagged tokens older than the
@@ -30,7 +33,6 @@ queries are finite and meaningless.
 from __future__ import annotations
 
 import functools
-import math
 from typing import Any, NamedTuple, Sequence
 
 import flax.struct
@@ -39,8 +41,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from dms_jax.config import resolve_dtype
+from dms_jax.ops.attention import grouped_attention
 from dms_jax.ops.mask import MASK_VALUE, hard_evict_bias, visibility_bias
-from dms_jax.policies import DMS, BudgetPolicy, Candidates, Policy, get_policy
+from dms_jax.policies import DMS, Candidates, Policy, get_policy
 
 
 @flax.struct.dataclass
@@ -67,30 +70,9 @@ class LayerCache:
         return (self.pos >= 0).sum(axis=-1, dtype=jnp.int32)
 
 
-def capacity_for(max_len: int, window: int, target_cr: float = 1.0, margin: float = 0.5) -> int:
-    """Slots per (layer, row, head) for rows of up to `max_len` tokens.
-
-    DMS at compression ratio CR holds about (seen - w - 1) / CR + w + 1 tokens; heads differ,
-    so `margin` adds that fraction of the expected retained count. Never more than max_len.
-    """
-    if max_len < 1 or window < 0 or target_cr < 1.0 or margin < 0:
-        raise ValueError(
-            f"capacity_for(max_len={max_len}, window={window}, target_cr={target_cr}, "
-            f"margin={margin}): need max_len >= 1, window >= 0, target_cr >= 1, margin >= 0"
-        )
-    retained = max(max_len - window - 1, 0) / target_cr * (1.0 + margin)
-    return int(min(max_len, math.ceil(retained) + window + 1))
-
-
-def init_layer_cache(batch, num_kv_heads, capacity, head_dim, *, window, dtype=jnp.float32,
-                     max_len=None) -> LayerCache:
-    """An empty layer cache. capacity must hold the window (w + 1) unless it holds max_len."""
-    need = window + 1 if max_len is None else min(window + 1, max_len)
-    if capacity < max(need, 1):
-        raise ValueError(
-            f"cache capacity {capacity} cannot hold the DMS window of {window} + 1 tokens; "
-            f"use capacity >= {need} (dms_jax.cache.capacity_for(max_len, window, target_cr))"
-        )
+def init_layer_cache(batch, num_kv_heads, capacity, head_dim, dtype=jnp.float32) -> LayerCache:
+    """An empty layer cache of `capacity` slots per (row, KV head). The capacity rules (the window
+    fits, budgets, lengths) belong to the plan (`dms_jax.plan.plan_inference`)."""
     shape = (batch, num_kv_heads, capacity)
     return LayerCache(
         keys=jnp.zeros(shape + (head_dim,), dtype),
@@ -107,61 +89,12 @@ def init_layer_cache(batch, num_kv_heads, capacity, head_dim, *, window, dtype=j
     )
 
 
-def init_cache(num_layers, batch, num_kv_heads, capacity, head_dim, *, window,
-               dtype=jnp.float32, max_len=None) -> tuple:
-    """One LayerCache per layer (a tuple; the model indexes it by layer)."""
-    return tuple(
-        init_layer_cache(batch, num_kv_heads, capacity, head_dim, window=window, dtype=dtype,
-                         max_len=max_len)
-        for _ in range(num_layers)
-    )
-
-
-def init_cache_for_model(cfg, batch, max_len, *, policy="dms", target_cr=1.0, margin=0.5,
-                         capacity=None, dtype=None) -> tuple:
-    """A cache for a `ModelConfig`, its capacity from `resolve_capacity` (max_len for 'full',
-    from max_len and the target CR for 'dms'; the baselines need it: their budget)."""
-    pol = get_policy(policy)
-    window = cfg.dms.window if cfg.dms is not None and pol.uses_decisions else 0
-    capacity = resolve_capacity(cfg, max_len, pol, window=window, target_cr=target_cr,
-                                margin=margin, capacity=capacity, budget=None)
-    return init_cache(cfg.num_layers, batch, cfg.num_kv_heads, capacity, cfg.head_dim,
-                      window=window, dtype=resolve_dtype(dtype or cfg.dtype), max_len=max_len)
-
-
-def resolve_capacity(cfg, max_len, policy: Policy, *, window, target_cr, margin, capacity,
-                     budget):
-    """Slots per (layer, row, KV head), checked (errors name the fix)."""
-    if capacity is not None and budget is not None:
-        raise ValueError("give either capacity (slots per head) or budget, not both")
-    if budget is not None:
-        capacity = budget
-    if isinstance(policy, BudgetPolicy):
-        _check_baseline_budget(policy, capacity, max_len)
-    if capacity is not None:
-        if not (isinstance(capacity, (int, np.integer)) and capacity >= 1):
-            raise ValueError(f"capacity={capacity!r} must be a positive integer (slots per head)")
-        if policy.uses_decisions and capacity < min(window + 1, max_len):
-            raise ValueError(
-                f"capacity {capacity} cannot hold the DMS window of {window} + 1 tokens: "
-                f"use capacity >= {window + 1} or a smaller --window")
-        return int(min(capacity, max_len))
-    if policy.name == "full" or not policy.uses_decisions:
-        return int(max_len)
-    return capacity_for(max_len, window, target_cr, margin)
-
-
-def _check_baseline_budget(policy: BudgetPolicy, budget, max_len):
-    """A baseline evicts down to its budget: it needs one, large enough for its rule unless it
-    holds every token anyway."""
-    if budget is None:
-        raise ValueError(
-            f"policy {policy.name!r} evicts down to a budget: pass budget= (held tokens per "
-            "layer, row and KV head; dms_jax.policies.budget_from_stats(dms_output.stats) "
-            "matches a DMS run, budget_for_ratio(tokens, ratio) a compression ratio)")
-    if not (isinstance(budget, (int, np.integer)) and budget < max_len):
-        return  # a bad type is reported by the caller; a budget >= max_len evicts nothing
-    policy.check_budget(int(budget))
+def init_cache(plan, batch: int) -> tuple:
+    """The cache of an `InferencePlan` (`dms_jax.plan.plan_inference`) for `batch` rows: one
+    LayerCache per layer (a tuple; the model indexes it by layer), `plan.capacity` slots each."""
+    return tuple(init_layer_cache(batch, plan.num_kv_heads, plan.capacity, plan.head_dim,
+                                  resolve_dtype(plan.dtype))
+                 for _ in range(plan.num_layers))
 
 
 # ----------------------------------------------------------------------------- the step
@@ -242,18 +175,16 @@ class KeyBlock(NamedTuple):
     valid: Any  # bool [B, Hkv, n]
 
 
-def _attend(q, q_pos, q_valid, blocks, *, window, use_flags, sliding_window, scale,
-            scoring=None):
-    """One softmax over the keys of all blocks under the visibility rule (no K/V concatenation).
+def attend_blocks(q, q_pos, q_valid, blocks, *, window, use_flags, sliding_window, scale,
+                  scoring=None):
+    """The chunk's queries over the keys of all blocks under the visibility rule: one softmax
+    (`dms_jax.ops.attention.grouped_attention`, no K / V concatenation).
 
-    q: [B, C, H, D]; q_pos: int32 [B, C]; q_valid: bool [B, C]; scoring: bool [B, C], the queries
-    whose attention is summed per key (None: not needed)
+    q: [B, C, H, D]; q_pos: int32 [B, C]; q_valid: bool [B, C]; blocks: KeyBlocks; scoring:
+    bool [B, C], the queries whose attention is summed per key (None: not needed)
     returns (out [B, C, H, D], keys seen by real queries [B, Hkv] f32,
              attention received by each key from the scoring queries [B, Hkv, n_total] f32 or None)
     """
-    batch, chunk, num_heads, head_dim = q.shape
-    num_kv_heads = blocks[0].keys.shape[1]
-    qg = q.reshape(batch, chunk, num_kv_heads, num_heads // num_kv_heads, head_dim)
     pos, flags, valid = (jnp.concatenate([getattr(b, f) for b in blocks], axis=-1)
                          for f in ("pos", "flags", "valid"))  # [B, Hkv, N]
     bias = visibility_bias(
@@ -264,21 +195,65 @@ def _attend(q, q_pos, q_valid, blocks, *, window, use_flags, sliding_window, sca
         k_valid=valid[:, :, None, None, :],
         sliding_window=sliding_window,
     )  # [B, Hkv, 1, C, N]
-    scores = jnp.concatenate(
-        [jnp.einsum("bqhgd,bhsd->bhgqs", qg, b.keys, preferred_element_type=jnp.float32)
-         for b in blocks], axis=-1) * scale
-    probs = jax.nn.softmax(scores + bias, axis=-1)  # [B, Hkv, G, C, N]
-    out, start = 0.0, 0
-    for b in blocks:
-        part = probs[..., start:start + b.keys.shape[2]].astype(b.values.dtype)
-        out = out + jnp.einsum("bhgqs,bhsd->bqhgd", part, b.values)
-        start += b.keys.shape[2]
-    out = out.reshape(batch, chunk, num_heads, head_dim).astype(q.dtype)
+    out, probs = grouped_attention(q, [(b.keys, b.values) for b in blocks], bias, scale)
     real = q_valid[:, None, :, None]  # [B, 1, C, 1]
     seen = ((bias[:, :, 0] > MASK_VALUE / 2) & real).sum(axis=(2, 3)).astype(jnp.float32)
     received = None if scoring is None else (
         probs * scoring[:, None, None, :, None]).sum(axis=(2, 3))
     return out, seen, received
+
+
+def scoring_queries(policy: Policy, positions, new_valid, newest):
+    """bool [B, C]: the queries whose attention the policy accumulates (`policy.attention_from`:
+    every real query, or each row's newest), or None for a policy that needs no attention."""
+    if not policy.needs_attention:
+        return None
+    if policy.attention_from == "all":
+        return new_valid
+    return new_valid & (positions == newest[:, None])
+
+
+def accumulate_scores(policy: Policy, scores, received, scoring):
+    """The policy's per-slot scores after the step's attention; rows without a scoring query
+    keep theirs. scores, received: f32 [B, Hkv, n]; scoring: bool [B, C] (None: unchanged)."""
+    if received is None:
+        return scores
+    return jnp.where(scoring.any(axis=1)[:, None, None], policy.accumulate(scores, received),
+                     scores)
+
+
+def place_tokens(policy: Policy, old: KeyBlock, new: KeyBlock, scores, query_pos, *, window,
+                 sliding_window):
+    """Which candidates ([slots | chunk]) stay, and where the kept new tokens go.
+
+    The policy selects over the S slots followed by the C new tokens (`Candidates`), at most S
+    are kept (the lowest priority dropped first, counted), and each kept new token gets a free
+    slot, lowest first. scores: f32 [B, Hkv, S + C]; query_pos: int32 [B], the newest position.
+    returns (keep_old bool [B, Hkv, S], dest int32 [B, Hkv, C] (S: not stored),
+             dropped int32 [B, Hkv])
+    """
+    slots, chunk = old.pos.shape[-1], new.pos.shape[-1]
+    cand = Candidates(*(jnp.concatenate([getattr(old, f), getattr(new, f)], axis=-1)
+                        for f in ("pos", "flags", "valid")), scores, query_pos, window,
+                      sliding_window, slots)
+    sel = policy.select(cand)
+    keep, dropped = _fit_capacity(sel.keep & cand.valid, sel.priority, slots, chunk)
+    dest = jax.vmap(jax.vmap(_destinations))(~keep[..., :slots], keep[..., slots:])
+    return keep[..., :slots], dest, dropped
+
+
+def store_tokens(old: KeyBlock, new: KeyBlock, keep_old, dest, scores):
+    """Free the slots not kept and write the kept new tokens at `dest` (K / V: C rows only).
+
+    scores: f32 [B, Hkv, S + C], the slots' then the new tokens' scores.
+    returns (keys, values, pos, flags, scores) of the S slots
+    """
+    slots = old.pos.shape[-1]
+    return (_store_all(dest, old.keys, new.keys),
+            _store_all(dest, old.values, new.values),
+            _store_all(dest, jnp.where(keep_old, old.pos, -1), new.pos),
+            _store_all(dest, keep_old & old.flags, new.flags),
+            _store_all(dest, jnp.where(keep_old, scores[..., :slots], 0.0), scores[..., slots:]))
 
 
 def attend_and_update(cache: LayerCache, q, k_new, v_new, decisions, positions, new_valid, *,
@@ -289,17 +264,18 @@ def attend_and_update(cache: LayerCache, q, k_new, v_new, decisions, positions, 
     (RoPE applied to k); decisions: bool [B, C, Hkv] or [B, C, 1] (d = z > 0 of each new token,
     flagging its predecessor; None for policies without decisions); positions: int [B, C];
     new_valid: bool [B, C] (False: padding). window: w; sliding_window: Mistral's, or None;
-    scale: softmax scale (default D ** -0.5).
+    scale: softmax scale (default D ** -0.5). The model passes its `InferencePlan`'s window,
+    policy and sliding window.
     returns (out [B, C, H, D] in q.dtype, updated LayerCache)
 
     A decode step (C == 1) evicts first, writes the new token into its slot, then attends over
     the slots only: the donated buffers are updated in place (attending first would make XLA copy
     the whole cache). Without overflow both orders give the same result; under overflow a
     token dropped in a decode step is not seen by that step's query.
-    A policy with `needs_attention` gets the attention its scoring queries (every real query,
-    or each row's newest: `policy.attention_from`) gave each key, folded into the stored scores
-    by `policy.accumulate`; rows without such a query keep theirs. New tokens start at
-    `policy.new_score`. The baselines' step order and budget convention: `dms_jax.policies`.
+    A policy with `needs_attention` gets the attention its scoring queries (`scoring_queries`)
+    gave each key, folded into the stored scores by `policy.accumulate`; rows without such a
+    query keep theirs. New tokens start at `policy.new_score`. The baselines' step order and
+    budget convention: `dms_jax.policies`.
     """
     policy = get_policy(policy)
     batch, chunk, _, head_dim = q.shape
@@ -308,13 +284,13 @@ def attend_and_update(cache: LayerCache, q, k_new, v_new, decisions, positions, 
     positions = positions.astype(jnp.int32)
     new_valid = new_valid.astype(bool)
 
-    # the shift by one: the chunk's first decision flags the newest cached token
-    if decisions is None:
-        decisions = jnp.zeros((batch, chunk, 1), bool)
-    decisions = jnp.broadcast_to(decisions.astype(bool), (batch, chunk, num_kv_heads))
-    new_flags, d_first = _chunk_flags(decisions, new_valid)  # [B, Hkv, C], [B, Hkv]
-    is_last = jnp.arange(slots) == cache.last_slot[..., None]  # [B, Hkv, S]
-    old_flags = cache.flags | (is_last & d_first[..., None])
+    with jax.named_scope("flags"):  # the shift by one: the chunk's first decision flags the
+        if decisions is None:  # newest cached token
+            decisions = jnp.zeros((batch, chunk, 1), bool)
+        decisions = jnp.broadcast_to(decisions.astype(bool), (batch, chunk, num_kv_heads))
+        new_flags, d_first = _chunk_flags(decisions, new_valid)  # [B, Hkv, C], [B, Hkv]
+        is_last = jnp.arange(slots) == cache.last_slot[..., None]  # [B, Hkv, S]
+        old_flags = cache.flags | (is_last & d_first[..., None])
     old = KeyBlock(cache.keys, cache.values, cache.pos, old_flags, cache.pos >= 0)
     new_pos = jnp.broadcast_to(positions[:, None, :], (batch, num_kv_heads, chunk))
     new = KeyBlock(jnp.swapaxes(k_new, 1, 2).astype(cache.keys.dtype),  # [B, Hkv, C, D], as
@@ -322,52 +298,31 @@ def attend_and_update(cache: LayerCache, q, k_new, v_new, decisions, positions, 
                    new_pos, new_flags, jnp.broadcast_to(new_valid[:, None, :], new_pos.shape))
     newest = jnp.max(jnp.where(new_valid, positions, -1), axis=1)
     query_pos = jnp.maximum(cache.last_pos, newest)  # [B], the newest position after the step
-    scoring = None  # [B, C] the queries whose attention the policy accumulates
-    if policy.needs_attention:
-        scoring = new_valid if policy.attention_from == "all" else (
-            new_valid & (positions == newest[:, None]))
+    scoring = scoring_queries(policy, positions, new_valid, newest)
     attend = functools.partial(
-        _attend, q, positions, new_valid, window=window, use_flags=policy.uses_decisions,
+        attend_blocks, q, positions, new_valid, window=window, use_flags=policy.uses_decisions,
         sliding_window=sliding_window, scale=scale, scoring=scoring)
-
-    def accumulate(scores, received):
-        """The policy's scores after the step; rows without a scoring query keep theirs."""
-        if received is None:
-            return scores
-        return jnp.where(scoring.any(axis=1)[:, None, None], policy.accumulate(scores, received),
-                         scores)
-
-    def place(scores):
-        """Select over [slots | chunk] -> (keep_old [B, Hkv, S], dest [B, Hkv, C], dropped)."""
-        cand = Candidates(*(jnp.concatenate([getattr(old, f), getattr(new, f)], axis=-1)
-                            for f in ("pos", "flags", "valid")), scores, query_pos, window,
-                          sliding_window, slots)
-        sel = policy.select(cand)
-        keep, dropped = _fit_capacity(sel.keep & cand.valid, sel.priority, slots, chunk)
-        dest = jax.vmap(jax.vmap(_destinations))(~keep[..., :slots], keep[..., slots:])
-        return keep[..., :slots], dest, dropped
-
-    def store(keep_old, dest, scores):
-        """Free the slots not kept, write the kept new tokens at dest (K/V: C rows only)."""
-        return (_store_all(dest, old.keys, new.keys),
-                _store_all(dest, old.values, new.values),
-                _store_all(dest, jnp.where(keep_old, old.pos, -1), new.pos),
-                _store_all(dest, keep_old & old.flags, new.flags),
-                _store_all(dest, jnp.where(keep_old, scores[..., :slots], 0.0),
-                           scores[..., slots:]))
+    place = functools.partial(place_tokens, policy, old, new, query_pos=query_pos, window=window,
+                              sliding_window=sliding_window)
 
     cand_scores = jnp.concatenate(  # new tokens start at the policy's new_score
         [cache.scores, jnp.full(new_pos.shape, policy.new_score, jnp.float32)], -1)
     if chunk == 1:  # decode: evict, write in place, attend over the slots
-        keep_old, dest, dropped = place(cand_scores)
-        keys, values, pos, flags, scores = store(keep_old, dest, cand_scores)
-        out, seen, received = attend([KeyBlock(keys, values, pos, flags, pos >= 0)])
-        scores = accumulate(scores, received)
+        with jax.named_scope("evict"):
+            keep_old, dest, dropped = place(cand_scores)
+        with jax.named_scope("store"):
+            keys, values, pos, flags, scores = store_tokens(old, new, keep_old, dest, cand_scores)
+        with jax.named_scope("attend"):
+            out, seen, received = attend([KeyBlock(keys, values, pos, flags, pos >= 0)])
+            scores = accumulate_scores(policy, scores, received, scoring)
     else:  # chunk: attend over [slots | chunk], then evict and store
-        out, seen, received = attend([old, new])
-        cand_scores = accumulate(cand_scores, received)
-        keep_old, dest, dropped = place(cand_scores)
-        keys, values, pos, flags, scores = store(keep_old, dest, cand_scores)
+        with jax.named_scope("attend"):
+            out, seen, received = attend([old, new])
+            cand_scores = accumulate_scores(policy, cand_scores, received, scoring)
+        with jax.named_scope("evict"):
+            keep_old, dest, dropped = place(cand_scores)
+        with jax.named_scope("store"):
+            keys, values, pos, flags, scores = store_tokens(old, new, keep_old, dest, cand_scores)
 
     last_real = jnp.max(jnp.where(new_valid, jnp.arange(chunk), -1), axis=1)  # [B]
     last_dest = jnp.take_along_axis(dest, jnp.maximum(last_real, 0)[:, None, None], axis=2)[..., 0]
@@ -426,19 +381,31 @@ class CacheStats(NamedTuple):
     kv_reads: Any  # f32 [L, B, Hkv] sum over real queries of the keys each one saw
 
 
+def compression_ratio(held, seen, axis=None):
+    """CR = 1 / mean(held / seen) (docs/dms.md section 6): the one definition, used by the cache's
+    stats, `GenerateStats` (per layer and per head) and the evaluation forward.
+
+    held: [L, B, Hkv] tokens held (window included); seen: [B] tokens seen per row. The mean runs
+    over `axis` of held (None: layers, rows and heads); rows that saw nothing do not count, and
+    where nothing counts the ratio is 1. returns float32, held's shape without `axis`.
+    """
+    held = jnp.asarray(held, jnp.float32)
+    seen = jnp.asarray(seen)
+    ratio = held / jnp.maximum(seen, 1).astype(jnp.float32)[None, :, None]
+    weight = jnp.broadcast_to((seen > 0)[None, :, None], held.shape).astype(jnp.float32)
+    mean = (ratio * weight).sum(axis) / jnp.maximum(weight.sum(axis), 1.0)
+    return jnp.where(mean > 0, 1.0 / jnp.where(mean > 0, mean, 1.0), 1.0)
+
+
 def cache_stats(caches: Sequence[LayerCache]) -> CacheStats:
     """Stats of a per-layer cache sequence (jittable; byte counts in float32)."""
     held = jnp.stack([c.held for c in caches])  # [L, B, Hkv]
     seen = caches[0].seen
     token_bytes = [2 * c.keys.shape[-1] * c.keys.dtype.itemsize for c in caches]
-    rows = seen > 0
-    ratio = held / jnp.maximum(seen, 1)[None, :, None]
-    weight = jnp.broadcast_to(rows[None, :, None], held.shape)
-    mean_ratio = jnp.sum(jnp.where(weight, ratio, 0.0)) / jnp.maximum(weight.sum(), 1)
     return CacheStats(
         held=held,
         seen=seen,
-        compression_ratio=jnp.where(mean_ratio > 0, 1.0 / mean_ratio, 1.0),
+        compression_ratio=compression_ratio(held, seen),
         held_bytes=sum(c.held.sum().astype(jnp.float32) * b for c, b in zip(caches, token_bytes)),
         peak_held_bytes=sum(c.peak_held.sum().astype(jnp.float32) * b
                             for c, b in zip(caches, token_bytes)),
@@ -460,6 +427,7 @@ def assert_no_overflow(caches: Sequence[LayerCache]):
         raise CacheOverflowError(
             f"KV cache overflow: {int(counts.sum())} tokens dropped for lack of slots "
             f"(first at layer {layer}, row {row}, KV head {head}; capacity "
-            f"{caches[0].capacity}); raise the capacity (capacity_for(..., margin=...)) "
+            f"{caches[0].capacity}); raise the capacity (capacity=, or margin= / a lower "
+            "target_cr in plan_inference / generate) "
             "or run without strict to accept the documented overflow rule"
         )

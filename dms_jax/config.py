@@ -34,7 +34,7 @@ def dtype_name(dtype: Any) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class DMSConfig:
-    """Dynamic Memory Sparsification settings (dms-spec.md sections 1-4).
+    """Dynamic Memory Sparsification settings (docs/dms.md sections 1-4).
 
     mode:   'neuron' (the last query component of each group's first head) or 'adapter'
             (a zero-initialised Linear(d_model -> Hkv) on its own RMSNorm).

@@ -331,7 +331,7 @@ def load_params(cfg: ModelConfig, tensors: dict[str, np.ndarray]) -> Decoder:
     for path, want in expected.items():
         if path in loaded:
             _set_path(pure, path, loaded[path])
-        elif ".attn.dms_" in path:  # a fresh adapter: RMSNorm scale 1, projection 0 (spec section 1)
+        elif ".attn.dms_" in path:  # a fresh adapter: RMSNorm scale 1, projection 0 (docs/dms.md section 1)
             fill = jnp.ones if path.endswith(".scale") else jnp.zeros
             _set_path(pure, path, fill(want.shape, want.dtype))
         else:

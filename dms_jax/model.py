@@ -5,6 +5,9 @@ One model, three forward modes (see `Decoder.forward`):
   * "train": DMS training forward, Gumbel-sigmoid soft mask, needs a PRNG key;
   * "eval":  DMS evaluation forward, hard mask, no noise.
 Family differences are ModelConfig fields (biases, q/k norm, sliding window, rope scaling).
+With a KV cache the forward runs as its `InferencePlan` says (`dms_jax.plan`): mode, window,
+policy. Profiler regions (`jax.named_scope`): embed, layer_<i>/attention (kv_cache inside it
+with a cache), layer_<i>/mlp, final_norm, unembed.
 """
 from __future__ import annotations
 
@@ -15,13 +18,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dms_jax.cache import attend_and_update
+from dms_jax.cache import attend_and_update, compression_ratio
 from dms_jax.config import ModelConfig, resolve_dtype
 from dms_jax.layers import MLP, RMSNorm, apply_rope, rope_inv_freq
 from dms_jax.ops import gating
 from dms_jax.ops.attention import dense_attention
-from dms_jax.ops.mask import is_visible
-from dms_jax.policies import get_policy
+from dms_jax.ops.mask import is_held
 
 MODES = ("plain", "train", "eval")
 ATTENTION_IMPLS = ("auto", "dense", "blockwise")
@@ -46,8 +48,8 @@ class LayerContext(NamedTuple):
     k_valid: Any  # bool [B, T] or None
     attention_impl: str
     inv_freq: Any  # [D // 2]
-    policy: Any = None  # a dms_jax.policies.Policy when a KV cache is passed
-    window: Any = None  # DMS window override (inference), None: the config's
+    window: int = 0  # the DMS window w the attention applies (0 without DMS)
+    plan: Any = None  # the dms_jax.plan.InferencePlan when a KV cache is passed
     segment_ids: Any = None  # int32 [B, T] packed-document ids (training), or None
 
 
@@ -71,7 +73,8 @@ class Attention(nnx.Module):
         self.cfg = cfg
 
     def decision_logits(self, residual, q):
-        """z [B, T, Hkv] float32 (spec section 1) and q with the neuron zeroed (neuron mode)."""
+        """z [B, T, Hkv] float32 (docs/dms.md section 1) and q with the neuron zeroed (neuron
+        mode)."""
         dms = self.cfg.dms
         if dms.mode == "neuron":
             z = gating.neuron_decision_logits(q, self.cfg.num_kv_heads, dms.scale, dms.offset)
@@ -113,17 +116,16 @@ class Attention(nnx.Module):
         if dms_on and cfg.dms.mode == "neuron":
             q = gating.zero_decision_neuron(q, cfg.num_kv_heads)
 
-        evicts = dms_on and (ctx.policy is None or ctx.policy.uses_decisions)
-        window = (cfg.dms.window if ctx.window is None else ctx.window) if evicts else 0
         if cache is not None:
+            plan = ctx.plan
             valid = jnp.ones((batch, seq), bool) if ctx.k_valid is None else ctx.k_valid
             hard = gating.hard_decisions(z) if dms_on else None  # [B, T, Hkv or 1]
-            out, cache = attend_and_update(
-                cache, q, k, v, hard, ctx.positions, valid, window=window, policy=ctx.policy,
-                sliding_window=cfg.sliding_window,
-            )
+            with jax.named_scope("kv_cache"):
+                out, cache = attend_and_update(
+                    cache, q, k, v, hard, ctx.positions, valid, window=plan.window,
+                    policy=plan.policy, sliding_window=plan.sliding_window)
         else:
-            out = self._attend(q, k, v, evict_bias, window, ctx)
+            out = self._attend(q, k, v, evict_bias, ctx.window if dms_on else 0, ctx)
         out = self.o_proj(out.reshape(batch, seq, cfg.num_heads * cfg.head_dim))
         return out, (decisions, alpha, z), cache
 
@@ -158,9 +160,11 @@ class DecoderLayer(nnx.Module):
         )
 
     def __call__(self, x, ctx: LayerContext, key=None, cache=None):
-        attn_out, aux, cache = self.attn(x, self.input_norm(x), ctx, key=key, cache=cache)
+        with jax.named_scope("attention"):
+            attn_out, aux, cache = self.attn(x, self.input_norm(x), ctx, key=key, cache=cache)
         x = x + attn_out
-        x = x + self.mlp(self.post_attn_norm(x))
+        with jax.named_scope("mlp"):
+            x = x + self.mlp(self.post_attn_norm(x))
         return x, aux, cache
 
 
@@ -183,25 +187,29 @@ class Decoder(nnx.Module):
 
     def unembed(self, hidden):
         """hidden [..., d] (after the final norm) -> logits [..., V] float32."""
-        if self.config.tie_word_embeddings:
-            logits = self.embed.attend(hidden)
-        else:
-            logits = self.lm_head(hidden)
-        return logits.astype(jnp.float32)
+        with jax.named_scope("unembed"):
+            if self.config.tie_word_embeddings:
+                logits = self.embed.attend(hidden)
+            else:
+                logits = self.lm_head(hidden)
+            return logits.astype(jnp.float32)
 
-    def forward(self, input_ids, *, attention_mask=None, positions=None, mode="plain", key=None,
-                return_logits=True, attention_impl="auto", cache=None, policy=None,
-                window=None, remat=False, segment_ids=None):
+    def forward(self, input_ids, *, attention_mask=None, positions=None, mode=None, key=None,
+                return_logits=True, attention_impl=None, cache=None, plan=None, window=None,
+                remat=False, segment_ids=None):
         """Run the decoder.
 
         input_ids: int [B, T]; attention_mask: [B, T] (1 real, 0 padding) or None;
         positions: int [B, T] or None (0..T-1, as transformers does);
-        mode: "plain" | "train" (needs `key`) | "eval"; attention_impl: "auto" | "dense" | "blockwise".
-        cache: a tuple of per-layer `dms_jax.cache.LayerCache` (see `dms_jax.cache`): the tokens
-        attend over the cache and are stored in it by `policy` ("dms" needs mode="eval"; "full"
-        and the training-free baselines run in mode="plain"); the updated cache is in the output.
-        With a cache, `positions` must continue each row's previous positions.
-        window: overrides the DMS window of the config in mode="eval" (inference), or None.
+        mode: "plain" (default) | "train" (needs `key`) | "eval"; attention_impl: "auto"
+        (default) | "dense" | "blockwise"; window: the DMS window of mode "eval" (default: the
+        config's).
+        cache: a tuple of per-layer `dms_jax.cache.LayerCache` built by
+        `dms_jax.cache.init_cache(plan, batch)`, with `plan` its `dms_jax.plan.InferencePlan`:
+        the tokens attend over the cache and are stored in it as the plan says (its mode,
+        window and policy; give no mode, attention_impl or window of your own); the updated
+        cache is in the output. With a cache, `positions` must continue each row's previous
+        positions.
         remat: rematerialise each layer in the backward pass (training memory ~ one layer's
         activations plus every layer's input, for ~1/3 more compute).
         segment_ids: int [B, T] ids of the documents packed into each row (a token sees only its
@@ -209,6 +217,14 @@ class Decoder(nnx.Module):
         """
         cfg = self.config
         validate_input_ids(input_ids, cfg.vocab_size)
+        if cache is not None:
+            mode, attention_impl, window = _cache_settings(plan, cfg, len(cache), mode,
+                                                           attention_impl, window)
+        elif plan is not None:
+            raise ValueError("plan= describes a KV cache forward: pass cache=init_cache(plan, "
+                             "batch) with it")
+        mode = "plain" if mode is None else mode
+        attention_impl = "auto" if attention_impl is None else attention_impl
         if mode not in MODES:
             raise ValueError(f"mode={mode!r}; use one of {MODES}")
         if attention_impl not in ATTENTION_IMPLS:
@@ -220,26 +236,26 @@ class Decoder(nnx.Module):
             )
         if mode == "train" and key is None:
             raise ValueError("mode='train' samples Gumbel noise: pass key=jax.random.key(...)")
-        if cache is not None:
-            policy = _check_cache_policy(policy, mode, cfg, len(cache), attention_impl)
-        batch, seq = input_ids.shape
-        if positions is None:
-            positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
-        k_valid = None if attention_mask is None else jnp.asarray(attention_mask).astype(bool)
-        ctx = LayerContext(
-            mode=mode, positions=positions.astype(jnp.int32), k_valid=k_valid,
-            attention_impl=attention_impl, policy=policy, window=window,
-            segment_ids=None if segment_ids is None else jnp.asarray(segment_ids, jnp.int32),
-            inv_freq=rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling_dict),
-        )
-        keys = jax.random.split(key, cfg.num_layers) if mode == "train" else [None] * cfg.num_layers
-        x = self.embed(input_ids)
         if segment_ids is not None and cache is not None:
             raise ValueError("segment_ids are for packed training rows; a KV cache holds one "
                              "sequence per row")
         if remat and cache is not None:
             raise ValueError("remat is for training (it trades compute for activation memory); "
                              "leave it off with a KV cache")
+        batch, seq = input_ids.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
+        k_valid = None if attention_mask is None else jnp.asarray(attention_mask).astype(bool)
+        window = full_sequence_window(cfg, window)
+        ctx = LayerContext(
+            mode=mode, positions=positions.astype(jnp.int32), k_valid=k_valid,
+            attention_impl=attention_impl, window=window, plan=plan,
+            segment_ids=None if segment_ids is None else jnp.asarray(segment_ids, jnp.int32),
+            inv_freq=rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling_dict),
+        )
+        keys = jax.random.split(key, cfg.num_layers) if mode == "train" else [None] * cfg.num_layers
+        with jax.named_scope("embed"):
+            x = self.embed(input_ids)
 
         def run_layer(layer, x, key, layer_cache):
             return layer(x, ctx, key=key, cache=layer_cache)
@@ -249,10 +265,12 @@ class Decoder(nnx.Module):
         per_layer, new_caches = [], []
         for i, layer in enumerate(self.layers):
             layer_cache = None if cache is None else cache[i]
-            x, aux, layer_cache = run_layer(layer, x, keys[i], layer_cache)
+            with jax.named_scope(f"layer_{i}"):
+                x, aux, layer_cache = run_layer(layer, x, keys[i], layer_cache)
             per_layer.append(aux)
             new_caches.append(layer_cache)
-        hidden = self.final_norm(x)
+        with jax.named_scope("final_norm"):
+            hidden = self.final_norm(x)
         logits = self.unembed(hidden) if return_logits else None
         decisions = alpha = z = None
         if mode != "plain":
@@ -274,36 +292,55 @@ class Decoder(nnx.Module):
         """DMS evaluation forward (hard mask). Returns (ModelOutput, compression ratio).
 
         The ratio is 1 / mean(held / seen) over layers, rows and KV heads at the end of each
-        row (spec section 6), counted from the hard decisions and the window.
+        row (docs/dms.md section 6), held counted from the hard decisions, the window and the
+        model's sliding window by the rule the cache keeps (`dms_jax.ops.mask.is_held`), so it
+        equals the CR `generate` reports for the same tokens.
         """
         out = self.forward(input_ids, attention_mask=attention_mask, mode="eval", **kw)
-        window = kw.get("window")
-        window = self.config.dms.window if window is None else window
-        return out, compression_ratio_from_decisions(out.decisions, attention_mask, window)
+        return out, compression_ratio_from_decisions(
+            out.decisions, attention_mask, full_sequence_window(self.config, kw.get("window")),
+            sliding_window=self.config.sliding_window)
 
 
-def _check_cache_policy(policy, mode, cfg, num_cache_layers, attention_impl):
-    policy = get_policy("dms" if policy is None and mode == "eval" else policy or "full")
-    if mode == "train":
-        raise ValueError("a KV cache is for inference: use mode='eval' (dms) or 'plain'")
-    if policy.uses_decisions and mode != "eval":
-        raise ValueError(f"policy {policy.name!r} applies DMS decisions: use mode='eval'")
-    # a policy without decisions may run in mode="eval" (the retrofitted network of a
-    # neuron-mode model, decision neuron zeroed): the flags are computed and ignored
-    if policy.needs_attention and attention_impl not in ("auto", "dense"):
-        raise ValueError(f"policy {policy.name!r} ranks tokens by attention scores, which only "
-                         "the dense cache attention gives: use attention_impl='dense'")
+def full_sequence_window(cfg: ModelConfig, window=None) -> int:
+    """The DMS window of a forward without a cache (train / eval): the given one, else the
+    config's (0 without DMS). With a cache the plan decides (`dms_jax.plan.resolve_window`)."""
+    if window is not None:
+        return window
+    return cfg.dms.window if cfg.dms is not None else 0
+
+
+def _cache_settings(plan, cfg, num_cache_layers, mode, attention_impl, window):
+    """(mode, attention_impl, window) of a cached forward: the plan's, checked against the
+    model and against anything the caller gave."""
+    if plan is None:
+        raise ValueError("a KV cache needs the plan it was built for: "
+                         "plan = dms_jax.plan_inference(model.config, ...), "
+                         "cache = dms_jax.cache.init_cache(plan, batch), forward(..., plan=plan)")
+    if not plan.matches(cfg):
+        raise ValueError(f"this plan was made for another model ({plan.num_layers} layers, "
+                         f"{plan.num_kv_heads} KV heads of {plan.head_dim}, sliding window "
+                         f"{plan.sliding_window}, mode {plan.mode!r}); make it with "
+                         "plan_inference(model.config, ...)")
+    for name, given, planned in (("mode", mode, plan.mode),
+                                 ("attention_impl", attention_impl, plan.attention_impl),
+                                 ("window", window, plan.window)):
+        if given is not None and given != planned:
+            raise ValueError(f"{name}={given!r}: with a KV cache the plan decides ({name} "
+                             f"{planned!r}); leave it unset or make another plan")
     if num_cache_layers != cfg.num_layers:
         raise ValueError(f"cache has {num_cache_layers} layers, the model {cfg.num_layers}")
-    return policy
+    return plan.mode, plan.attention_impl, plan.window
 
 
-def compression_ratio_from_decisions(decisions, attention_mask, window):
-    """1 / mean(held / seen) after the whole sequence (spec sections 5-6).
+def compression_ratio_from_decisions(decisions, attention_mask, window, *, sliding_window):
+    """1 / mean(held / seen) after the whole sequence (docs/dms.md sections 5-6).
 
-    decisions: [L, B, T, Hkv] 0/1 (decision at t flags token t-1); attention_mask [B, T] or None.
-    A token j of a row with n real tokens is held at the end iff it is inside the window
-    (n - 1 - j <= w) or its flag d[j+1] is 0.
+    decisions: [L, B, T, Hkv] 0/1 (decision at t flags token t-1); attention_mask [B, T] or None;
+    sliding_window: the model's (None: none). A token j of a row with n real tokens is held at
+    the end iff the row's last query may still see it (`dms_jax.ops.mask.is_held`: inside the
+    window, n - 1 - j <= w, or its flag d[j+1] is 0; and inside the sliding window), the same
+    rule the cache keeps; the ratio is `dms_jax.cache.compression_ratio`.
     """
     num_layers, batch, seq, _ = decisions.shape
     valid = jnp.ones((batch, seq), bool) if attention_mask is None else jnp.asarray(attention_mask).astype(bool)
@@ -313,13 +350,10 @@ def compression_ratio_from_decisions(decisions, attention_mask, window):
     # the decision of a pad token never flags a real one: zero flags whose successor is padding
     next_valid = jnp.concatenate([valid[:, 1:], jnp.zeros((batch, 1), bool)], axis=1)
     flags = flags & next_valid[None, :, :, None]
-    # held at the end = what the row's last query may still see (the one rule, spec section 4)
-    held = is_visible((n - 1)[None, :, None, None], rank[None, :, None, :],
-                      jnp.swapaxes(flags, 2, 3), window,
-                      k_valid=valid[None, :, None, :])  # [L, B, Hkv, T]
-    held = jnp.swapaxes(held, 2, 3)  # [L, B, T, Hkv]
-    ratio = held.sum(axis=2) / jnp.maximum(n, 1)[None, :, None]  # [L, B, Hkv]
-    return 1.0 / jnp.mean(ratio)
+    held = is_held((n - 1)[None, :, None, None], rank[None, :, None, :],
+                   jnp.swapaxes(flags, 2, 3), window, k_valid=valid[None, :, None, :],
+                   sliding_window=sliding_window)  # [L, B, Hkv, T]
+    return compression_ratio(held.sum(axis=-1), n)
 
 
 def validate_input_ids(input_ids, vocab_size):

@@ -6,7 +6,7 @@ keep and in what order to give them up when more than the capacity S must be kep
 the slot bookkeeping; a policy is a pure function on per-candidate arrays.
 
   * `full`: keep every token any later query may see (causal, and Mistral's sliding window);
-  * `dms`:  keep what the rule of dms-spec.md section 4 lets the newest query see: the window
+  * `dms`:  keep what the rule of docs/dms.md section 4 lets the newest query see: the window
     (positions t-w .. t) and every older token whose flag (its successor's decision) is 0.
 
 Overflow rule (both): when more than S tokens must be kept, the window goes first and the
@@ -14,7 +14,7 @@ retained (out-of-window) tokens are kept oldest first, so the newest retained to
 just left the window) are dropped, as if their flag had been set. Attention sinks and the early
 context survive. Each dropped token is counted in the cache's `overflow` stat.
 
-Training-free baselines (spec section 8), `get_policy(name, **params)`:
+Training-free baselines (docs/dms.md section 8), `get_policy(name, **params)`:
 
   * `streaming` (StreamingLLM): the first `sinks` tokens and the most recent ones;
   * `h2o` (Heavy-Hitter Oracle): per KV head, a recent window plus the tokens with the largest
@@ -55,7 +55,7 @@ from typing import Any, ClassVar, NamedTuple
 import jax.numpy as jnp
 import numpy as np
 
-from dms_jax.ops.mask import is_visible
+from dms_jax.ops.mask import is_held, is_visible
 
 # Priority of the tokens a policy must keep before any other (finite, so ties with the -inf used
 # for "not kept" can never occur when ranking).
@@ -140,9 +140,9 @@ class Policy:
 
 def visible_to_newest(cand: Candidates):
     """bool [B, Hkv, N]: real tokens the newest query (or a later one) can still see, no eviction
-    (causal, and beyond a sliding window nothing is ever seen again)."""
-    return is_visible(cand.query_pos[:, None, None], cand.pos, False, cand.window,
-                      k_valid=cand.valid, sliding_window=cand.sliding_window)
+    (causal, and beyond a sliding window nothing is ever seen again): `is_held` with no flags."""
+    return is_held(cand.query_pos[:, None, None], cand.pos, False, cand.window,
+                   k_valid=cand.valid, sliding_window=cand.sliding_window)
 
 
 def window_first_then_oldest(cand: Candidates):
@@ -164,7 +164,7 @@ class FullPolicy(Policy):
 
 @dataclasses.dataclass(frozen=True)
 class DMSPolicy(Policy):
-    """Delayed eviction (spec section 5): keep what the newest query may see under section 4.
+    """Delayed eviction (docs/dms.md section 5): keep what the newest query may see under section 4.
 
     Later queries see a subset of it (the window only moves forward and flags are only ever set),
     so nothing dropped here is needed again.
@@ -174,10 +174,8 @@ class DMSPolicy(Policy):
     uses_decisions: ClassVar[bool] = True
 
     def select(self, cand: Candidates) -> Selection:
-        keep = is_visible(
-            cand.query_pos[:, None, None], cand.pos, cand.flags, cand.window, k_valid=cand.valid,
-            sliding_window=cand.sliding_window,
-        )
+        keep = is_held(cand.query_pos[:, None, None], cand.pos, cand.flags, cand.window,
+                       k_valid=cand.valid, sliding_window=cand.sliding_window)
         return Selection(keep, window_first_then_oldest(cand))
 
 
@@ -412,7 +410,6 @@ POLICY_TYPES = {
     "full": FullPolicy, "dms": DMSPolicy, "streaming": StreamingPolicy, "h2o": H2OPolicy,
     "tova": TOVAPolicy, "snapkv": SnapKVPolicy,
 }
-BASELINES = ("streaming", "h2o", "tova", "snapkv")
 
 
 def policy_params(name: str) -> dict[str, Any]:
@@ -457,7 +454,7 @@ def budget_from_stats(stats) -> int:
     stats: the run's `GenerateStats`. Returns round(mean over layers, rows and KV heads of the
     tokens held at the end), at least 1: a baseline with that budget holds that many per head
     (all heads equally; DMS's heads differ), so for rows of equal length its compression ratio
-    (seen / held, spec section 6) equals the run's and so do its held bytes.
+    (seen / held, docs/dms.md section 6) equals the run's and so do its held bytes.
     """
     held = np.asarray(stats.held_tokens, np.float64)
     if held.size == 0 or not math.isfinite(float(held.mean())):

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from typing import Any
 
 import jax
@@ -26,12 +28,7 @@ class Sampling:
     def __post_init__(self):
         if not isinstance(self.temperature, (int, float)):
             return  # rebuilt from traced leaves (checked when it was made)
-        if not self.temperature >= 0:
-            raise ValueError(f"temperature={self.temperature} must be >= 0 (0 = greedy)")
-        if not (isinstance(self.top_k, int) and self.top_k >= 0):
-            raise ValueError(f"top_k={self.top_k!r} must be an integer >= 0 (0 = no top-k filter)")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p={self.top_p} must be in (0, 1] (1.0 = no nucleus filter)")
+        check_sampling(self.temperature, self.top_k, self.top_p)
 
     @property
     def greedy(self) -> bool:
@@ -53,6 +50,23 @@ class Sampling:
                             ("top_k", static[0]), ("_flags", static[1:])):
             object.__setattr__(obj, name, value)
         return obj
+
+
+def _keyword(field, value):
+    return f"{field}={value!r}"
+
+
+def check_sampling(temperature, top_k, top_p, spell=_keyword) -> None:
+    """The sampling settings' one check (ValueError); `spell(field, value)` names a setting in
+    the caller's terms (infer.py: `--top-p 0.0`)."""
+    if not (isinstance(temperature, numbers.Real) and math.isfinite(temperature)
+            and temperature >= 0):
+        raise ValueError(f"{spell('temperature', temperature)} must be a finite number >= 0 "
+                         "(0: greedy)")
+    if not (isinstance(top_k, numbers.Integral) and not isinstance(top_k, bool) and top_k >= 0):
+        raise ValueError(f"{spell('top_k', top_k)} must be an integer >= 0 (0: no top-k filter)")
+    if not (isinstance(top_p, numbers.Real) and 0.0 < top_p <= 1.0):
+        raise ValueError(f"{spell('top_p', top_p)} must be in (0, 1] (1.0: no nucleus filter)")
 
 
 def sample_logits(logits, key, sampling: Sampling):

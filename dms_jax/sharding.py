@@ -52,11 +52,9 @@ PARAM_LOGICAL_AXES: tuple[tuple[str, tuple[str, ...]], ...] = (
     (r"(scale|bias)$", ("norm",)),  # norms, o / down biases
 )
 
-# activations the trainer constrains
+# activations the trainer places by name
 ACTIVATION_AXES = {
     "tokens": ("batch", "seq"),  # input_ids, masks [B, T]
-    "hidden": ("batch", "seq", "act_embed"),  # [B, T, d]
-    "logits": ("batch", "seq", "vocab"),  # [B, C, V] chunks of the loss
 }
 
 
@@ -85,10 +83,16 @@ def make_mesh(shape: Sequence[int], devices: Sequence[Any] | None = None) -> jax
             )
         shape[shape.index(-1)] = len(devices) // known
     if math.prod(shape) != len(devices):
+        simulate = ""
+        if devices and devices[0].platform == "cpu":
+            simulate = (f"; on a CPU, simulate {math.prod(shape)} devices by starting Python with "
+                        f"XLA_FLAGS=--xla_force_host_platform_device_count={math.prod(shape)} "
+                        "(set before JAX starts)")
         raise MeshError(
             f"mesh shape {dict(zip(MESH_AXES, shape))} needs {math.prod(shape)} devices but "
             f"{len(devices)} are available ({jax.process_count()} process(es)); set "
-            f"--config.mesh.shape so that data * fsdp * tensor = {len(devices)} (-1 fills one axis)"
+            f"--config.mesh.shape (or make_mesh's shape) so that data * fsdp * tensor = "
+            f"{len(devices)} (-1 fills one axis){simulate}"
         )
     return jax.make_mesh(tuple(shape), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
                          devices=devices)
@@ -170,8 +174,12 @@ def mirrored_shardings(tree, params: Mapping[str, Any], shardings_by_path: Mappi
     return jax.tree_util.tree_map_with_path(pick, tree)
 
 
-def _dotted(key_path) -> str:
-    names = [getattr(k, "key", getattr(k, "name", getattr(k, "idx", None))) for k in key_path]
+def param_path(path) -> str:
+    """A parameter's dotted path ("layers.3.attn.q_proj.kernel"), the key of the rules table,
+    from a jax key path (DictKey / GetAttrKey / SequenceKey entries) or a plain tuple of names
+    (`nnx.to_pure_dict` flattened); nnx's "value" / "raw_value" wrappers are left out. The one
+    path function of the package (the trainer's flat parameter dicts use it too)."""
+    names = [getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))) for k in path]
     return ".".join(str(n) for n in names if n not in ("value", "raw_value"))
 
 
@@ -179,7 +187,7 @@ def shard_model_state(state, mesh, rules=LOGICAL_RULES):
     """An `nnx.split` state placed on `mesh` by the parameter rules (inference: no optimizer)."""
 
     def place(key_path, x):
-        axes = param_logical_axes(_dotted(key_path), x.ndim)
+        axes = param_logical_axes(param_path(key_path), x.ndim)
         return jax.device_put(x, logical_sharding(axes, mesh, x.shape, rules))
 
     return jax.tree_util.tree_map_with_path(place, state)

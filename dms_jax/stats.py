@@ -1,15 +1,17 @@
-"""What `dms_jax.generate` reports: the cache's figures (dms-spec.md section 6) and timings."""
+"""What `dms_jax.generate` reports: the cache's figures (docs/dms.md section 6) and timings."""
 from __future__ import annotations
 
 import dataclasses
 
 import numpy as np
 
+from dms_jax.cache import compression_ratio
+
 
 @dataclasses.dataclass
 class GenerateStats:
     """Per-call figures. CR = seen / held per (layer, row, KV head), averaged as 1/mean(held/seen)
-    (spec section 6). Bytes count keys and values. Times are wall-clock seconds, compilation
+    (docs/dms.md section 6, `dms_jax.cache.compression_ratio`). Bytes count keys and values. Times are wall-clock seconds, compilation
     excluded (each program is compiled before it is timed)."""
 
     policy: str
@@ -74,12 +76,8 @@ def make_generate_stats(s, policy_name, cache, cfg, *, prefill_tokens, decode_to
     after its prefill."""
     held = np.asarray(s.held)  # [L, B, Hkv]
     seen = np.asarray(s.seen)  # [B]
-    ratio = held / np.maximum(seen, 1)[None, :, None]
-    rows = seen > 0
-    per_head = 1.0 / np.maximum(ratio[:, rows].mean(axis=1), 1e-12) if rows.any() else \
-        np.ones(held.shape[::2])
-    per_layer = 1.0 / np.maximum(ratio[:, rows].mean(axis=(1, 2)), 1e-12) if rows.any() else \
-        np.ones(held.shape[0])
+    per_head = np.asarray(compression_ratio(held, seen, axis=1))  # [L, Hkv]
+    per_layer = np.asarray(compression_ratio(held, seen, axis=(1, 2)))  # [L]
     token_bytes = 2 * cfg.head_dim * cache[0].keys.dtype.itemsize
     kv_total = float(np.asarray(s.kv_reads).sum())
     return GenerateStats(

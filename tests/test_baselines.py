@@ -1,4 +1,4 @@
-"""Training-free baselines (StreamingLLM, H2O, TOVA, SnapKV; dms-spec.md section 8) against
+"""Training-free baselines (StreamingLLM, H2O, TOVA, SnapKV; docs/dms.md section 8) against
 independent references.
 
 * the cache (`attend_and_update`) on random q/k/v == each method's rules written out plainly on
@@ -24,8 +24,9 @@ from hypothesis import strategies as st
 import dms_jax
 from dms_jax import ModelConfig
 from dms_jax import cache as kvcache
-from dms_jax.generate import StepConfig, _bucket, _snapkv_compress, prefill_step
+from dms_jax.generate import _bucket, _snapkv_compress, prefill_step
 from dms_jax.layers import apply_rope, rope_inv_freq
+from dms_jax.plan import plan_inference
 from dms_jax.policies import (FULL, budget_for_ratio, budget_from_stats, get_policy,
                               policy_params)
 from tests.test_cache import held_sets, make_data, schedule, step_fn
@@ -232,7 +233,7 @@ def draw_case(data):
 def test_property_policy_matches_reference_and_budget(name, data):
     q, k, v, prompts, totals, budget, rng = draw_case(data)
     steps = schedule(rng, prompts, totals, C)
-    cache = kvcache.init_layer_cache(B, HKV, budget, D, window=0)
+    cache = kvcache.init_layer_cache(B, HKV, budget, D)
     history, out, cache = run_cache(cache, steps, q, k, v, policy_for(name))
     method = POLICIES[name][0](budget, **POLICIES[name][1])
     expected, ref_out, _ = reference_run(method, steps, q, k, v)
@@ -299,7 +300,7 @@ def test_one_token_per_step_equals_the_original(name):
     steps = schedule(rng, totals, totals, 1)  # every step one token: the decode order
     budget = BUDGETS[0]
     policy = get_policy(name, **({"sinks": 2} if name == "streaming" else {}))
-    history, out, _ = run_cache(kvcache.init_layer_cache(B, HKV, budget, D, window=0), steps,
+    history, out, _ = run_cache(kvcache.init_layer_cache(B, HKV, budget, D), steps,
                                 q, k, v, policy)
     for b, n in enumerate(totals):
         attended, ref = original_token_by_token(name, q[b], k[b], v[b], n, budget)
@@ -312,7 +313,7 @@ def run_snapkv_cache(q, k, v, prompts, totals, budget, policy, rng):
     """SnapKV through the cache as generate drives it: the prompt but its observation window in
     chunks (keep all), the window in one step (attention summed), compaction, then decode."""
     heads = np.maximum(prompts - policy.obs_window, 0)
-    whole = kvcache.init_layer_cache(B, HKV, T, D, window=0)
+    whole = kvcache.init_layer_cache(B, HKV, T, D)
     _, out_head, whole = run_cache(whole, schedule(rng, heads, heads, C), q, k, v, FULL)
     index = np.zeros((B, policy.obs_window), int)
     valid = np.zeros_like(index, bool)
@@ -444,7 +445,8 @@ def test_streaming_with_room_for_everything_equals_full(tiny):
         ids[b, :len(p)], valid[b, :len(p)] = p, True
     logits = {}
     for name in ("full", "streaming"):
-        cache = kvcache.init_cache(1, B, HKV, budget, D, window=0)
+        plan = plan_inference(TINY, policy=name, budget=budget, max_len=budget)
+        cache = kvcache.init_cache(plan, B)
         hidden = jnp.zeros((B, TINY.hidden_size))
         chunks = []
         for c in range(3):
@@ -453,7 +455,7 @@ def test_streaming_with_room_for_everything_equals_full(tiny):
             out, hidden, cache = prefill_step(graphdef, params, cache, ids[:, cols],
                                               valid[:, cols], pos, hidden,
                                               np.full(B, -1, np.int32),
-                                              step=StepConfig(get_policy(name)))
+                                              plan=plan)
             chunks.append(np.asarray(tiny.unembed(out))[valid[:, cols]])
         logits[name] = np.concatenate(chunks)
     np.testing.assert_array_equal(logits["streaming"], logits["full"])
@@ -515,30 +517,34 @@ def test_budget_errors_before_compute(tiny, policy, budget, match):
 
 
 def test_budget_holding_every_token_needs_no_room_for_the_rule():
-    from dms_jax.generate import resolve_capacity
-    cap = resolve_capacity(TINY, 10, get_policy("snapkv"), window=0, target_cr=8.0, margin=0.5,
+    from dms_jax.plan import resolve_capacity
+    cap = resolve_capacity(10, get_policy("snapkv"), window=0, target_cr=8.0, margin=0.5,
                            capacity=None, budget=32)
     assert cap == 10  # 32 >= max_len: nothing is evicted, the window need not fit
 
 
 def test_attention_policies_need_the_scoring_attention_path():
+    kw = dict(budget=BUDGET, max_len=64)
     with pytest.raises(ValueError, match="attention_impl='blockwise' gives no scores"):
-        StepConfig(get_policy("h2o"), attention_impl="blockwise")
+        plan_inference(TINY, policy="h2o", attention_impl="blockwise", **kw)
     with pytest.raises(ValueError, match="use attention_impl='dense'"):
-        StepConfig(get_policy("tova"), attention_impl="auto")
-    StepConfig(get_policy("streaming"), attention_impl="blockwise")  # needs no scores
+        plan_inference(TINY, policy="tova", attention_impl="auto", **kw)
+    plan_inference(TINY, policy="streaming", attention_impl="blockwise", **kw)  # needs no scores
 
 
 def test_model_level_cache_errors_for_baselines():
     """A baseline's cache needs its budget; score-based policies need the dense cache path."""
     from dms_jax.assets import DEFAULT_MODEL_DIR
-    from dms_jax.cache import init_cache_for_model
 
     model = dms_jax.from_pretrained(DEFAULT_MODEL_DIR)
     with pytest.raises(ValueError, match="budget"):
-        init_cache_for_model(model.config, 1, 64, policy="h2o")
-    cache = init_cache_for_model(model.config, 1, 64, policy="h2o", capacity=16)
+        plan_inference(model.config, policy="h2o", max_len=64)
+    plan = plan_inference(model.config, policy="h2o", capacity=16, max_len=64)
+    cache = kvcache.init_cache(plan, 1)
     assert cache[0].capacity == 16
     with pytest.raises(ValueError, match="attention_impl='dense'"):
-        model.forward(jnp.ones((1, 4), jnp.int32), cache=cache, policy="h2o",
+        plan_inference(model.config, policy="h2o", capacity=16, max_len=64,
+                       attention_impl="blockwise")
+    with pytest.raises(ValueError, match="the plan decides"):  # the model follows its plan
+        model.forward(jnp.ones((1, 4), jnp.int32), cache=cache, plan=plan,
                       attention_impl="blockwise")

@@ -1,5 +1,5 @@
 """Blockwise (flash-style) DMS training attention against an independent float64 torch reference
-of dms-spec.md sections 3-4, values and gradients; the shift by one and the window edge pinned by
+of docs/dms.md sections 3-4, values and gradients; the shift by one and the window edge pinned by
 hand; no [T, T] buffer in the compiled forward+backward at T = 8192."""
 import functools
 import re
@@ -19,7 +19,7 @@ from dms_jax.ops.attention import dense_attention  # noqa: E402
 from dms_jax.ops.blockwise import blockwise_attention, causal_blockwise_attention  # noqa: E402
 
 # ------------------------------------------------------------------------------------------------
-# The reference: the spec rule written out plainly in torch float64 (autograd for the gradients).
+# The reference: the rule of docs/dms.md section 4 written out plainly in torch float64 (autograd for the gradients).
 
 
 def reference_attention(q, k, v, q_pos, k_pos, *, window, zt=None, d=None, k_valid=None,

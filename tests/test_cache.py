@@ -1,9 +1,9 @@
-"""The fixed-shape DMS KV cache (dms-spec.md sections 4-6) against independent references.
+"""The fixed-shape DMS KV cache (docs/dms.md sections 4-6) against independent references.
 
 * outputs of chunked prefill + decode over the cache == `dense_attention` over the whole sequence
   with the hard bias, and == a float64 numpy implementation of the rule written out plainly;
 * the held set after every step == a plain set simulation of section 5 (with the documented
-  overflow rule), and the spec's invariants hold (hypothesis, data-varying, fixed shapes);
+  overflow rule), and the invariants of section 5 hold (hypothesis, data-varying, fixed shapes);
 * stats (held, CR, bytes, overflow) == direct counts; strict mode raises on overflow.
 Shapes come from a few buckets so each jitted program compiles once.
 """
@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 from dms_jax import DMSConfig, ModelConfig
 from dms_jax import cache as kvcache
+from dms_jax.plan import PlanError, capacity_for, plan_inference
 from dms_jax.ops import gating
 from dms_jax.ops.attention import dense_attention
 
@@ -157,9 +158,9 @@ def test_prefill_and_decode_equal_dense_attention(name):
     rng = np.random.default_rng(sorted(CASES).index(name))
     q, k, v, d = make_data(rng, len(totals), max(totals), heads, kv_heads, dim, p_flag)
     max_len = max(totals)
-    capacity = kvcache.capacity_for(max_len, window, target_cr=2.0, margin=0.5)
+    capacity = capacity_for(max_len, window, target_cr=2.0, margin=0.5)
     assert window + 1 <= capacity < max_len
-    cache = kvcache.init_layer_cache(len(totals), kv_heads, capacity, dim, window=window)
+    cache = kvcache.init_layer_cache(len(totals), kv_heads, capacity, dim)
     steps = schedule(rng, np.array(prompts), np.array(totals), chunk)
     out, cache = run_cache(cache, steps, q, k, v, d, window=window)
     assert int(np.asarray(cache.overflow).sum()) == 0
@@ -170,7 +171,7 @@ def test_prefill_and_decode_equal_dense_attention(name):
         for b, length in enumerate(totals):
             ref = numpy_reference(q[b], k[b], v[b], d[b], length, window=window)
             np.testing.assert_allclose(out[b, :length], ref, atol=1e-5, rtol=0)
-    # really compressed: fewer tokens held than seen, exactly the spec's count (section 5)
+    # really compressed: fewer tokens held than seen, exactly the count of docs/dms.md section 5
     held = np.asarray(cache.held)
     for b, length in enumerate(totals):
         old = np.arange(max(length - window - 1, 0))
@@ -184,9 +185,9 @@ def test_full_policy_and_sliding_window_equal_dense_attention():
     rng = np.random.default_rng(7)
     q, k, v, d = make_data(rng, 2, 30, 4, 2, 16, 0.7)
     steps = schedule(rng, np.array(prompts), np.array(totals), chunk)
-    full = kvcache.init_layer_cache(2, 2, 30, 16, window=window)
+    full = kvcache.init_layer_cache(2, 2, 30, 16)
     out_full, full = run_cache(full, steps, q, k, v, d, window=window, policy="full")
-    dms = kvcache.init_layer_cache(2, 2, 30, 16, window=window)
+    dms = kvcache.init_layer_cache(2, 2, 30, 16)
     out_dms, dms = run_cache(dms, steps, q, k, v, d, window=window, sliding_window=sliding)
     for b, length in enumerate(totals):
         ref = dense_reference(q[b], k[b], v[b], d[b], length, window=window, evict=False)
@@ -200,21 +201,23 @@ def test_full_policy_and_sliding_window_equal_dense_attention():
 
 
 def test_capacity_errors_and_bounds():
-    with pytest.raises(ValueError, match="window of 8"):
-        kvcache.init_layer_cache(1, 1, 8, 4, window=8)
-    kvcache.init_layer_cache(1, 1, 5, 4, window=8, max_len=5)  # holds the whole row: fine
-    assert kvcache.capacity_for(100, 8, target_cr=1.0) == 100
-    assert kvcache.capacity_for(1000, 10, target_cr=8.0, margin=0.0) == 11 + 124
-    assert kvcache.capacity_for(5, 8, target_cr=8.0) == 5
-    with pytest.raises(ValueError):
-        kvcache.capacity_for(100, 8, target_cr=0.5)
     cfg = ModelConfig(vocab_size=11, hidden_size=8, intermediate_size=16, num_layers=3,
                       num_heads=4, num_kv_heads=2, head_dim=4, dtype="bfloat16",
                       dms=DMSConfig(window=8))
-    caches = kvcache.init_cache_for_model(cfg, 2, 1000, target_cr=8.0, margin=0.0)
-    assert len(caches) == 3 and caches[0].keys.shape == (2, 2, 9 + 124, 4)
+    with pytest.raises(PlanError, match="window: it needs at least window \\+ 1 = 9"):
+        plan_inference(cfg, capacity=8, max_len=100)
+    assert plan_inference(cfg, capacity=5, max_len=5).capacity == 5  # holds the whole row: fine
+    assert capacity_for(100, 8, target_cr=1.0) == 100
+    assert capacity_for(1000, 10, target_cr=8.0, margin=0.0) == 11 + 124
+    assert capacity_for(5, 8, target_cr=8.0) == 5
+    with pytest.raises(ValueError):
+        capacity_for(100, 8, target_cr=0.5)
+    # the cache of a plan: allocated for 1024 tokens (1024 is its own length bucket)
+    caches = kvcache.init_cache(plan_inference(cfg, max_len=1024, target_cr=8.0, margin=0.0), 2)
+    assert len(caches) == 3 and caches[0].keys.shape == (2, 2, 9 + 127, 4)
     assert caches[0].keys.dtype == jnp.bfloat16
-    assert kvcache.init_cache_for_model(cfg, 2, 1000, policy="full")[0].capacity == 1000
+    assert kvcache.init_cache(plan_inference(cfg, policy="full", max_len=1024), 2)[0].capacity \
+        == 1024
 
 
 # ----------------------------------------------------------------------------- properties
@@ -235,7 +238,7 @@ def draw_run(data, p_flag):
 
 
 def check_invariants(steps, d, cache_history, *, capacity, overflow_free):
-    """Spec section 5 after every step, from the positions actually stored."""
+    """docs/dms.md section 5 after every step, from the positions actually stored."""
     seen = np.zeros(B, int)
     prev = None
     for (index, valid), held in zip(steps, cache_history):
@@ -256,11 +259,11 @@ def check_invariants(steps, d, cache_history, *, capacity, overflow_free):
 
 
 def run_and_check_held(data, p_flag, capacity, overflow_free):
-    """A drawn run through the cache: the spec's invariants and the plain set simulation of
-    section 5 (with the overflow rule) hold after every step. Returns what the tests check next."""
+    """A drawn run through the cache: the invariants and the plain set simulation of
+    docs/dms.md section 5 (with the overflow rule) hold after every step. Returns what the tests check next."""
     q, k, v, d, steps, totals = draw_run(data, p_flag)
     history = []
-    cache = kvcache.init_layer_cache(B, HKV, capacity, D, window=W)
+    cache = kvcache.init_layer_cache(B, HKV, capacity, D)
     out, cache = run_cache(cache, steps, q, k, v, d, window=W,
                            on_step=lambda i, m, c: history.append(held_sets(c)))
     check_invariants(steps, d, history, capacity=capacity, overflow_free=overflow_free)
@@ -275,7 +278,7 @@ def test_property_no_overflow_matches_spec(data, p_flag):
     q, k, v, d, totals, out, cache, overflow = run_and_check_held(data, p_flag, T, True)
     assert not overflow.any() and not np.asarray(cache.overflow).any()
 
-    # held count after prefill + decode, exactly (spec section 5)
+    # held count after prefill + decode, exactly (docs/dms.md section 5)
     held = np.zeros((B, HKV), int)
     for b, n in enumerate(totals):
         older = np.arange(max(n - W - 1, 0))  # positions j < t - w, t = n - 1
@@ -326,7 +329,7 @@ def test_overflow_is_counted_and_strict_raises():
     rng = np.random.default_rng(3)
     q, k, v, d = make_data(rng, B, T, H, HKV, D, 0.0)  # nothing flagged: every token retained
     steps = schedule(rng, np.array([12, 5]), np.array([T, 18]), C)
-    cache = kvcache.init_layer_cache(B, HKV, SMALL, D, window=W)
+    cache = kvcache.init_layer_cache(B, HKV, SMALL, D)
     out, cache = run_cache(cache, steps, q, k, v, d, window=W)
     np.testing.assert_array_equal(np.asarray(cache.overflow),
                                   np.array([[T - SMALL] * HKV, [18 - SMALL] * HKV]))
@@ -336,7 +339,7 @@ def test_overflow_is_counted_and_strict_raises():
     assert int(np.asarray(stats.overflow).sum()) == 2 * 2 * (T - SMALL + 18 - SMALL)
     with pytest.raises(kvcache.CacheOverflowError, match="overflow"):
         kvcache.assert_no_overflow([cache])
-    kvcache.assert_no_overflow([kvcache.init_layer_cache(B, HKV, SMALL, D, window=W)])
+    kvcache.assert_no_overflow([kvcache.init_layer_cache(B, HKV, SMALL, D)])
 
 
 def test_step_is_jittable_with_donation_and_per_layer_decisions():
@@ -346,9 +349,118 @@ def test_step_is_jittable_with_donation_and_per_layer_decisions():
     d[..., 1] = d[..., 0]
     steps = schedule(rng, np.array([12]), np.array([12]), 12)
     index, valid = steps[0]
-    cache = kvcache.init_layer_cache(1, 2, 12, 8, window=2)
+    cache = kvcache.init_layer_cache(1, 2, 12, 8)
     out, cache2 = step_fn(cache, q, k, v, d[..., :1], index.astype(np.int32), valid, window=2)
     assert cache.keys.is_deleted()  # donated
     ref = dense_reference(q[0], k[0], v[0], d[0], 12, window=2)
     np.testing.assert_allclose(np.asarray(out)[0], ref, atol=1e-5, rtol=0)
     assert held_sets(cache2)[0, 0] == held_sets(cache2)[0, 1]
+
+
+# ----------------------------------------------------------------------------- the step's parts
+
+
+def _block(pos, flags, keys=None, values=None):
+    """A KeyBlock of one (row, KV head) stream: pos int [n] (-1 free), flags bool [n]."""
+    pos = np.asarray(pos, np.int32)[None, None]
+    n = pos.shape[-1]
+    keys = np.arange(n * 2, dtype=np.float32).reshape(1, 1, n, 2) if keys is None else keys
+    values = -keys if values is None else values
+    return kvcache.KeyBlock(keys, values, pos, np.asarray(flags, bool)[None, None], pos >= 0)
+
+
+def test_place_tokens_keeps_what_the_rule_keeps_and_fills_free_slots_lowest_first():
+    from dms_jax.policies import DMS
+
+    # slots hold positions 0, 1, 2 (flags 1, 0, 1) and one free slot; new tokens 3, 4; w = 1:
+    # the newest query (4) keeps 3, 4 (window) and 1 (unflagged); 0 and 2 leave
+    old = _block([0, 1, 2, -1], [True, False, True, False])
+    new = _block([3, 4], [True, False])
+    keep_old, dest, dropped = kvcache.place_tokens(
+        DMS, old, new, np.zeros((1, 1, 6), np.float32), np.array([4], np.int32), window=1,
+        sliding_window=None)
+    np.testing.assert_array_equal(keep_old[0, 0], [False, True, False, False])
+    np.testing.assert_array_equal(dest[0, 0], [0, 2])  # the freed slots 0 and 2, in order
+    assert int(dropped[0, 0]) == 0
+    # three slots, nothing flagged: the window (2, 3) and then the oldest (0) stay; the newest
+    # retained token (1) is dropped for capacity and counted (the overflow rule)
+    old = _block([0, 1, -1], [False, False, False])
+    new = _block([2, 3], [False, False])
+    keep_old, dest, dropped = kvcache.place_tokens(
+        DMS, old, new, np.zeros((1, 1, 5), np.float32), np.array([3], np.int32), window=1,
+        sliding_window=None)
+    np.testing.assert_array_equal(keep_old[0, 0], [True, False, False])
+    np.testing.assert_array_equal(dest[0, 0], [1, 2])
+    assert int(dropped[0, 0]) == 1
+    # a sliding window of 2: position 1 is beyond it for query 3, whatever its flag
+    keep_old, _, _ = kvcache.place_tokens(
+        DMS, old, new, np.zeros((1, 1, 5), np.float32), np.array([3], np.int32), window=1,
+        sliding_window=2)
+    np.testing.assert_array_equal(keep_old[0, 0], [False, False, False])
+
+
+def test_store_tokens_frees_what_is_not_kept_and_writes_new_tokens_at_their_slots():
+    old = _block([0, 1, 2, -1], [True, False, True, False])
+    new = _block([3, 4], [True, False], keys=np.full((1, 1, 2, 2), 9.0, np.float32))
+    scores = np.arange(6, dtype=np.float32)[None, None]
+    keys, values, pos, flags, kept_scores = kvcache.store_tokens(
+        old, new, np.array([[[False, True, False, False]]]), np.array([[[0, 2]]]), scores)
+    np.testing.assert_array_equal(pos[0, 0], [3, 1, 4, -1])
+    np.testing.assert_array_equal(flags[0, 0], [True, False, False, False])
+    np.testing.assert_array_equal(keys[0, 0, :, 0], [9.0, 2.0, 9.0, 6.0])  # slot 3: stale, free
+    np.testing.assert_array_equal(values[0, 0, 1], -old.keys[0, 0, 1])
+    np.testing.assert_array_equal(kept_scores[0, 0], [4.0, 1.0, 5.0, 0.0])
+    # a destination S (not stored) writes nothing
+    _, _, pos, _, _ = kvcache.store_tokens(
+        old, new, np.ones((1, 1, 4), bool), np.array([[[4, 4]]]), scores)
+    np.testing.assert_array_equal(pos[0, 0], [0, 1, 2, -1])
+
+
+def test_accumulate_scores_only_for_rows_with_a_scoring_query():
+    from dms_jax.policies import get_policy
+
+    scores = np.ones((2, 1, 3), np.float32)
+    received = np.full((2, 1, 3), 0.5, np.float32)
+    scoring = np.array([[True, False], [False, False]])  # row 1: no scoring query this step
+    h2o = kvcache.accumulate_scores(get_policy("h2o"), scores, received, scoring)
+    np.testing.assert_array_equal(h2o, [[[1.5] * 3], [[1.0] * 3]])
+    assert kvcache.accumulate_scores(get_policy("dms"), scores, None, None) is scores
+    positions = np.array([[5, 6], [7, 0]], np.int32)
+    valid = np.array([[True, True], [True, False]])
+    newest = np.array([6, 7], np.int32)
+    np.testing.assert_array_equal(
+        kvcache.scoring_queries(get_policy("tova"), positions, valid, newest),
+        [[False, True], [True, False]])
+    np.testing.assert_array_equal(
+        kvcache.scoring_queries(get_policy("h2o"), positions, valid, newest), valid)
+    assert kvcache.scoring_queries(get_policy("dms"), positions, valid, newest) is None
+
+
+def test_attend_blocks_equals_dense_attention_over_the_concatenated_keys():
+    rng = np.random.default_rng(11)
+    batch, chunk, heads, kv_heads, dim, slots = 2, 3, 4, 2, 8, 5
+    q = rng.standard_normal((batch, chunk, heads, dim)).astype(np.float32)
+    k = rng.standard_normal((batch, kv_heads, slots + chunk, dim)).astype(np.float32)
+    v = rng.standard_normal((batch, kv_heads, slots + chunk, dim)).astype(np.float32)
+    slot_pos = np.array([[0, 1, 2, 3, -1]] * kv_heads, np.int32)[None].repeat(batch, 0)
+    flags = rng.random((batch, kv_heads, slots + chunk)) < 0.5
+    q_pos = np.array([[4, 5, 6], [4, 5, 0]], np.int32)
+    q_valid = np.array([[True, True, True], [True, True, False]])
+    new_pos = np.broadcast_to(q_pos[:, None], (batch, kv_heads, chunk))
+    blocks = [kvcache.KeyBlock(k[:, :, :slots], v[:, :, :slots], slot_pos, flags[..., :slots],
+                               slot_pos >= 0),
+              kvcache.KeyBlock(k[:, :, slots:], v[:, :, slots:], new_pos, flags[..., slots:],
+                               np.broadcast_to(q_valid[:, None], new_pos.shape))]
+    out, seen, received = kvcache.attend_blocks(
+        q, q_pos, q_valid, blocks, window=1, use_flags=True, sliding_window=None,
+        scale=dim ** -0.5, scoring=q_valid)
+    k_pos = np.concatenate([slot_pos, new_pos], -1)
+    k_valid = np.concatenate([b.valid for b in blocks], -1)
+    want, probs = dense_attention(q, np.swapaxes(k, 1, 2), np.swapaxes(v, 1, 2), q_pos=q_pos,
+                                  k_pos=k_pos, evict_bias=np.where(flags, -1e30, 0.0),
+                                  window=1, k_valid=k_valid, return_probs=True)
+    np.testing.assert_allclose(out, want, atol=1e-6)
+    np.testing.assert_allclose(received, (np.asarray(probs) * q_valid[:, None, None, :, None])
+                               .sum(axis=(2, 3)), atol=1e-6)
+    visible = np.asarray(probs)[:, :, 0] > 0  # [B, Hkv, C, N]
+    np.testing.assert_array_equal(seen, (visible & q_valid[:, None, :, None]).sum(axis=(2, 3)))

@@ -133,7 +133,8 @@ def test_eval_compression_ratio_matches_a_direct_count():
                            or j + 1 >= n)
                 ratios.append(held / n)
     expected = 1.0 / np.mean(ratios)
-    got = float(compression_ratio_from_decisions(jnp.asarray(decisions), mask, window))
+    got = float(compression_ratio_from_decisions(jnp.asarray(decisions), mask, window,
+                                                     sliding_window=None))
     assert got == pytest.approx(expected, rel=1e-6)
 
 

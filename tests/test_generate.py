@@ -19,9 +19,9 @@ from flax import nnx
 import dms_jax
 from dms_jax import DMSConfig
 from dms_jax import cache as kvcache
-from dms_jax.generate import Sampling, StepConfig, generate, prefill_step, sample_logits
+from dms_jax.generate import Sampling, generate, prefill_step, sample_logits
 from dms_jax.model import compression_ratio_from_decisions
-from dms_jax.policies import get_policy
+from dms_jax.plan import plan_inference
 from tests import hf_models
 
 WINDOW = 3
@@ -55,10 +55,8 @@ def teacher_forced(model, rows, prompt_lens, chunk, policy="dms"):
     cfg = model.config
     graphdef, params = nnx.split(model)
     batch, max_len = len(rows), max(len(r) for r in rows)
-    pol = get_policy(policy)
-    step = StepConfig(pol, cfg.dms.window if pol.uses_decisions else None)
-    cache = kvcache.init_cache(cfg.num_layers, batch, cfg.num_kv_heads, max_len, cfg.head_dim,
-                               window=cfg.dms.window, max_len=max_len)
+    plan = plan_inference(cfg, policy=policy, capacity=max_len, max_len=max_len)
+    cache = kvcache.init_cache(plan, batch)
     logits = [np.full((len(r), cfg.vocab_size), np.nan, np.float32) for r in rows]
     done = np.zeros(batch, int)
     last_hidden = jnp.zeros((batch, cfg.hidden_size))
@@ -73,7 +71,7 @@ def teacher_forced(model, rows, prompt_lens, chunk, policy="dms"):
         pos = (done[:, None] + np.arange(width)).astype(np.int32)
         hidden, last_hidden, cache = prefill_step(
             graphdef, params, cache, ids, valid, pos, last_hidden,
-            np.full(batch, -1, np.int32), step=step)
+            np.full(batch, -1, np.int32), plan=plan)
         lg = np.asarray(model.unembed(hidden))
         for b in range(batch):
             n = int(valid[b].sum())
@@ -133,7 +131,8 @@ def test_greedy_generate_follows_hard_eval_and_counts_cr(llama_dms):
         np.testing.assert_array_equal(logits[len(p) - 1:-1].argmax(-1), gen)
         fed = seq[:-1]  # the last token is pending, not in the cache
         eval_out = llama_dms.forward(jnp.asarray(fed)[None], mode="eval")
-        ratios.append(float(compression_ratio_from_decisions(eval_out.decisions, None, WINDOW)))
+        ratios.append(float(compression_ratio_from_decisions(eval_out.decisions, None, WINDOW,
+                                                               sliding_window=None)))
         assert out.stats.seen_tokens[b] == len(fed)
     # per-row CR from the decisions == the stats' per-row held / seen (direct count)
     held = out.stats.held_tokens  # [L, B, Hkv]
@@ -252,11 +251,56 @@ def test_overflow_is_reported_and_strict_raises(llama_dms):
     (dict(prompts=[[1, 2, 3]], stop_tokens=[500]), "stop token"),
     (dict(prompts=[[1, 2, 3]], chunk_size=0), "chunk_size"),
     (dict(prompts=[[1, 2, 3]], max_new_tokens=-1), "max_new_tokens"),
+    (dict(prompts=[[1.5, 2.0]]), r"token ids must be integers, got float64 .*\[1\.5, 2\.0\]"),
+    (dict(prompts=[[1, 2], [3.0]]), r"prompt 1: token ids must be integers"),
+    (dict(prompts=np.array([[1.5, 2.0]])), "input_ids must be integers"),
+    (dict(prompts=[[1, 2, 3]], max_new_tokens=2.5), "max_new_tokens=2.5 must be an integer"),
+    (dict(prompts=[[1, 2, 3]], target_cr=float("inf")), "target_cr=inf must be a finite number"),
+    (dict(prompts=[[1, 2, 3]], margin=float("nan")), "margin=nan must be a finite number"),
+    (dict(prompts=[[1, 2, 3]], window=10 ** 12), r"window=1000000000000 must be >= 0 and at most"),
+    (dict(prompts=[[1, 2, 3]], max_len=10 ** 9), "the KV cache needs"),
 ])
 def test_bad_input_raises_before_compute(llama_dms, kwargs, match):
     prompts = kwargs.pop("prompts")
     with pytest.raises(ValueError, match=match):
         generate(llama_dms, prompts, **kwargs)
+
+
+def test_eval_forward_and_the_cache_report_one_cr_with_a_sliding_window(hf_model_dirs):
+    """Mistral (sliding window 7), DMS window 2: keys beyond the sliding window are held by no
+    cache, and the evaluation forward no longer counts them either (docs/dms.md section 6)."""
+    model = randomised_dms_model(hf_model_dirs["mistral"], window=2, seed=3)
+    assert model.config.sliding_window == 7
+    row = np.random.default_rng(12).integers(0, 97, 40)
+    _, eval_cr = model.eval_forward(jnp.asarray(row)[None], attention_mask=np.ones((1, 40)))
+    out = generate(model, [row.tolist()], max_new_tokens=0, chunk_size=8, capacity=40,
+                   max_len=40)
+    assert out.stats.overflow == 0 and out.stats.seen_tokens.tolist() == [40]
+    assert (out.stats.held_tokens <= 7).all()  # nothing beyond the sliding window is held
+    assert float(eval_cr) == pytest.approx(out.stats.compression_ratio, rel=1e-6)
+    assert out.stats.compression_ratio >= 40 / 7
+    # the held count by hand: the last query (39) sees 33..39 at most, the window 37..39 always
+    _, decisions = eval_logits_alone(model, row)
+    flags = np.zeros_like(decisions, bool)
+    flags[:, :-1] = decisions[:, 1:] > 0.5
+    j = np.arange(40)
+    held = ((39 - j < 7)[None, :, None] & ((39 - j <= 2)[None, :, None] | ~flags)).sum(axis=1)
+    assert float(eval_cr) == pytest.approx(1 / np.mean(held / 40), rel=1e-6)
+
+
+def test_prefill_progress_moves_chunk_by_chunk(llama_dms):
+    calls = []
+    generate(llama_dms, [np.arange(40).tolist()], max_new_tokens=1, chunk_size=8, capacity=64,
+             max_len=64, progress=lambda done, total: calls.append((done, total)))
+    assert calls == [(0, 40)] + [(n, 40) for n in (8, 16, 24, 32, 40)]
+
+
+def test_a_mesh_too_big_for_the_cpu_says_how_to_simulate_devices():
+    from dms_jax import sharding as shd
+
+    with pytest.raises(shd.MeshError,
+                       match="XLA_FLAGS=--xla_force_host_platform_device_count=16"):
+        shd.make_mesh((16, 1, 1))
 
 
 def test_dms_policy_needs_a_dms_model(hf_model_dirs):

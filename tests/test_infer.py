@@ -68,6 +68,9 @@ def test_no_arguments_run_prints_text_and_stats_matching_generate(capsys, tmp_pa
     for row in ("compression ratio (seen/held)", "KV held / full cache", "overflow (tokens dropped)"):
         assert row in table
     assert "policy dms" in err and "DMS neuron window 16" in err  # the info lines (stderr)
+    # one capacity figure: the input line's (the plan's) is the stats table's
+    planned = re.search(r"capacity (\d+) slots/head", err).group(1)
+    assert f"({planned} slots/head)" in table
 
     # the same prompt from a file, outputs written (same shapes: no new compile) ...
     (tmp_path / "prompt.txt").write_text(infer.DEFAULT_PROMPT)
@@ -264,6 +267,11 @@ BAD = {
     "missing model directory": (["--model", "./no/such/model"], "no such directory"),
     "stats-json in a missing directory": (["--stats-json", "/no/such/dir/s.json"], "does not exist"),
     "malformed flag": (["--max-new-tokens", "many"], "invalid int value"),
+    "abbreviated flag": (["--max-new-token", 5], "unrecognized arguments: --max-new-token"),
+    "infinite target-cr": (["--target-cr", "inf"], "--target-cr inf must be a finite number"),
+    "nan margin": (["--margin", "nan"], "--margin nan must be a finite number >= 0"),
+    "window beyond int32": (["--window", 10 ** 12], "--window 1000000000000 must be >= 0 and "),
+    "cache beyond memory": (["--max-len", 10 ** 9], "the KV cache needs"),
 }
 
 
@@ -408,7 +416,39 @@ def test_help_lists_the_flags(capsys):
 
 
 def test_script_entry_point():
-    run_ = subprocess.run([sys.executable, os.path.join(REPO, "infer.py"), "--max-new-tokens", "8",
-                           "--quiet"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    """The script as a user runs it, on a JAX-only install (torch made unimportable): no
+    transformers advisory about PyTorch."""
+    no_torch = ("import runpy, sys; sys.modules['torch'] = None; sys.argv = sys.argv[1:]; "
+                "runpy.run_path(sys.argv[0], run_name='__main__')")
+    run_ = subprocess.run([sys.executable, "-c", no_torch, os.path.join(REPO, "infer.py"),
+                           "--max-new-tokens", "8", "--quiet"], cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
     assert run_.returncode == 0, run_.stderr[-3000:]
     assert run_.stdout.strip() and "compression ratio" not in run_.stdout  # --quiet: text only
+    assert "PyTorch was not found" not in run_.stderr, run_.stderr[-2000:]
+
+
+def test_zero_new_tokens_streams_nothing_and_reports_the_prefill(capsys, default_model):
+    rc, out, err = run(capsys, "--prompt", SHORT, "--max-new-tokens", 0, "--max-len", 64)
+    assert rc == 0, err
+    text, sep, table = out.partition("\n\npolicy ")
+    assert sep and text.strip() == ""
+    assert re.search(r"decode\s+0 tok", table)
+    _, tokenizer = default_model
+    assert re.search(rf"tokens seen \(per row\)\s+{len(tokenizer(SHORT)['input_ids'])}\n", out)
+
+
+def test_progress_lines_without_a_terminal_move_chunk_by_chunk(capsys, monkeypatch):
+    """stderr is not a terminal here: progress comes as log lines, the prefill's one per chunk
+    (LOG_EVERY_S = 0: every update is due)."""
+    monkeypatch.setattr(infer, "LOG_EVERY_S", 0.0)
+    rc, _, err = run(capsys, "--prompt", SHORT * 2, "--chunk-size", 16, "--max-new-tokens", 8,
+                     "--max-len", 128, "--no-stream", "--no-stop")
+    assert rc == 0, err
+    lines = [line for line in err.splitlines() if line.startswith("prefill: ")]
+    assert lines[0].startswith("prefill: compiling") and lines[1].startswith("prefill: 0/")
+    done = [int(re.match(r"prefill: (\d+)/(\d+) tokens \(", line).group(1)) for line in lines[2:]]
+    total = int(re.match(r"prefill: 0/(\d+)", lines[1]).group(1))
+    assert done == list(range(16, total, 16)) + [total]  # one line per chunk of 16
+    decode = [line for line in err.splitlines() if line.startswith("decode: ")]
+    assert decode and decode[-1].startswith("decode: 8/8 tokens")

@@ -1,4 +1,4 @@
-"""Retrofit losses and the CR schedule (dms-spec.md section 7) against float64 numpy references."""
+"""Retrofit losses and the CR schedule (docs/dms.md section 7) against float64 numpy references."""
 import jax
 import jax.numpy as jnp
 import numpy as np

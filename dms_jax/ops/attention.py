@@ -20,6 +20,32 @@ def _per_head(x, num_kv_heads):
     return x[:, :, None, None, :]
 
 
+def grouped_attention(q, blocks, bias, scale):
+    """Softmax attention of grouped queries over one or more key blocks: one softmax across all
+    blocks, each block's values applied to its part (no concatenation of K / V). The one copy of
+    the attention math: `dense_attention` (one block) and the cache step (slots, then the chunk).
+
+    q: [B, Tq, H, D]; blocks: a sequence of (keys, values), each [B, Hkv, Tk_i, D];
+    bias: float32, broadcastable to [B, Hkv, G, Tq, N] with N = sum Tk_i (the visibility rule's
+    additive bias, `dms_jax.ops.mask.visibility_bias`); scale: the score scale (D ** -0.5).
+    returns (out [B, Tq, H, D] in q.dtype, probs float32 [B, Hkv, G, Tq, N])
+    """
+    batch, q_len, num_heads, head_dim = q.shape
+    num_kv_heads = blocks[0][0].shape[1]
+    qg = q.reshape(batch, q_len, num_kv_heads, num_heads // num_kv_heads, head_dim)
+    scores = jnp.concatenate(
+        [jnp.einsum("bqhgd,bhkd->bhgqk", qg, keys, preferred_element_type=jnp.float32)
+         for keys, _ in blocks], axis=-1) * scale
+    probs = jax.nn.softmax(scores + bias, axis=-1)  # [B, Hkv, G, Tq, N]
+    out, start = None, 0
+    for keys, values in blocks:
+        part = probs[..., start:start + keys.shape[2]].astype(values.dtype)
+        term = jnp.einsum("bhgqk,bhkd->bqhgd", part, values)
+        out = term if out is None else out + term
+        start += keys.shape[2]
+    return out.reshape(batch, q_len, num_heads, head_dim).astype(q.dtype), probs
+
+
 def dense_attention(q, k, v, *, q_pos, k_pos, evict_bias=None, window=0, k_valid=None,
                     sliding_window=None, scale=None, return_probs=False, segment_ids=None):
     """Softmax attention with the DMS bias, materialising the [Tq, Tk] scores.
@@ -31,12 +57,8 @@ def dense_attention(q, k, v, *, q_pos, k_pos, evict_bias=None, window=0, k_valid
     segment_ids: int [B, T] packed-document ids of queries and keys (self-attention), or None
     returns out [B, Tq, H, D] (q.dtype); with return_probs also probs [B, Hkv, G, Tq, Tk] f32
     """
-    batch, q_len, num_heads, head_dim = q.shape
-    num_kv_heads = k.shape[2]
-    group = num_heads // num_kv_heads
+    num_kv_heads, head_dim = k.shape[2], q.shape[3]
     scale = head_dim ** -0.5 if scale is None else scale
-    qg = q.reshape(batch, q_len, num_kv_heads, group, head_dim)
-    scores = jnp.einsum("bqhgd,bkhd->bhgqk", qg, k, preferred_element_type=jnp.float32) * scale
     bias = visibility_bias(
         q_pos[:, None, None, :, None],
         _per_head(k_pos, num_kv_heads),
@@ -47,9 +69,8 @@ def dense_attention(q, k, v, *, q_pos, k_pos, evict_bias=None, window=0, k_valid
         q_seg=None if segment_ids is None else segment_ids[:, None, None, :, None],
         k_seg=None if segment_ids is None else segment_ids[:, None, None, None, :],
     )
-    probs = jax.nn.softmax(scores + bias, axis=-1)  # [B, Hkv, G, Tq, Tk]
-    out = jnp.einsum("bhgqk,bkhd->bqhgd", probs.astype(v.dtype), v)
-    out = out.reshape(batch, q_len, num_heads, head_dim).astype(q.dtype)
+    out, probs = grouped_attention(q, [(jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2))], bias,
+                                   scale)
     if return_probs:
         return out, probs
     return out

@@ -1,6 +1,6 @@
 """DMS eviction decisions: decision logits, Gumbel-sigmoid gating, the shift by one.
 
-dms-spec.md sections 1-3. Pure functions on arrays; shapes in comments.
+docs/dms.md sections 1-3. Pure functions on arrays; shapes in comments.
 """
 from __future__ import annotations
 
@@ -37,11 +37,6 @@ def adapter_decision_logits(x_normed, weight, scale, offset):
     """
     raw = jnp.einsum("btd,hd->bth", x_normed.astype(jnp.float32), weight.astype(jnp.float32))
     return scale * raw - offset
-
-
-def per_layer(z):
-    """Granularity 'layer': KV head 0's decision for every head. z: [B, T, Hkv]."""
-    return jnp.broadcast_to(z[..., :1], z.shape)
 
 
 def logistic_noise(key, shape):

@@ -1,4 +1,4 @@
-"""The one visibility rule of dms-spec.md section 4.
+"""The one visibility rule (docs/dms.md section 4).
 
 Every attention path (blockwise soft training attention, dense hard evaluation, chunked prefill
 and decode over the cache, the baselines' scoring) builds its additive score bias here.
@@ -63,3 +63,17 @@ def is_visible(q_pos, k_pos, evict_flags, window, *, k_valid=None, sliding_windo
         sliding_window=sliding_window,
     )
     return bias > MASK_VALUE / 2
+
+
+def is_held(newest_pos, k_pos, evict_flags, window, *, k_valid, sliding_window):
+    """Whether a key is still held once the token at `newest_pos` is in: the newest query (or any
+    later one, which sees a subset) may still see it under the rule, sliding window included.
+
+    The one definition of what a cache holds (docs/dms.md section 5): the cache's policies keep
+    exactly these keys (dms with its flags, full and the baselines' visible set with none), and
+    the evaluation forward's compression ratio counts them (`Decoder.eval_forward`), so both
+    report the same CR for the same tokens. `k_valid` and `sliding_window` have no default:
+    every caller says what it knows (None: no sliding window).
+    """
+    return is_visible(newest_pos, k_pos, evict_flags, window, k_valid=k_valid,
+                      sliding_window=sliding_window)

@@ -1,10 +1,10 @@
 """Every training config field with its default (the reference recipe's optimiser and schedule,
-dms-spec.md section 7). The files in configs/ start from `base_config()` and change a few fields."""
+docs/dms.md section 7). The files in configs/ start from `base_config()` and change a few fields."""
 import ml_collections
 
 
 def base_config() -> ml_collections.ConfigDict:
-    """Every field, with the reference recipe's optimiser (dms-spec.md section 7)."""
+    """Every field, with the reference recipe's optimiser (docs/dms.md section 7)."""
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.model = ml_collections.ConfigDict(dict(
@@ -55,7 +55,7 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 def reference_recipe(model_path: str, mesh_shape=(-1, 1, 1), run_name: str = "run") -> ml_collections.ConfigDict:
-    """The reference retrofit (dms-spec.md section 7) for a Hugging Face model.
+    """The reference retrofit (docs/dms.md section 7) for a Hugging Face model.
 
     Adapter mode, base weights frozen (teacher = the same weights without eviction), window 512,
     CR 1 -> 16 over 510 steps, constant lr 3e-5, AdamW b2 0.95, no weight decay, clip 1.0,

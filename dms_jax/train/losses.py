@@ -1,4 +1,4 @@
-"""Retrofit and language-model losses (dms-spec.md section 7), chunked over the sequence.
+"""Retrofit and language-model losses (docs/dms.md section 7), chunked over the sequence.
 
 The vocabulary projection is applied one sequence chunk at a time inside a rematerialised
 `lax.scan`, so neither the forward nor the backward pass ever holds the [B, T, V] logits of the
@@ -57,7 +57,7 @@ def chunked_sum(token_fn: Callable, inputs: tuple, weights, chunk: int):
 
 
 def distillation_kl(student_hidden, teacher_hidden, student_unembed, teacher_unembed, weights,
-                    chunk: int, constrain_logits=lambda x: x):
+                    chunk: int):
     """Sum over tokens of weights * KL(student || teacher), never holding full logits.
 
     student_hidden, teacher_hidden: [B, T, d] (after the final norm); weights [B, T] (1 = a real
@@ -65,15 +65,14 @@ def distillation_kl(student_hidden, teacher_hidden, student_unembed, teacher_une
     """
 
     def token_kl(h_s, h_t):
-        logits_s = constrain_logits(student_unembed(h_s))
-        logits_t = constrain_logits(jax.lax.stop_gradient(teacher_unembed(h_t)))
+        logits_s = student_unembed(h_s)
+        logits_t = jax.lax.stop_gradient(teacher_unembed(h_t))
         return kl_divergence(logits_s, logits_t)
 
     return chunked_sum(token_kl, (student_hidden, jax.lax.stop_gradient(teacher_hidden)), weights, chunk)
 
 
-def language_model_ce(hidden, unembed, input_ids, loss_mask, attention_mask, chunk: int,
-                      constrain_logits=lambda x: x):
+def language_model_ce(hidden, unembed, input_ids, loss_mask, attention_mask, chunk: int):
     """Next-token cross-entropy summed over counted positions; returns (sum, count).
 
     Position t predicts input_ids[t + 1]; it counts when loss_mask[t] and attention_mask[t + 1]
@@ -84,7 +83,7 @@ def language_model_ce(hidden, unembed, input_ids, loss_mask, attention_mask, chu
     weights = (loss_mask * next_real).astype(jnp.float32)
 
     def token_ce(h, tgt):
-        return cross_entropy(constrain_logits(unembed(h)), tgt)
+        return cross_entropy(unembed(h), tgt)
 
     return chunked_sum(token_ce, (hidden, targets), weights, chunk), jnp.sum(weights)
 
@@ -104,5 +103,5 @@ def compression_loss(decisions, mask, target):
 
 
 def achieved_compression(frac):
-    """Logged training CR = 1 / (1 - mean hard decision) (spec section 6)."""
+    """Logged training CR = 1 / (1 - mean hard decision) (docs/dms.md section 6)."""
     return 1.0 / jnp.maximum(1.0 - frac, 1e-6)

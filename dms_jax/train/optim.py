@@ -17,21 +17,18 @@ import optax
 from flax import nnx
 
 from dms_jax.config import ModelConfig
+from dms_jax.sharding import param_path
 
 TRAINABLE_CHOICES = ("all", "decision")
 _ADAPTER = re.compile(r"attn\.dms_(norm|proj)\.")
 _Q_PROJ = re.compile(r"attn\.q_proj\.(kernel|bias)$")
 
 
-def _dotted(path: tuple) -> str:
-    return ".".join(str(p) for p in path)
-
-
 def split_model(model):
     """model -> (graphdef, flat params {dotted: array}, {dotted: path tuple})."""
     graphdef, state = nnx.split(model, nnx.Param)
     flat = nnx.traversals.flatten_mapping(nnx.to_pure_dict(state))
-    return graphdef, {_dotted(p): v for p, v in flat.items()}, {_dotted(p): p for p in flat}
+    return graphdef, {param_path(p): v for p, v in flat.items()}, {param_path(p): p for p in flat}
 
 
 def merge_model(graphdef, params: Mapping[str, Any], paths: Mapping[str, tuple]):

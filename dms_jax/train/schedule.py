@@ -1,4 +1,4 @@
-"""The compression-ratio schedule of dms-spec.md section 7.
+"""The compression-ratio schedule of docs/dms.md section 7.
 
 CR(step) = CR0 + (CR1 - CR0) * min(step / S, 1);  target fraction evicted = 1 - 1 / CR(step).
 Works on Python numbers and on traced jnp scalars (the train step computes it in-graph).

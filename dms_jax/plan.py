@@ -1,0 +1,371 @@
+"""The inference plan: every setting of a cached forward decided once, with every check.
+
+    plan = dms_jax.plan_inference(model.config, max_len=4096)           # dms on a DMS model
+    plan = dms_jax.plan_inference(cfg, policy="h2o", budget=256, max_len=4096)
+    cache = dms_jax.cache.init_cache(plan, batch)                        # the only cache input
+    out = model.forward(ids, positions=pos, cache=cache, plan=plan)      # what the model reads
+
+`plan_inference` is the one place where these are decided (docs/dms.md section 9):
+  * policy:   the given one (a name or a `Policy`), default "dms" for a DMS model, else "full";
+              a policy that applies DMS decisions needs a DMS model;
+  * window:   the DMS window w, the given one or the model's, for a policy that applies the
+              decisions; 0 otherwise (nothing is kept for being recent);
+  * mode:     the model's forward mode: "eval" when the policy applies decisions or the model is
+              a neuron-mode DMS model (the retrofitted network, its decision neuron zeroed;
+              policies without decisions ignore the flags), else "plain";
+  * attention_impl: the cache attention (chunk queries over the slots and the chunk, dense);
+              a policy that ranks tokens by attention needs the scores, so "dense" only;
+  * max_len:  the allocated tokens per row, the asked length rounded up to a quarter octave so
+              that nearby lengths share compiled programs;
+  * capacity: slots per (layer, row, KV head): `capacity`, or `budget`, or for dms
+              `capacity_for(max_len, w, target_cr, margin)`, else max_len; never more than
+              max_len; a dms capacity holds the window (>= w + 1) unless it holds every token.
+
+The plan is frozen and hashable: the jitted prefill and decode steps take it as their static
+argument, `dms_jax.cache.init_cache(plan, batch)` builds the cache from it alone, and `infer.py`
+validates its flags against it (the errors name the flag). `cache_bytes` / `check_memory`
+estimate what a plan needs before anything is allocated.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dms_jax.config import ModelConfig, dtype_name
+from dms_jax.policies import BudgetPolicy, Policy, get_policy
+from dms_jax.stats import format_bytes
+
+DEFAULT_CHUNK = 512
+DEFAULT_TARGET_CR = 8.0
+DEFAULT_MARGIN = 0.5
+ATTENTION_IMPLS = ("dense", "auto", "blockwise")
+# positions are int32: the largest length (and window) a plan takes
+MAX_POSITION = 2 ** 31 - 1
+
+
+class PlanError(ValueError):
+    """A setting the plan refuses. str(): in the library's terms (`capacity=8 ...`);
+    `flag_message`: the same in infer.py's flag terms (`--capacity 8 ...`)."""
+
+    def __init__(self, message: str, flag_message: str | None = None, field: str | None = None,
+                 value: Any = None):
+        super().__init__(message)
+        self.flag_message = flag_message or message
+        self.field, self.value = field, value
+
+
+def _bad(field: str, value, reason: str) -> PlanError:
+    flag = "--" + field.replace("_", "-")
+    return PlanError(f"{field}={value!r} {reason}", f"{flag} {value} {reason}", field, value)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def _int_in(field, value, low, high, what):
+    if not (_is_int(value) and low <= value <= high):
+        raise _bad(field, value, f"must be >= {low} and at most {high} ({what})")
+    return int(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class InferencePlan:
+    """What a cached forward runs with (see the module docstring for how each is decided)."""
+
+    policy: Policy
+    window: int  # DMS window w of the cache (0: the policy applies no decisions)
+    mode: str  # the model's forward mode, "eval" or "plain"
+    neuron: bool  # a neuron-mode DMS model (its decision neuron is zeroed in every policy)
+    attention_impl: str  # the cache attention kernel
+    sliding_window: int | None  # the model's (Mistral), or None
+    max_len: int  # allocated tokens per row (positions 0 .. max_len - 1)
+    capacity: int  # slots per (layer, row, KV head)
+    chunk_size: int  # prefill chunk C (memory ~ cache + C tokens)
+    # the cache's geometry, from the model
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: str  # K / V dtype (the model's compute dtype)
+
+    @property
+    def uses_decisions(self) -> bool:
+        return self.policy.uses_decisions
+
+    def matches(self, cfg: ModelConfig) -> bool:
+        """Whether this plan was made for a model of this shape."""
+        return (self.num_layers, self.num_heads, self.num_kv_heads, self.head_dim,
+                self.sliding_window) == (cfg.num_layers, cfg.num_heads, cfg.num_kv_heads,
+                                         cfg.head_dim, cfg.sliding_window) and (
+            self.mode == "plain" or cfg.dms is not None)
+
+    def derive(self, policy: Policy, *, capacity: int | None = None,
+               chunk_size: int | None = None) -> "InferencePlan":
+        """The same plan for another policy (SnapKV's prefill phases), window and mode re-decided
+        by the same rules."""
+        return dataclasses.replace(
+            self, policy=policy, window=self.window if policy.uses_decisions else 0,
+            mode=forward_mode(policy, self.neuron),
+            attention_impl=resolve_attention(policy, self.attention_impl),
+            capacity=self.capacity if capacity is None else int(capacity),
+            chunk_size=self.chunk_size if chunk_size is None else int(chunk_size))
+
+    # -------------------------------------------------------------------------- memory
+
+    def cache_bytes(self, batch: int) -> int:
+        """Bytes of `init_cache(self, batch)`: per slot K and V, position, flag and score."""
+        itemsize = jnp.dtype(self.dtype).itemsize
+        per_slot = 2 * self.head_dim * itemsize + 4 + 1 + 4
+        streams = self.num_layers * batch * self.num_kv_heads
+        return streams * (self.capacity * per_slot + 16) + self.num_layers * batch * 8
+
+    def step_bytes(self, batch: int, chunk: int | None = None) -> int:
+        """The largest temporaries of a step (a prefill chunk of C tokens), at least: its float32
+        attention scores over the slots plus the chunk, [B, H, C, S + C], and the visibility
+        bias, [B, Hkv, C, S + C]."""
+        chunk = min(self.chunk_size, self.max_len) if chunk is None else chunk
+        keys = self.capacity + chunk
+        return 4 * batch * chunk * keys * (self.num_heads + self.num_kv_heads)
+
+
+def default_target_cr(cfg: ModelConfig) -> float:
+    """The CR a dms cache is sized for by default: the model's recorded `dms.target_cr`, else 8."""
+    recorded = cfg.dms.target_cr if cfg.dms is not None else None
+    return float(recorded) if recorded else DEFAULT_TARGET_CR
+
+
+def default_policy(cfg: ModelConfig) -> str:
+    """dms for a DMS model, else full."""
+    return "dms" if cfg.dms is not None else "full"
+
+
+def forward_mode(policy: Policy, neuron: bool) -> str:
+    """'eval' when the decisions are applied or the network is a neuron-mode retrofit."""
+    return "eval" if policy.uses_decisions or neuron else "plain"
+
+
+def allocated_length(max_len: int) -> int:
+    """Lengths in buckets of a quarter octave (at most 25% over max_len; 64 at least)."""
+    if max_len <= 64:
+        return 64
+    step = 1 << (int(max_len).bit_length() - 3)
+    return min(-(-int(max_len) // step) * step, MAX_POSITION)
+
+
+def capacity_for(max_len: int, window: int, target_cr: float = 1.0, margin: float = 0.5) -> int:
+    """Slots per (layer, row, head) for rows of up to `max_len` tokens.
+
+    DMS at compression ratio CR holds about (seen - w - 1) / CR + w + 1 tokens; heads differ,
+    so `margin` adds that fraction of the expected retained count. Never more than max_len.
+    """
+    if not (max_len >= 1 and window >= 0 and _finite_at_least(target_cr, 1.0)
+            and _finite_at_least(margin, 0.0)):
+        raise ValueError(
+            f"capacity_for(max_len={max_len}, window={window}, target_cr={target_cr}, "
+            f"margin={margin}): need max_len >= 1, window >= 0, a finite target_cr >= 1 and "
+            "a finite margin >= 0")
+    retained = max(max_len - window - 1, 0) / target_cr * (1.0 + margin)
+    return int(min(max_len, math.ceil(retained) + window + 1))
+
+
+def _finite_at_least(value, low) -> bool:
+    return (isinstance(value, numbers.Real) and not isinstance(value, bool)
+            and math.isfinite(value) and value >= low)
+
+
+def check_settings(*, window=None, target_cr=None, margin=DEFAULT_MARGIN, capacity=None,
+                   budget=None, max_len=None, chunk_size=DEFAULT_CHUNK) -> None:
+    """The checks that need no model (infer.py runs them before loading one). PlanError."""
+    if window is not None:
+        _int_in("window", window, 0, MAX_POSITION, "a window of n positions")
+    if target_cr is not None and not _finite_at_least(target_cr, 1.0):
+        raise _bad("target_cr", target_cr,
+                   "must be a finite number >= 1 (8 keeps about 1/8 of the tokens)")
+    if not _finite_at_least(margin, 0.0):
+        raise _bad("margin", margin,
+                   "must be a finite number >= 0 (the extra fraction of expected held tokens)")
+    for field, value, what in (("capacity", capacity, "slots per head"),
+                               ("budget", budget, "held tokens per head")):
+        if value is not None and not (_is_int(value) and value >= 1):
+            raise _bad(field, value, f"must be a positive integer ({what})")
+    if capacity is not None and budget is not None:
+        raise PlanError("give either capacity (slots per head) or budget (held tokens), not both",
+                        "give --capacity (slots per head) or --budget (held tokens), not both")
+    if max_len is not None:
+        _int_in("max_len", max_len, 1, MAX_POSITION, "tokens per row; positions are int32")
+    if not (_is_int(chunk_size) and chunk_size >= 1):
+        raise _bad("chunk_size", chunk_size, "must be a positive integer (prefill chunk)")
+
+
+def resolve_policy(cfg: ModelConfig, policy=None) -> Policy:
+    """The policy (default: `default_policy`), refused when it needs decisions the model lacks."""
+    pol = get_policy(default_policy(cfg) if policy is None else policy)
+    if pol.uses_decisions and cfg.dms is None:
+        raise PlanError(
+            f"policy {pol.name!r} needs a DMS model (from_pretrained(path, dms=DMSConfig(...)), "
+            "a config.json with a 'dms' block or a train.py export); use policy='full' or a "
+            "baseline",
+            f"--policy {pol.name} needs a DMS model (config.json with a 'dms' block, or a "
+            "train.py export); this model has none: use --policy full or a baseline",
+            "policy", pol.name)
+    return pol
+
+
+def resolve_window(cfg: ModelConfig, policy: Policy, window=None) -> int:
+    """The cache's DMS window: the given one or the model's for a policy with decisions, else 0."""
+    if window is not None:
+        _int_in("window", window, 0, MAX_POSITION, "a window of n positions")
+    if not policy.uses_decisions:
+        return 0
+    return int(cfg.dms.window if window is None else window)
+
+
+def resolve_attention(policy: Policy, attention_impl: str = "dense") -> str:
+    """The cache attention: scoring policies need the dense chunk attention's probabilities."""
+    if attention_impl not in ATTENTION_IMPLS:
+        raise _bad("attention_impl", attention_impl, f"is not one of {ATTENTION_IMPLS}")
+    ranks = policy.needs_attention or (hasattr(policy, "observe")  # SnapKV: at prefill
+                                       and policy.observe().needs_attention)
+    if ranks and attention_impl != "dense":
+        raise PlanError(
+            f"policy {policy.name!r} ranks tokens by the attention they receive, which only the "
+            f"dense chunked cache attention computes; attention_impl={attention_impl!r} gives no "
+            "scores: use attention_impl='dense'", field="attention_impl", value=attention_impl)
+    return attention_impl
+
+
+def resolve_capacity(max_len: int, policy: Policy, *, window: int, target_cr: float,
+                     margin: float, capacity=None, budget=None, alloc_len=None) -> int:
+    """Slots per (layer, row, KV head) for rows of up to max_len tokens (errors name the fix).
+
+    alloc_len: the allocated length (default max_len): a capacity is never more than it, and
+    the dms default is sized for it. A given capacity / budget that holds all max_len tokens
+    needs no room for the window or a baseline's rule (nothing is ever evicted).
+    """
+    alloc_len = max_len if alloc_len is None else alloc_len
+    check_settings(capacity=capacity, budget=budget, target_cr=target_cr, margin=margin)
+    given, field = (budget, "budget") if budget is not None else (capacity, "capacity")
+    if isinstance(policy, BudgetPolicy):
+        if given is None:
+            raise PlanError(
+                f"policy {policy.name!r} evicts down to a budget: pass budget= (held tokens per "
+                "layer, row and KV head; dms_jax.policies.budget_from_stats(dms_output.stats) "
+                "matches a DMS run, budget_for_ratio(tokens, ratio) a compression ratio)",
+                field="budget", value=None)
+        if given < max_len:  # a budget >= max_len evicts nothing: any rule fits
+            policy.check_budget(int(given))
+    if given is not None:
+        if policy.uses_decisions and given < min(window + 1, max_len):
+            raise _bad(field, given,
+                       f"cannot hold the DMS window: it needs at least window + 1 = {window + 1} "
+                       "slots per head; raise it or lower the window")
+        return int(min(given, alloc_len))
+    if not policy.uses_decisions:
+        return int(alloc_len)
+    return capacity_for(alloc_len, window, target_cr, margin)
+
+
+def plan_inference(model_config: ModelConfig, *, policy=None, window=None, capacity=None,
+                   budget=None, target_cr=None, max_len=None, chunk_size=DEFAULT_CHUNK,
+                   margin=DEFAULT_MARGIN, attention_impl="dense") -> InferencePlan:
+    """Decide every setting of a cached forward once (see the module docstring); PlanError
+    (a ValueError) names the setting, the limit and the fix.
+
+    policy: a name ("full", "dms", "streaming", "h2o", "tova", "snapkv") or a `Policy`
+      (`dms_jax.policies.get_policy(name, **params)`); default dms for a DMS model, else full.
+    window: the DMS window (default: the model's). capacity: slots per head, or budget: held
+      tokens per head (the baselines need one), or target_cr (default: the model's recorded
+      `dms.target_cr`, else 8) with margin for dms. max_len: tokens per row the cache must take
+      (required). chunk_size: prefill chunk. attention_impl: the cache attention ("dense").
+    """
+    cfg = model_config
+    if max_len is None:
+        raise PlanError("max_len (tokens per row the cache must take) is required",
+                        field="max_len")
+    check_settings(window=window, target_cr=target_cr, margin=margin, capacity=capacity,
+                   budget=budget, max_len=max_len, chunk_size=chunk_size)
+    pol = resolve_policy(cfg, policy)
+    eff_window = resolve_window(cfg, pol, window)
+    impl = resolve_attention(pol, attention_impl)
+    alloc = allocated_length(int(max_len))
+    cap = resolve_capacity(int(max_len), pol, window=eff_window,
+                           target_cr=default_target_cr(cfg) if target_cr is None else target_cr,
+                           margin=margin, capacity=capacity, budget=budget, alloc_len=alloc)
+    neuron = cfg.dms is not None and cfg.dms.mode == "neuron"
+    return InferencePlan(
+        policy=pol, window=eff_window, mode=forward_mode(pol, neuron), neuron=neuron,
+        attention_impl=impl, sliding_window=cfg.sliding_window, max_len=alloc, capacity=cap,
+        chunk_size=int(chunk_size), num_layers=cfg.num_layers, num_heads=cfg.num_heads,
+        num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, dtype=dtype_name(cfg.dtype))
+
+
+# ----------------------------------------------------------------------------- memory
+
+
+class CacheTooLargeError(PlanError):
+    """The plan's cache (and its largest step) would not fit in the memory available."""
+
+
+def available_memory(device=None) -> int | None:
+    """Bytes free for new arrays on `device` (default: the first device): the host's available
+    RAM for a CPU device, bytes_limit - bytes_in_use for an accelerator; None when unknown."""
+    device = jax.devices()[0] if device is None else device
+    if device.platform == "cpu":
+        try:
+            with open("/proc/meminfo") as f:
+                for line in f:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        try:
+            return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            return None
+    stats = device.memory_stats() or {}
+    limit = stats.get("bytes_limit")
+    return None if not limit else int(limit) - int(stats.get("bytes_in_use", 0))
+
+
+def check_memory(plan: InferencePlan, batch: int, *, mesh=None, available: int | None = None):
+    """Refuse a plan whose cache plus its largest step would not fit, before allocating it.
+
+    On a mesh the cache is split over the devices that hold its rows and KV heads (the rules of
+    `dms_jax.sharding`); simulated CPU devices share the host's RAM, so a CPU plan is compared
+    whole. available: bytes free (default: `available_memory`). Returns the bytes needed per
+    device; raises CacheTooLargeError saying how much is needed and what to change.
+    """
+    cache, step = plan.cache_bytes(batch), plan.step_bytes(batch)
+    device = jax.devices()[0] if mesh is None else mesh.devices.flat[0]
+    shards = 1
+    if mesh is not None and device.platform != "cpu":
+        from dms_jax import sharding as shd
+
+        spec = shd.logical_to_spec(shd.cache_logical_axes(4), mesh,
+                                   (batch, plan.num_kv_heads, plan.capacity, plan.head_dim))
+        shards = math.prod(shd.mesh_axis_size(mesh, axes) for axes in spec)
+    need = (cache + step) // shards
+    free = available_memory(device) if available is None else available
+    if free is not None and need > free:
+        where = "host RAM" if device.platform == "cpu" else f"{device.platform} device memory"
+        what = (f"the KV cache needs {format_bytes(need)}"
+                + (" per device" if shards > 1 else "")
+                + f" ({format_bytes(cache // shards)} for {plan.num_layers} layers x {batch} row(s) "
+                f"x {plan.num_kv_heads} KV heads x {plan.capacity} slots, plus "
+                f"{format_bytes(step // shards)} for a prefill chunk's attention) but only "
+                f"{format_bytes(free)} of {where} is available")
+        raise CacheTooLargeError(
+            f"{what}: lower max_len (allocated {plan.max_len} tokens per row), the batch or "
+            "chunk_size, raise target_cr, or give a smaller capacity / budget",
+            f"{what}: lower --max-len or --max-new-tokens ({plan.max_len} tokens per row "
+            "allocated), the batch or --chunk-size, raise --target-cr, or give a smaller "
+            "--capacity / --budget", field="max_len", value=plan.max_len)
+    return need
