@@ -12,7 +12,7 @@ fed one token per step (decode steps over the compressed cache), each step scori
 token. So the log-likelihood is what a model generating under that policy would assign.
 
 The prefill, the steps and the cache are the engine's own (`dms_jax.generate`'s chunked and
-SnapKV prefills and its jitted `prefill_step`, `dms_jax.cache.resolve_capacity` / `init_cache`),
+SnapKV prefills and its jitted `prefill_step`, the plan of `dms_jax.plan.plan_inference`, `dms_jax.cache.init_cache`),
 not copies; with policy "full" the result is the plain forward's log-softmax, with "dms" the hard
 -mask evaluation forward's (`Decoder.eval_forward`).
 """
@@ -28,7 +28,8 @@ from flax import nnx
 
 from dms_jax import cache as kvcache
 from dms_jax.config import resolve_dtype
-from dms_jax.policies import SnapKVPolicy, get_policy
+from dms_jax.plan import DEFAULT_CHUNK, DEFAULT_MARGIN, allocated_length, plan_inference, resolve_policy
+from dms_jax.policies import SnapKVPolicy
 
 gen = importlib.import_module("dms_jax.generate")  # the module (dms_jax.generate is the function)
 
@@ -67,7 +68,7 @@ def _log_softmax_at(logits, targets):
 
 
 def token_logprobs(model, requests, *, policy="full", budget=None, target_cr=None,
-                   capacity=None, window=None, margin=0.5, chunk_size=gen.DEFAULT_CHUNK,
+                   capacity=None, window=None, margin=DEFAULT_MARGIN, chunk_size=DEFAULT_CHUNK,
                    batch_size=16, strict=True) -> list[tuple[np.ndarray, np.ndarray]]:
     """Per continuation token: (log-probabilities f32 [n], greedy flags bool [n]) per request.
 
@@ -78,43 +79,30 @@ def token_logprobs(model, requests, *, policy="full", budget=None, target_cr=Non
     """
     cfg = model.config
     rows = _requests(requests, cfg.vocab_size)
-    pol = get_policy(policy if policy is not None else ("dms" if cfg.dms else "full"))
-    if pol.uses_decisions and cfg.dms is None:
-        raise ValueError(f"policy {pol.name!r} needs a DMS model; use policy='full'")
-    eff_window = (window if window is not None else cfg.dms.window) if cfg.dms else 0
-    # the same cache a generate call over these rows would allocate
     max_len = max(len(c) + len(x) for c, x in rows)
-    alloc_len = gen._bucket_len(max_len)
+    pol = resolve_policy(cfg, policy)
     if pol.uses_decisions and capacity is None and target_cr is None:
-        capacity = alloc_len  # as the harness: a DMS cache that holds everything cannot overflow
-    cap = kvcache.resolve_capacity(cfg, alloc_len, pol, window=eff_window, target_cr=(
-        target_cr if target_cr is not None else gen.default_target_cr(cfg)), margin=margin,
-        capacity=capacity, budget=budget)
-    step = gen.StepConfig(pol, int(eff_window) if pol.uses_decisions else None,
-                          attention_impl="dense",
-                          neuron=cfg.dms is not None and cfg.dms.mode == "neuron")
+        capacity = allocated_length(max_len)  # as the harness: a DMS cache that holds everything
+    # the plan a generate call over these rows would make
+    plan = plan_inference(cfg, policy=pol, window=window, capacity=capacity, budget=budget,
+                          target_cr=target_cr, max_len=max_len, chunk_size=chunk_size, margin=margin)
     graphdef, params = nnx.split(model)
     out = []
     for s in range(0, len(rows), batch_size):
-        out += _score_batch(model, graphdef, params, rows[s:s + batch_size], step, cap,
-                            eff_window, alloc_len, chunk_size, strict)
+        out += _score_batch(model, graphdef, params, rows[s:s + batch_size], plan, strict)
     return out
 
 
-def _score_batch(model, graphdef, params, rows, step, capacity, window, alloc_len, chunk_size,
-                 strict):
+def _score_batch(model, graphdef, params, rows, plan, strict):
     cfg = model.config
     batch = len(rows)
-    cache = kvcache.init_cache(cfg.num_layers, batch, cfg.num_kv_heads, capacity, cfg.head_dim,
-                               window=window if step.policy.uses_decisions else 0,
-                               dtype=resolve_dtype(cfg.dtype), max_len=alloc_len)
+    cache = kvcache.init_cache(plan, batch)
     contexts = [c for c, _ in rows]
     start = np.zeros(batch, np.int32)
     last_hidden = jnp.zeros((batch, cfg.hidden_size), resolve_dtype(cfg.dtype))
-    prefill = (gen._snapkv_prefill if isinstance(step.policy, SnapKVPolicy)
+    prefill = (gen._snapkv_prefill if isinstance(plan.policy, SnapKVPolicy)
                else gen._chunked_prefill)
-    cache, last_hidden, _, _ = prefill(graphdef, params, cache, contexts, start, step,
-                                       chunk_size, last_hidden)
+    cache, last_hidden, _, _ = prefill(graphdef, params, cache, contexts, start, plan, last_hidden)
     # decode steps: the hidden state of token t scores token t + 1 of the continuation
     longest = max(len(x) for _, x in rows)
     logp = np.zeros((batch, longest), np.float32)
@@ -131,8 +119,8 @@ def _score_batch(model, graphdef, params, rows, step, capacity, window, alloc_le
         feed = np.asarray([t + 1 < len(x) for _, x in rows])  # rows with a token t + 1 to score
         ids = np.where(feed, target, 0).astype(np.int32)[:, None]
         out, last_hidden, cache = gen.prefill_step(graphdef, params, cache, ids, feed[:, None],
-                                         (next_pos + t)[:, None], last_hidden, no_index,
-                                         step=step)
+                                                   (next_pos + t)[:, None], last_hidden, no_index,
+                                                   plan=plan)
         hidden = out[:, 0]
     if strict:
         kvcache.assert_no_overflow(cache)
