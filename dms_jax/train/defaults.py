@@ -43,6 +43,7 @@ def base_config() -> ml_collections.ConfigDict:
         cache_dir="",  # datasets cache; default ~/.cache/huggingface/datasets
         keep_in_memory=False,
         eos_id=-1,  # pre-tokenised data without a tokenizer: the separator id (-1: none)
+        skip_bad_rows=False,  # rows without their text (or not JSON): an error naming file and line; True skips and counts them
     ))
     c.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1, 1)))  # (data, fsdp, tensor); -1 fills
     c.checkpoint = ml_collections.ConfigDict(dict(dir="", every=100, keep=3, resume=True, async_save=True))
