@@ -44,9 +44,10 @@ def test_a_save_cut_short_is_never_resumed_from(tmp_path):
     ckpt.close()
 
 
-def _largest_file(directory):
-    files = [os.path.join(root, f) for root, _, names in os.walk(directory) for f in names]
-    return max(files, key=os.path.getsize)
+def _array_files(directory):
+    """The array data files of a checkpoint's state (the OCDBT data files, `d/*`)."""
+    return [os.path.join(root, f) for root, _, names in os.walk(directory) for f in names
+            if os.path.basename(root) == "d"]
 
 
 def _truncate(path, keep=0.5):
@@ -60,10 +61,13 @@ def _flip_middle_byte(path):
     open(path, "wb").write(bytes(data))
 
 
+def _each_array_file(damage):
+    return lambda d: [damage(path) for path in _array_files(os.path.join(d, "state"))]
+
+
 DAMAGE = {  # (what is done to step 2, why it must be skipped)
-    "truncated array file": (lambda d: _truncate(_largest_file(os.path.join(d, "state"))),
-                             "its train state cannot be read"),
-    "bit-flipped array file": (lambda d: _flip_middle_byte(_largest_file(os.path.join(d, "state"))),
+    "truncated array file": (_each_array_file(_truncate), "its train state cannot be read"),
+    "bit-flipped array file": (_each_array_file(_flip_middle_byte),
                                "the checksums saved with it differ for 1 of 2 state leaves \\(\\['w'\\]\\)"
                                "|its train state cannot be read"),
     "truncated metadata file": (lambda d: _truncate(os.path.join(d, "meta", "metadata")),
