@@ -415,3 +415,18 @@ def test_compression_far_behind_the_schedule_is_reported():
                                     "(mean of the last 10 steps)")
     assert health.final(1.7, 4.0)[-1] == ("compression far behind the schedule: the run reached CR 1.70 against "
                                           "4.00 asked at its end")
+
+
+def test_a_torn_metrics_line_is_skipped_by_name(tmp_path, caplog):
+    from dms_jax.train.loop import reached_compression_ratio
+    from dms_jax.train.metrics import truncate_records
+
+    path = tmp_path / "metrics.jsonl"
+    records = [json.dumps({"step": s, "achieved_cr": 2.0 + s / 10}) for s in range(1, 11)]
+    path.write_text("\n".join(records[:9]) + "\n" + records[9][:-7])  # killed while writing step 10
+    with caplog.at_level("WARNING"):
+        assert reached_compression_ratio([], str(path), 9) == 2.9  # the last tenth of 9 steps: step 9
+        assert reached_compression_ratio([], str(path), 10) is None  # step 10 was never written whole
+    assert f"{path}, line 10: skipped, not a JSON record" in caplog.text
+    assert truncate_records(str(path), 8) == 2  # a resume at step 8: steps 9 and the torn 10 go
+    assert [json.loads(line)["step"] for line in open(path)] == list(range(1, 9))
