@@ -402,7 +402,7 @@ def test_compression_far_behind_the_schedule_is_reported():
         records = [{"step": s, "grad_norm": 1.0, "achieved_cr": a, "target_cr": min(1 + 3 * s / 20, 4.0)}
                    for s, a in enumerate(achieved, 1)]
         for r in records:
-            health.update(r)
+            health.update(r, r["step"])
         return records, health
 
     # the tiny retrofit's own curve: lagging while the target ramps, ~0.8 of its evicted fraction after

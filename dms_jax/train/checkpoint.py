@@ -120,11 +120,14 @@ class Checkpointer:
         state = self._restore_state(step, abstract_state)
         return state, meta
 
-    def restore_verified(self, step: int, abstract_state,
-                         check_meta: Callable[[int, dict], None] | None = None) -> tuple[Any, dict]:
-        """`restore` that also checks the metadata (`check_meta(step, meta)` may raise) and that
-        the state is the one saved (checksums, finite values); CorruptCheckpointError if not."""
+    def restore_verified(self, step: int, abstract_state, layout: dict | None = None, layout_fix: str = "",
+                         *, check_meta: Callable[[int, dict], None] | None = None) -> tuple[Any, dict]:
+        """`restore` that also checks the metadata (the layout when given: ResumeError naming
+        `layout_fix`; then `check_meta(step, meta)`, which may raise) and that the state is the
+        one saved (checksums, finite values): CorruptCheckpointError if not."""
         meta = self.restore_meta(step)
+        if layout is not None:
+            check_layout(meta, layout, step, self.directory, layout_fix)
         if check_meta is not None:
             check_meta(step, meta)
         state = self._restore_state(step, abstract_state)
@@ -155,19 +158,20 @@ class Checkpointer:
                                          f"its metadata is a JSON {type(meta).__name__}, not an object")
         return dict(meta)
 
-    def restore_newest_intact(self, abstract_state, check_meta: Callable[[int, dict], None] | None = None,
-                              *, set_aside: bool = True) -> tuple[Any, dict, int, list[tuple[int, str]]]:
+    def restore_newest_intact(self, abstract_state, layout: dict | None = None, layout_fix: str = "", *,
+                              check_meta: Callable[[int, dict], None] | None = None,
+                              set_aside: bool = True) -> tuple[Any, dict, int, list[tuple[int, str]]]:
         """(state, meta, step, skipped) of the newest step that reads back intact.
 
-        check_meta(step, meta) may raise (a ResumeError for a checkpoint of another configuration
-        stops the search: that is not damage). Damaged steps are skipped with a warning, listed
+        layout / check_meta: as for `restore_verified`; a ResumeError there (a checkpoint of
+        another configuration) stops the search: that is not damage. Damaged steps are skipped with a warning, listed
         in `skipped` as (step, reason) and, with `set_aside`, renamed to `<step>.unreadable` on
         the lead process so that the run can write that step again. Raises ResumeError when no
         step is intact; returns (None, None, None, []) when there are no checkpoints."""
         skipped: list[tuple[int, str]] = []
         for step in sorted(self.all_steps(), reverse=True):
             try:
-                state, meta = self.restore_verified(step, abstract_state, check_meta)
+                state, meta = self.restore_verified(step, abstract_state, layout, layout_fix, check_meta=check_meta)
             except CorruptCheckpointError as err:
                 log.warning("skipping checkpoint step %d in %s: %s", step, self.directory, err.reason)
                 skipped.append((step, err.reason))

@@ -40,10 +40,10 @@ def base_config() -> ml_collections.ConfigDict:
         tokenizer="",  # default: the model's (model.path)
         seed=0,  # shuffling seed
         max_documents=0,  # 0: all
+        skip_bad_rows=False,  # a row without its text, or not JSON: an error naming file and line; True skips and counts them
         cache_dir="",  # datasets cache; default ~/.cache/huggingface/datasets
         keep_in_memory=False,
         eos_id=-1,  # pre-tokenised data without a tokenizer: the separator id (-1: none)
-        skip_bad_rows=False,  # rows without their text (or not JSON): an error naming file and line; True skips and counts them
     ))
     c.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1, 1)))  # (data, fsdp, tensor); -1 fills
     c.checkpoint = ml_collections.ConfigDict(dict(dir="", every=100, keep=3, resume=True, async_save=True))

@@ -28,14 +28,18 @@ def cr_far_behind(achieved_cr: float, target_cr: float) -> bool:
 
 
 class TrainingHealth:
-    """Watches the per-step records; `update(record)` adds `zero_grad_steps` (and `warning` while
-    one is active) to the record and returns the active warnings."""
+    """Watches the per-step records; `update(record, step)` adds `zero_grad_steps` (and `warning`
+    while one is active) to the record and returns the active warnings; `show(progress)` puts
+    them in the progress bar's description."""
 
-    def __init__(self, cr_steps: int):
+    def __init__(self, cr_steps: int, bar_label: str = ""):
         self.cr_steps = int(cr_steps)
+        self.bar_label = bar_label
         self.zero_grad_steps = 0
         self.window: list[tuple[float, float]] = []  # (achieved, target) CR after the ramp
         self.warnings: list[str] = []  # every distinct warning so far, in order
+        self.active: list[str] = []
+        self._shown: list[str] = []
 
     def _note(self, active: list[str], kind: str, message: str) -> None:
         active.append(message)
@@ -43,7 +47,7 @@ class TrainingHealth:
             log.warning("%s", message)
             self.warnings.append(message)
 
-    def update(self, record: dict) -> list[str]:
+    def update(self, record: dict, step: int) -> list[str]:
         active: list[str] = []
         grad_norm = record.get("grad_norm")
         self.zero_grad_steps = self.zero_grad_steps + 1 if grad_norm == 0.0 else 0
@@ -51,9 +55,9 @@ class TrainingHealth:
         if self.zero_grad_steps >= ZERO_GRAD_STEPS:
             self._note(active, "gradients vanished",
                        f"gradients vanished: the gradient norm has been exactly 0 for {self.zero_grad_steps} "
-                       f"steps (since step {record['step'] - self.zero_grad_steps + 1}); nothing is learned. "
+                       f"steps (since step {step - self.zero_grad_steps + 1}); nothing is learned. "
                        "A learning rate far too high saturates the decisions: lower train.learning_rate")
-        if "achieved_cr" in record and record["step"] > self.cr_steps:
+        if "achieved_cr" in record and step > self.cr_steps:
             self.window = (self.window + [(record["achieved_cr"], record["target_cr"])])[-CR_WINDOW:]
             if len(self.window) == CR_WINDOW:
                 achieved, target = np.mean(self.window, axis=0)
@@ -63,7 +67,16 @@ class TrainingHealth:
                                f"{target:.2f} asked (mean of the last {CR_WINDOW} steps)")
         if active:
             record["warning"] = "; ".join(active)
+        self.active = active
         return active
+
+    def show(self, progress) -> None:
+        """The progress bar's description: its label, then `WARNING: <what>` while one is active."""
+        kinds = [a.split(":")[0] for a in self.active]
+        if kinds != self._shown:
+            self._shown = kinds
+            progress.set_description(self.bar_label + (f" WARNING: {'; '.join(kinds)}" if kinds else ""),
+                                     refresh=False)
 
     def final(self, reached_cr: float | None, target_cr: float | None) -> list[str]:
         """Every warning of the run, plus one when the CR reached at the end is far behind."""

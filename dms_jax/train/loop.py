@@ -23,7 +23,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from dms_jax import sharding as shd
 from dms_jax.config import DMSConfig, ModelConfig
 from dms_jax.train import optim, schedule
-from dms_jax.train.checkpoint import Checkpointer, ResumeError, abstract_like, check_layout
+from dms_jax.train.checkpoint import Checkpointer, ResumeError, abstract_like
 from dms_jax.train.data import build_data
 from dms_jax.train.health import TrainingHealth
 from dms_jax.train.metrics import MetricsWriter, load_records
@@ -254,8 +254,7 @@ def _restore(ckpt: Checkpointer, trainer: Trainer, data):
     """(state, step, data position, resumed-from step, skipped) from the newest intact checkpoint;
     skipped: [(step, why)] of the damaged newer ones."""
 
-    def belongs_to_this_run(step, meta):
-        check_layout(meta, trainer.layout, step, ckpt.directory, "use a fresh checkpoint.dir")
+    def same_data(step, meta):
         if meta.get("data") != data.fingerprint():
             raise ResumeError(
                 f"the checkpoint at step {step} was written with data {meta.get('data')}, now "
@@ -263,7 +262,8 @@ def _restore(ckpt: Checkpointer, trainer: Trainer, data):
             )
 
     target = abstract_like(trainer.abstract_state, trainer.state_shardings)
-    state, meta, step, skipped = ckpt.restore_newest_intact(target, belongs_to_this_run)
+    state, meta, step, skipped = ckpt.restore_newest_intact(target, trainer.layout, "use a fresh checkpoint.dir",
+                                                            check_meta=same_data)
     if state is None:
         return None, 0, 0, None, []
     return state, int(meta.get("step", step)), int(meta["data_position"]), step, skipped
@@ -347,9 +347,9 @@ def train(config, *, devices=None, on_step: Callable[[int, dict], None] | None =
                                  resumed_from, skipped)
     writer = MetricsWriter(out_dir if lead else None, tensorboard=bool(_opt(config.output, "tensorboard", True)),
                            resume_step=start)
-    health = TrainingHealth(step_cfg.cr_steps)
     progress = tqdm(total=steps, initial=start, disable=not (lead and _opt(config.output, "progress", True)),
                     desc="retrofit" if step_cfg.loss == "distill" else step_cfg.loss, dynamic_ncols=True)
+    health = TrainingHealth(step_cfg.cr_steps, bar_label="retrofit" if step_cfg.loss == "distill" else step_cfg.loss)
     history = []
     next_batch = None
 
@@ -366,20 +366,19 @@ def train(config, *, devices=None, on_step: Callable[[int, dict], None] | None =
             record = {k: float(v) for k, v in jax.device_get(metrics).items()}
             if not math.isfinite(record["loss"]) or record.get("state_finite", 1.0) < 1.0:
                 raise _non_finite_error(record, step + 1, position, ckpt)
+            health.update(record, step + 1)  # zero_grad_steps, and a warning while one is active
             position += 1
             now = time.perf_counter()
             elapsed, tic = now - tic, now
             record.update(step=step + 1, data_position=position, step_time=elapsed,
                           tokens_per_s=record["tokens"] / max(elapsed, 1e-9))
-            active = health.update(record)
             history.append(record)
             writer.write(record)
-            postfix = {k: f"{record[k]:.4g}" for k in
-                       ("loss", "kl", "ce", "target_cr", "achieved_cr", "tokens_per_s") if k in record}
-            if active:
-                postfix["WARNING"] = "; ".join(a.split(":")[0] for a in active)
-            progress.set_postfix(postfix, refresh=False)
+            progress.set_postfix({k: f"{record[k]:.4g}" for k in
+                                  ("loss", "kl", "ce", "target_cr", "achieved_cr", "tokens_per_s") if k in record},
+                                 refresh=False)
             progress.update()
+            health.show(progress)  # the bar names a warning while it lasts
             if ckpt is not None and ckpt.should_save(step + 1, final=step + 1 == steps):
                 ckpt.save(step + 1, state, {"step": step + 1, "data_position": position, "seed": seed,
                                             "layout": trainer.layout, "data": data.fingerprint(),

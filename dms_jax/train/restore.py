@@ -21,7 +21,7 @@ import dms_jax
 from dms_jax import sharding as shd
 from dms_jax.assets import DEFAULT_MODEL_DIR
 from dms_jax.train import loop
-from dms_jax.train.checkpoint import Checkpointer, abstract_like, check_layout
+from dms_jax.train.checkpoint import Checkpointer, abstract_like
 
 
 class LoadedModel(NamedTuple):
@@ -181,17 +181,14 @@ def restore_checkpoint(config, ckpt_dir: str, step: int | None = None, *, config
                                      batch_shape=(1, int(config.train.seq_len)))
         del model
 
-        def same_config(s, meta):
-            check_layout(meta, trainer.layout, s, ckpt_dir,
-                         f"it does not match --train-config {config_name}: pass the config the run used")
-
+        fix = f"it does not match --train-config {config_name}: pass the config the run used"
         target = abstract_like(trainer.abstract_state, trainer.state_shardings)
         if step is None:
-            state, meta, step, skipped = ckpt.restore_newest_intact(target, same_config, set_aside=False)
+            state, meta, step, skipped = ckpt.restore_newest_intact(target, trainer.layout, fix, set_aside=False)
             for s, why in skipped:
                 log(f"skipped checkpoint step {s} in {ckpt_dir}: {why}")
         else:
-            state, meta = ckpt.restore_verified(step, target, same_config)
+            state, meta = ckpt.restore_verified(step, target, trainer.layout, fix)
     finally:
         ckpt.close()
     reached = meta.get("reached_cr")
