@@ -23,7 +23,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.dms.window = 8
     c.train.update(steps=40, batch_size=8, seq_len=64, learning_rate=3e-3, cr_start=1.0, cr_end=4.0,
                    cr_steps=20, loss_chunk=16)
-    c.data.update(path=os.path.join(REPO, "README.md"), format="text", tokenizer=DEFAULT_MODEL_DIR)
+    # the format follows the extension (.md reads as text), so a --config.data.path=x.jsonl over
+    # this config is read as JSON lines
+    c.data.update(path=os.path.join(REPO, "README.md"), tokenizer=DEFAULT_MODEL_DIR)
     c.checkpoint.update(dir=os.path.join(REPO, "runs", "tiny", "checkpoints"), every=10, keep=2)
     c.output.update(dir=os.path.join(REPO, "runs", "tiny"), export_dir=os.path.join(REPO, "runs", "tiny", "export"))
     return c

@@ -17,6 +17,7 @@ _DTYPES = {
     "bfloat16": jnp.bfloat16,
     "float16": jnp.float16,
 }
+DTYPE_NAMES = tuple(_DTYPES)  # the storage / compute dtypes dms-jax takes, by name
 
 
 def resolve_dtype(dtype: Any) -> Any:

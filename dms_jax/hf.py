@@ -11,7 +11,7 @@ import json
 import os
 import re
 import shutil
-import tempfile
+import warnings
 from typing import Any, Callable
 
 import jax
@@ -19,7 +19,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dms_jax.config import DMSConfig, ModelConfig, dtype_name, resolve_dtype
+from dms_jax import export_target
+from dms_jax.config import DTYPE_NAMES, DMSConfig, ModelConfig, dtype_name, resolve_dtype
+from dms_jax.export_target import TOKENIZER_FILES
+from dms_jax.hf_checks import (CheckpointError, ConfigError, check_tensor_dtype, count_nonfinite,
+                               read_index, read_json, validate_hf_config)
 from dms_jax.model import Decoder
 
 # model_type -> (architecture, family defaults)
@@ -29,19 +33,6 @@ SUPPORTED = {
     "qwen3": "Qwen3ForCausalLM",
     "mistral": "MistralForCausalLM",
 }
-TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "generation_config.json",
-)
-
-
-_KNOWN_DTYPES = ("float32", "bfloat16", "float16")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint does not match the model: missing, unexpected or mis-shaped tensors."""
-
-
 # ----------------------------------------------------------------------------------------------
 # config.json <-> ModelConfig
 
@@ -61,8 +52,12 @@ def _rope(hf: dict) -> tuple[float, dict | None]:
     return theta, scaling
 
 
-def model_config_from_hf(hf: dict, *, dtype=None, param_dtype=None, dms: DMSConfig | None = None) -> ModelConfig:
-    """Translate a Hugging Face config dict; raise on unsupported families or features."""
+def model_config_from_hf(hf: dict, *, dtype=None, param_dtype=None, dms: DMSConfig | None = None,
+                         source: str = "config.json") -> ModelConfig:
+    """Translate a Hugging Face config dict; raise on unsupported families or features, and
+    (ConfigError, naming `source` and the field) on malformed or out-of-range fields."""
+    if not isinstance(hf, dict):
+        validate_hf_config(hf, source)  # names what it holds instead
     model_type = hf.get("model_type")
     archs = hf.get("architectures") or [SUPPORTED.get(model_type, "")]
     if model_type not in SUPPORTED or archs[0] != SUPPORTED[model_type]:
@@ -71,6 +66,7 @@ def model_config_from_hf(hf: dict, *, dtype=None, param_dtype=None, dms: DMSConf
             f"unsupported model: model_type={model_type!r}, architectures={archs}; "
             f"dms-jax supports {supported}"
         )
+    validate_hf_config(hf, source)
     if hf.get("hidden_act", "silu") != "silu":
         raise ValueError(f"hidden_act={hf['hidden_act']!r} is not supported; only 'silu'")
     heads = hf["num_attention_heads"]
@@ -86,7 +82,10 @@ def model_config_from_hf(hf: dict, *, dtype=None, param_dtype=None, dms: DMSConf
         )
     attention_bias = bool(hf.get("attention_bias", False))
     if dms is None and hf.get("dms"):
-        dms = DMSConfig.from_dict(hf["dms"])
+        try:
+            dms = DMSConfig.from_dict(hf["dms"])
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"{source}: field 'dms' is invalid: {err}") from err
     hf_dtype = hf.get("dtype") or hf.get("torch_dtype") or "float32"
     return ModelConfig(
         vocab_size=hf["vocab_size"],
@@ -108,7 +107,7 @@ def model_config_from_hf(hf: dict, *, dtype=None, param_dtype=None, dms: DMSConf
         max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
         model_type=model_type,
         architecture=SUPPORTED[model_type],
-        param_dtype=dtype_name(resolve_dtype(param_dtype or (hf_dtype if hf_dtype in _KNOWN_DTYPES else "float32"))),
+        param_dtype=dtype_name(resolve_dtype(param_dtype or (hf_dtype if hf_dtype in DTYPE_NAMES else "float32"))),
         dtype=dtype_name(resolve_dtype(dtype or "float32")),
         dms=dms,
     )
@@ -197,14 +196,13 @@ def param_to_hf_name(path: str) -> tuple[str, Transform]:
 # Reading tensors
 
 
-def _read_tensors(model_dir: str, allow_pickle: bool) -> dict[str, np.ndarray]:
+def _read_tensors(model_dir: str, allow_pickle: bool) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """(tensors by HF name, the file each came from)."""
     from safetensors.numpy import load_file
 
     index = os.path.join(model_dir, "model.safetensors.index.json")
     if os.path.exists(index):
-        with open(index) as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
-        paths = [os.path.join(model_dir, fn) for fn in files]
+        paths = [os.path.join(model_dir, fn) for fn in read_index(index)]
         missing = [p for p in paths if not os.path.exists(p)]
         if missing:
             raise CheckpointError(f"{index} names shards that are missing: {missing}")
@@ -212,9 +210,12 @@ def _read_tensors(model_dir: str, allow_pickle: bool) -> dict[str, np.ndarray]:
         paths = sorted(glob.glob(os.path.join(model_dir, "*.safetensors")))
     if paths:
         tensors: dict[str, np.ndarray] = {}
+        sources: dict[str, str] = {}
         for p in paths:
-            tensors.update(_load_safetensors(p, load_file))
-        return tensors
+            loaded = _load_safetensors(p, load_file)
+            tensors.update(loaded)
+            sources.update(dict.fromkeys(loaded, p))
+        return tensors, sources
     pickles = sorted(glob.glob(os.path.join(model_dir, "*.bin")) + glob.glob(os.path.join(model_dir, "*.pt")))
     if pickles and not allow_pickle:
         raise CheckpointError(
@@ -225,21 +226,26 @@ def _read_tensors(model_dir: str, allow_pickle: bool) -> dict[str, np.ndarray]:
     if pickles:
         import torch
 
-        tensors = {}
+        tensors, sources = {}, {}
         for p in pickles:
             state = torch.load(p, map_location="cpu", weights_only=True)
             tensors.update({k: v.float().numpy() if v.dtype == torch.bfloat16 else v.numpy() for k, v in state.items()})
-        return tensors
+            sources.update(dict.fromkeys(state, p))
+        return tensors, sources
     raise CheckpointError(f"no *.safetensors (or index) found in {model_dir}")
 
 
 def _load_safetensors(path, load_file):
     try:
-        return load_file(path)
-    except (TypeError, ValueError):  # bfloat16 is not a numpy dtype: go through flax's reader
-        from safetensors.flax import load_file as load_flax
+        try:
+            return load_file(path)
+        except (TypeError, ValueError):  # bfloat16 is not a numpy dtype: go through flax's reader
+            from safetensors.flax import load_file as load_flax
 
-        return {k: np.asarray(v) for k, v in load_flax(path).items()}
+            return {k: np.asarray(v) for k, v in load_flax(path).items()}
+    except Exception as err:  # a damaged header or a truncated file
+        raise CheckpointError(f"{path}: not a readable safetensors file ({type(err).__name__}: {err}); "
+                              "re-download or re-export the model") from err
 
 
 def _flatten(tree, prefix=()):
@@ -281,30 +287,41 @@ def resolve_model_dir(path_or_hub_id: str) -> str:
 
 
 def from_pretrained(path_or_hub_id: str, *, dtype=None, param_dtype=None, dms: DMSConfig | None = None,
-                    allow_pickle: bool = False) -> Decoder:
+                    allow_pickle: bool = False, allow_nonfinite: bool = False) -> Decoder:
     """Load a Hugging Face checkpoint (config.json + safetensors) into a Flax `Decoder`.
 
     dtype: compute dtype (default float32); param_dtype: storage dtype (default: the checkpoint's).
     dms: a DMSConfig to retrofit; default: the `dms` block of config.json if present.
     Adapter parameters absent from the checkpoint start at their zero initialisation.
+    config.json is validated before anything is built (ConfigError names the field); tensors with
+    NaN / Inf values are refused (CheckpointError names them) unless `allow_nonfinite=True`,
+    which loads them with a warning.
     """
     model_dir = resolve_model_dir(path_or_hub_id)
-    with open(os.path.join(model_dir, "config.json")) as f:
-        hf = json.load(f)
-    cfg = model_config_from_hf(hf, dtype=dtype, param_dtype=param_dtype, dms=dms)
+    config_path = os.path.join(model_dir, "config.json")
+    if not os.path.isfile(config_path):
+        raise FileNotFoundError(f"{model_dir} has no config.json; pass a Hugging Face model directory "
+                                "(config.json + *.safetensors)")
+    hf = read_json(config_path, "config.json")
+    cfg = model_config_from_hf(hf, dtype=dtype, param_dtype=param_dtype, dms=dms, source=config_path)
     cfg = dataclasses.replace(cfg, name_or_path=os.path.abspath(model_dir))
-    tensors = _read_tensors(model_dir, allow_pickle)
-    model = load_params(cfg, tensors)
+    tensors, sources = _read_tensors(model_dir, allow_pickle)
+    model = load_params(cfg, tensors, sources=sources, allow_nonfinite=allow_nonfinite)
     return model
 
 
-def load_params(cfg: ModelConfig, tensors: dict[str, np.ndarray]) -> Decoder:
-    """Build a Decoder from HF-named tensors, checking every name and shape."""
+def load_params(cfg: ModelConfig, tensors: dict[str, np.ndarray], *, sources: dict[str, str] | None = None,
+                allow_nonfinite: bool = False) -> Decoder:
+    """Build a Decoder from HF-named tensors, checking every name, shape, dtype and value.
+
+    sources: the file each tensor came from (named in errors). Non-finite values raise
+    CheckpointError unless `allow_nonfinite`, which warns instead."""
+    sources = sources or {}
     abstract = nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
     expected = dict(_flatten(nnx.to_pure_dict(state)))
     loaded: dict[str, Any] = {}
-    unexpected = []
+    unexpected, nonfinite = [], []
     for name, array in tensors.items():
         hit = hf_name_to_param(name)
         if hit is None or (hit[0] not in expected and not (cfg.tie_word_embeddings and hit[0] == "lm_head.kernel")):
@@ -313,6 +330,8 @@ def load_params(cfg: ModelConfig, tensors: dict[str, np.ndarray]) -> Decoder:
         path, transform = hit
         if path == "lm_head.kernel" and cfg.tie_word_embeddings:
             continue  # tied: the embedding is the head
+        source = sources.get(name, "the checkpoint")
+        check_tensor_dtype(name, array, path, source)
         value = transform(np.asarray(array))
         want = expected[path]
         if tuple(value.shape) != tuple(want.shape):
@@ -320,7 +339,19 @@ def load_params(cfg: ModelConfig, tensors: dict[str, np.ndarray]) -> Decoder:
                 f"tensor {name!r} has shape {tuple(array.shape)}, but parameter {path} needs "
                 f"{tuple(want.shape)} (as stored in HF layout: {_hf_shape(path, want.shape)})"
             )
+        bad = count_nonfinite(value)
+        if bad:
+            nonfinite.append(f"{name} ({bad} of {value.size} values, in {source})")
         loaded[path] = jnp.asarray(value, dtype=want.dtype)
+    if nonfinite:
+        listed = "; ".join(nonfinite[:10]) + (" ..." if len(nonfinite) > 10 else "")
+        if not allow_nonfinite:
+            raise CheckpointError(
+                f"{len(nonfinite)} tensor(s) hold NaN or Inf values: {listed}. The weights are "
+                "damaged (or a training run diverged); use an intact copy, or pass "
+                "allow_nonfinite=True to load them anyway")
+        warnings.warn(f"loading {len(nonfinite)} tensor(s) with NaN or Inf values (allow_nonfinite=True): "
+                      f"{listed}; the model's outputs will not be meaningful", RuntimeWarning, stacklevel=3)
     if unexpected:
         raise CheckpointError(
             f"unexpected tensors for {cfg.architecture}: {sorted(unexpected)[:10]}"
@@ -347,20 +378,26 @@ def _hf_shape(path, shape):
     return tuple(reversed(shape)) if path.endswith("kernel") else tuple(shape)
 
 
-def save_pretrained(model: Decoder, out_dir: str, *, max_shard_bytes: int = 2 * 1024**3, tokenizer=None) -> str:
+def save_pretrained(model: Decoder, out_dir: str, *, max_shard_bytes: int = 2 * 1024**3, tokenizer=None,
+                    extra_config: dict | None = None) -> str:
     """Write an HF-layout directory (config.json, safetensors, tokenizer files).
 
     The directory is written under a temporary name beside `out_dir` and renamed into place,
     so a failed export never leaves a directory that looks valid. An existing `out_dir` is
-    replaced only after the new one is complete.
+    replaced only after the new one is complete, and only when it is a previous export (or
+    empty): a directory holding anything else, or a file, is refused (ExportTargetError) and
+    left as it is. Temporary directories of killed earlier exports to the same name are removed.
+    extra_config: further top-level entries for config.json (e.g. what a training run reached).
     """
     from safetensors.numpy import save_file
 
     cfg: ModelConfig = model.config
     out_dir = os.path.abspath(out_dir)
+    export_target.check_export_target(out_dir)
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
+    export_target.remove_stale_temporaries(out_dir)
+    tmp = export_target.make_temporary(out_dir, "tmp")
     try:
         tensors = {}
         for path, value in _flatten(nnx.to_pure_dict(nnx.state(model, nnx.Param))):
@@ -384,6 +421,7 @@ def save_pretrained(model: Decoder, out_dir: str, *, max_shard_bytes: int = 2 * 
         hf = hf_config_from_model_config(cfg)
         if any(a.dtype == np.float32 for a in tensors.values()):
             hf["dtype"] = "float32"
+        hf.update(extra_config or {})
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(hf, f, indent=2)
         if tokenizer is not None:
@@ -393,9 +431,10 @@ def save_pretrained(model: Decoder, out_dir: str, *, max_shard_bytes: int = 2 * 
                 src = os.path.join(cfg.name_or_path, fn)
                 if os.path.exists(src):
                     shutil.copy2(src, os.path.join(tmp, fn))
+        export_target.write_marker(tmp)
         _make_readable(tmp)
-        if os.path.exists(out_dir):
-            old = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old-", dir=parent)
+        if export_target.check_export_target(out_dir):  # again: it may have changed meanwhile
+            old = export_target.make_temporary(out_dir, "old")
             os.rename(out_dir, os.path.join(old, "x"))
             os.rename(tmp, out_dir)
             shutil.rmtree(old, ignore_errors=True)
@@ -430,9 +469,17 @@ def _shard(tensors: dict, max_bytes: int) -> list[dict]:
 
 
 def load_tokenizer(path_or_dir: str):
-    """The HF tokenizer of a model directory, or None when it ships none."""
+    """The HF tokenizer of a model directory, or None when it ships none. Malformed tokenizer
+    files raise ConfigError naming the file."""
     if not any(os.path.exists(os.path.join(path_or_dir, fn)) for fn in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
         return None
+    for fn in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json"):
+        if os.path.isfile(os.path.join(path_or_dir, fn)):
+            read_json(os.path.join(path_or_dir, fn), f"tokenizer file {fn}")
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(path_or_dir, trust_remote_code=False)
+    try:
+        return AutoTokenizer.from_pretrained(path_or_dir, trust_remote_code=False)
+    except Exception as err:  # transformers / tokenizers raise many types for a damaged file
+        raise ConfigError(f"the tokenizer in {path_or_dir} cannot be loaded ({type(err).__name__}: {err}); "
+                          "its tokenizer files are damaged or incomplete") from err

@@ -1,6 +1,7 @@
 """Hugging Face import / export against transformers itself (the independent reference)."""
 import json
 import os
+import re
 import shutil
 
 import jax.numpy as jnp
@@ -193,3 +194,166 @@ def test_tokenizer_travels_with_the_model(tmp_path):
     text = "def forward(self, x): return x"
     assert again(text)["input_ids"] == tok(text)["input_ids"]
     assert dms_jax.load_tokenizer(str(tmp_path)) is None  # a directory without one
+
+
+# ------------------------------------------------------------------------------ nothing lost, nothing silent
+
+
+def test_export_never_replaces_a_directory_holding_other_files(hf_model_dirs, tmp_path, monkeypatch):
+    from dms_jax.export_target import MARKER, ExportTargetError
+
+    model = dms_jax.from_pretrained(hf_model_dirs["llama"])
+    user_dir = tmp_path / "thesis"
+    user_dir.mkdir()
+    (user_dir / "thesis.tex").write_text("years of work")
+    with pytest.raises(ExportTargetError, match=r"thesis.*holds files that are not a dms-jax export \(thesis\.tex\)"):
+        dms_jax.save_pretrained(model, str(user_dir))
+    assert os.listdir(user_dir) == ["thesis.tex"] and (user_dir / "thesis.tex").read_text() == "years of work"
+    monkeypatch.chdir(user_dir)  # "." is the working directory holding the user's files
+    with pytest.raises(ExportTargetError, match="thesis.tex"):
+        dms_jax.save_pretrained(model, ".")
+    (tmp_path / "empty").mkdir()
+    monkeypatch.chdir(tmp_path / "empty")  # even empty, the working directory is never replaced
+    with pytest.raises(ExportTargetError, match="current working directory"):
+        dms_jax.save_pretrained(model, ".")
+    (tmp_path / "notes.txt").write_text("notes")
+    with pytest.raises(ExportTargetError, match="is a file"):
+        dms_jax.save_pretrained(model, str(tmp_path / "notes.txt"))
+    assert (tmp_path / "notes.txt").read_text() == "notes"
+    assert sorted(os.listdir(tmp_path)) == ["empty", "notes.txt", "thesis"]  # no temporaries either
+
+    # a previous export is replaced whole; once a user adds a file to it, it is not
+    out = tmp_path / "export"
+    dms_jax.save_pretrained(model, str(out))
+    marker = json.load(open(out / MARKER))
+    assert set(marker["files"]) == set(os.listdir(out)) and "config.json" in marker["files"]
+    qwen = dms_jax.from_pretrained(hf_model_dirs["qwen3"])
+    dms_jax.save_pretrained(qwen, str(out))
+    assert json.load(open(out / "config.json"))["model_type"] == "qwen3"
+    (out / "README.md").write_text("my notes on this model")
+    with pytest.raises(ExportTargetError, match="README.md"):
+        dms_jax.save_pretrained(model, str(out))
+    assert (out / "README.md").read_text() == "my notes on this model"
+    # an HF model directory without a marker (config, weights, generation config) may be replaced
+    plain = _copy(hf_model_dirs["qwen2"], tmp_path / "plain")
+    dms_jax.save_pretrained(model, plain)
+    assert json.load(open(os.path.join(plain, "config.json")))["model_type"] == "llama"
+
+
+def test_export_removes_its_own_stale_temporaries_only(hf_model_dirs, tmp_path):
+    model = dms_jax.from_pretrained(hf_model_dirs["llama"])
+    dead = 2 ** 22 + 12345  # above Linux's pid_max: no such process
+    stale = [f".export.tmp-{dead}-abc_12", f".export.old-{dead}-x7y8z9", ".export.tmp-k3j2h1g0"]
+    kept = [f".export.tmp-{os.getppid()}-live12", f".other.tmp-{dead}-abc_12", ".export.tmpfoo", "export.tmp-1-a"]
+    for name in stale + kept:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model.safetensors").write_bytes(b"x" * 100)
+    dms_jax.save_pretrained(model, str(tmp_path / "export"))
+    assert sorted(os.listdir(tmp_path)) == sorted(kept + ["export"])
+
+
+def _relabel(path, tensor, new_dtype):
+    """Rewrite a safetensors header's dtype entry for `tensor` (same byte size, data untouched)."""
+    raw = open(path, "rb").read()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    header[tensor]["dtype"] = new_dtype
+    text = json.dumps(header, separators=(",", ":")).encode().ljust(n)
+    assert len(text) == n
+    open(path, "wb").write(raw[:8] + text + raw[8 + n:])
+
+
+def test_a_tensor_relabelled_as_integers_is_refused(hf_model_dirs, tmp_path):
+    d = _copy(hf_model_dirs["qwen2"], tmp_path / "m")
+    _relabel(os.path.join(d, "model.safetensors"), "model.layers.1.mlp.up_proj.weight", "I32")
+    with pytest.raises(CheckpointError, match=r"model\.layers\.1\.mlp\.up_proj\.weight.*model\.safetensors "
+                                              r"has dtype int32.*floating-point"):
+        dms_jax.from_pretrained(d)
+
+
+def test_nonfinite_weights_are_refused_unless_allowed(hf_model_dirs, tmp_path):
+    d = _copy(hf_model_dirs["qwen2"], tmp_path / "m")
+
+    def poison(t):
+        t["model.layers.0.self_attn.q_proj.weight"][3, :2] = [np.nan, np.inf]
+        t["model.norm.weight"][0] = -np.inf
+
+    _edit_tensors(d, poison)
+    with pytest.raises(CheckpointError, match=r"2 tensor\(s\) hold NaN or Inf.*q_proj\.weight \(2 of 2304 values, "
+                                              r"in .*model\.safetensors\).*model\.norm\.weight.*allow_nonfinite=True"):
+        dms_jax.from_pretrained(d)
+    with pytest.warns(RuntimeWarning, match=r"NaN or Inf.*q_proj\.weight.*model\.norm\.weight"):
+        model = dms_jax.from_pretrained(d, allow_nonfinite=True)
+    assert np.isnan(np.asarray(model.layers[0].attn.q_proj.kernel[...])).any()
+
+
+def test_shard_paths_must_stay_inside_the_model_directory(hf_model_dirs, tmp_path):
+    from dms_jax.hf_checks import ConfigError
+
+    model = dms_jax.from_pretrained(hf_model_dirs["qwen2"])
+    out = dms_jax.save_pretrained(model, str(tmp_path / "m" / "sharded"), max_shard_bytes=20_000)
+    index_path = os.path.join(out, "model.safetensors.index.json")
+    index = json.load(open(index_path))
+    shard = sorted(set(index["weight_map"].values()))[0]
+    (tmp_path / "outside").mkdir()
+    shutil.move(os.path.join(out, shard), tmp_path / "outside" / shard)  # a valid shard, elsewhere
+    original = dict(index["weight_map"])
+    for elsewhere in (f"../../outside/{shard}", str(tmp_path / "outside" / shard)):
+        index["weight_map"] = {k: elsewhere if v == shard else v for k, v in original.items()}
+        json.dump(index, open(index_path, "w"))
+        with pytest.raises(ConfigError, match=f"shard '{re.escape(elsewhere)}' lies outside the model directory"):
+            dms_jax.from_pretrained(out)
+
+
+def _set_config(d, edit):
+    path = os.path.join(d, "config.json")
+    cfg = json.load(open(path))
+    cfg = edit(cfg)
+    json.dump(cfg, open(path, "w"))
+
+
+BAD_CONFIGS = {
+    "a billion layers": (lambda c: {**c, "num_hidden_layers": 10 ** 9},
+                         r"'num_hidden_layers' = 1000000000 must be in \[1, 1024\]"),
+    "zero heads": (lambda c: {**c, "num_attention_heads": 0}, r"'num_attention_heads' = 0 must be in \[1, 1024\]"),
+    "a JSON list": (lambda c: [c], "holds a JSON list, not an object"),
+    "no hidden_size": (lambda c: {k: v for k, v in c.items() if k != "hidden_size"},
+                       "required field 'hidden_size' is missing"),
+    "vocab as a string": (lambda c: {**c, "vocab_size": "97"}, r"'vocab_size' = '97' must be an integer \(got a JSON str\)"),
+    "heads not a multiple of kv heads": (lambda c: {**c, "num_key_value_heads": 4},
+                                         "'num_attention_heads' = 6 is not a multiple of num_key_value_heads = 4"),
+    "negative rope theta": (lambda c: {**c, "rope_theta": -1.0, "rope_parameters": None}, "'rope_theta' = -1.0 must be"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_CONFIGS))
+def test_bad_config_json_names_the_file_and_field(hf_model_dirs, tmp_path, case):
+    from dms_jax.hf_checks import ConfigError
+
+    edit, message = BAD_CONFIGS[case]
+    d = _copy(hf_model_dirs["qwen2"], tmp_path / "m")
+    _set_config(d, edit)
+    with pytest.raises(ConfigError, match=re.escape(os.path.join(d, "config.json")) + ": .*" + message):
+        dms_jax.from_pretrained(d)
+
+
+def test_malformed_json_files_are_named(hf_model_dirs, tmp_path):
+    from dms_jax.assets import DEFAULT_MODEL_DIR
+    from dms_jax.hf_checks import ConfigError
+
+    d = _copy(hf_model_dirs["qwen2"], tmp_path / "m")
+    path = os.path.join(d, "config.json")
+    open(path, "w").write(open(path).read()[:-30])
+    with pytest.raises(ConfigError, match=re.escape(path) + r": not valid JSON \(.* at line \d+, column \d+\)"):
+        dms_jax.from_pretrained(d)
+    model = dms_jax.from_pretrained(hf_model_dirs["qwen2"])
+    out = dms_jax.save_pretrained(model, str(tmp_path / "sharded"), max_shard_bytes=20_000)
+    index = os.path.join(out, "model.safetensors.index.json")
+    open(index, "w").write("{\"weight_map\": {")
+    with pytest.raises(ConfigError, match=re.escape(index) + ": not valid JSON"):
+        dms_jax.from_pretrained(out)
+    tok = _copy(DEFAULT_MODEL_DIR, tmp_path / "tok")
+    tok_json = os.path.join(tok, "tokenizer.json")
+    open(tok_json, "w").write(open(tok_json).read()[:1000])
+    with pytest.raises(ConfigError, match=re.escape(tok_json) + ": not valid JSON"):
+        dms_jax.load_tokenizer(tok)

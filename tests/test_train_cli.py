@@ -51,9 +51,13 @@ def test_cli_retrofits_a_hugging_face_model_and_exports_it(tmp_path, hf_model_di
     np.testing.assert_array_equal(np.asarray(exported(ids)), np.asarray(base(ids)))  # base frozen
     assert sorted(os.listdir(tmp_path / "ckpt")) == ["3"]
 
+    exported_at = os.stat(tmp_path / "export" / "config.json").st_mtime_ns
     again = subprocess.run([sys.executable, os.path.join(REPO, "train.py"), *args], cwd=tmp_path,
                            capture_output=True, text=True, timeout=300)
-    assert again.returncode == 0 and "done: step 3" in again.stdout  # resumed at the end: no steps
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "already complete: step 3 of 3; nothing to train. To train further raise train.steps" in again.stdout
+    assert "is left as it is" in again.stdout and "done:" not in again.stdout
+    assert os.stat(tmp_path / "export" / "config.json").st_mtime_ns == exported_at  # not re-exported
 
 
 def test_cli_reports_bad_arguments(tmp_path):
@@ -62,3 +66,18 @@ def test_cli_reports_bad_arguments(tmp_path):
                          capture_output=True, text=True, timeout=300)
     assert run.returncode != 0
     assert "cr_end=0.5: a compression ratio must be >= 1" in run.stderr
+
+
+def test_cli_names_an_unknown_field_in_one_line_and_help_lists_the_fields(tmp_path):
+    train_py = os.path.join(REPO, "train.py")
+    run = subprocess.run([sys.executable, train_py, "--config.train.stepz=3"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2
+    assert run.stderr.strip() == ("error: unknown config field train.stepz; did you mean train.steps or "
+                                  "train.cr_steps? (train.py --help lists every field)")
+    helped = subprocess.run([sys.executable, train_py, "--help"], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=300)
+    assert helped.returncode == 0, helped.stderr[-2000:]
+    for line in ("--config.train.steps=40", "--config.train.learning_rate=0.003", "--config.data.format=''",
+                 "--config.data.skip_bad_rows=False", "--config.checkpoint.every=10"):  # configs/tiny.py's
+        assert f"\n  {line}\n" in helped.stdout, line

@@ -1,5 +1,6 @@
 """Training data: loading (JSONL / text / parquet / pre-tokenised), packing, deterministic order."""
 import json
+import re
 
 import numpy as np
 import pytest
@@ -160,3 +161,55 @@ def test_target_masks_travel_from_jsonl_to_the_loss_mask(tmp_path):
     with pytest.raises(DataError, match="same length"):
         build_data(_cfg(tmp_path, path=str(tmp_path / "bad.jsonl"), eos_id=1), None, seq_len=8,
                    batch_size=1, vocab_size=16)
+
+
+def test_bad_rows_are_named_by_file_and_line_or_skipped_when_asked(tmp_path, tokenizer, caplog):
+    good = [{"text": f"document {i} " + "word " * (i % 5 + 4)} for i in range(24)]
+    clean = tmp_path / "clean.jsonl"
+    clean.write_text("".join(json.dumps(r) + "\n" for r in good))
+
+    def write(name, bad_lines):  # {line number: raw text}; good rows fill the other lines
+        rows, it = [], iter(good)
+        for number in range(1, len(good) + len(bad_lines) + 1):
+            rows.append(bad_lines[number] if number in bad_lines else json.dumps(next(it)))
+        (tmp_path / name).write_text("\n".join(rows) + "\n")
+        return str(tmp_path / name)
+
+    cases = {
+        "missing.jsonl": ({3: json.dumps({"body": "x"}), 6: json.dumps({"text": None})},
+                          r"2 bad row\(s\) in the data: .*missing\.jsonl, line 3: no 'text' \(missing or null\); "
+                          r".*missing\.jsonl, line 6: no 'text'.*data\.skip_bad_rows=True"),
+        "number.jsonl": ({2: json.dumps({"text": 12345})},
+                         r"1 bad row\(s\) in the data: .*number\.jsonl, line 2: 'text' is a int \('12345'\), not a string"),
+        "malformed.jsonl": ({4: '{"text": "cut short'},
+                            r"1 bad row\(s\) in the data: .*malformed\.jsonl, line 4: not valid JSON"),
+    }
+    for name, (bad_lines, message) in cases.items():
+        with pytest.raises(DataError, match=message):
+            build_data(_cfg(tmp_path, path=write(name, bad_lines)), tokenizer, seq_len=16, batch_size=2,
+                       vocab_size=512)
+
+    # a blank line does not shift the count; every kind at once, skipped under the option
+    mixed = write("mixed.jsonl", {2: "", 3: json.dumps({"body": "x"}), 5: json.dumps({"text": None}),
+                                  7: json.dumps({"text": 12345}), 9: "[1, 2]", 11: "{not json"})
+    with caplog.at_level("WARNING"):
+        got = build_data(_cfg(tmp_path, path=mixed, skip_bad_rows=True), tokenizer, seq_len=16, batch_size=2,
+                         vocab_size=512)
+    assert re.search(r"skipped 5 bad row\(s\) \(data\.skip_bad_rows=True\): .*mixed\.jsonl, line 3: no 'text'.*"
+                     r"line 5: no 'text'.*line 7: 'text' is a int.*line 9: a JSON list.*line 11: not valid JSON",
+                     caplog.text), caplog.text
+    want = build_data(_cfg(tmp_path, path=str(clean)), tokenizer, seq_len=16, batch_size=2, vocab_size=512)
+    np.testing.assert_array_equal(np.asarray(got.rows["input_ids"]), np.asarray(want.rows["input_ids"]))
+
+
+def test_the_extension_decides_the_format_over_the_tiny_config(tmp_path):
+    from dms_jax.train.data import load_documents
+    from tests.test_train_loop import load_config_file
+
+    c = load_config_file("tiny")
+    assert load_documents(c.data)["text"][0].startswith("# ")  # the README, read as text lines
+    (tmp_path / "d.jsonl").write_text(json.dumps({"text": "a document"}) + "\n")
+    c.data.update(path=str(tmp_path / "d.jsonl"), cache_dir=str(tmp_path / "cache"))
+    assert load_documents(c.data)["text"] == ["a document"]  # JSON lines, not raw text
+    c.data.format = "text"  # an explicit format still wins
+    assert load_documents(c.data)["text"] == ['{"text": "a document"}']

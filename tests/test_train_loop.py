@@ -9,6 +9,7 @@ import dataclasses
 import importlib.util
 import json
 import os
+import re
 import shutil
 
 import jax
@@ -88,7 +89,16 @@ def test_meshes_give_the_same_losses(tmp_path):
         np.testing.assert_allclose(losses_of(run, "achieved_cr"), losses_of(runs["single"], "achieved_cr"), rtol=1e-6)
 
 
+def _array_files(directory):
+    """The array data files of a checkpoint's state (the OCDBT data files, `d/*`)."""
+    return [os.path.join(root, f) for root, _, names in os.walk(directory) for f in names
+            if os.path.basename(root) == "d"]
+
+
 def test_kill_and_resume_reproduces_the_uninterrupted_run(tmp_path):
+    """Killed after step 5 (checkpoints 2 and 4), the newest checkpoint then damaged (truncated
+    array files) and the metrics' last line torn: the resumed run falls back to step 2, says why,
+    and reproduces the uninterrupted run bit for bit, its metrics file holding each step once."""
     cfg = tiny_config(tmp_path, steps=6)
     cfg.checkpoint.update(every=2, keep=5)
     straight = copy.deepcopy(cfg)
@@ -98,27 +108,41 @@ def test_kill_and_resume_reproduces_the_uninterrupted_run(tmp_path):
     class Killed(Exception):
         pass
 
-    def kill_at_3(step, record):
-        if step == 3:
+    def kill_at_5(step, record):
+        if step == 5:
             raise Killed
 
     crashed = copy.deepcopy(cfg)
     crashed.checkpoint.dir = str(tmp_path / "crashed")
+    crashed.output.dir = str(tmp_path / "run")
     with pytest.raises(Killed):
-        train(crashed, on_step=kill_at_3)
+        train(crashed, on_step=kill_at_5)
     steps_dir = tmp_path / "crashed"
-    assert sorted(int(p) for p in os.listdir(steps_dir) if p.isdigit()) == [2]
+    assert sorted(int(p) for p in os.listdir(steps_dir) if p.isdigit()) == [2, 4]
     # a checkpoint half-written when the process died must never be picked up
-    shutil.copytree(steps_dir / "2", steps_dir / "4.orbax-checkpoint-tmp-1234567")
-    shutil.rmtree(steps_dir / "4.orbax-checkpoint-tmp-1234567" / "state")
+    shutil.copytree(steps_dir / "2", steps_dir / "6.orbax-checkpoint-tmp-1234567")
+    shutil.rmtree(steps_dir / "6.orbax-checkpoint-tmp-1234567" / "state")
+    # a finalised checkpoint damaged afterwards is skipped, with the reason
+    for path in _array_files(steps_dir / "4" / "state"):
+        with open(path, "r+b") as f:
+            f.truncate(os.path.getsize(path) // 2)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    with open(metrics, "r+b") as f:  # killed while writing the last line
+        f.truncate(os.path.getsize(metrics) - 20)
 
     resumed = train(crashed)
     assert resumed.resumed_from == 2
+    assert [s for s, _ in resumed.skipped_checkpoints] == [4]
+    assert "its train state cannot be read" in resumed.skipped_checkpoints[0][1]
+    assert "4.unreadable" in os.listdir(steps_dir)  # set aside, not deleted
     assert [h["step"] for h in resumed.history] == [3, 4, 5, 6]
     assert [h["data_position"] for h in resumed.history] == [h["data_position"] for h in ref.history[2:]]
     np.testing.assert_array_equal(losses_of(resumed), losses_of(ref)[2:])  # exact, not approximate
     for k, v in split_model(ref.model)[1].items():
         np.testing.assert_array_equal(bits(split_model(resumed.model)[1][k]), bits(v), err_msg=k)
+    logged = [json.loads(line) for line in open(metrics)]  # each step once, the replayed ones rewritten
+    assert [r["step"] for r in logged] == [1, 2, 3, 4, 5, 6]
+    np.testing.assert_array_equal([r["loss"] for r in logged], losses_of(ref))
 
 
 @pytest.fixture(scope="module")
@@ -126,6 +150,7 @@ def retrofit(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("retrofit")
     cfg = tiny_config(tmp, steps=30)
     cfg.output.update(dir=str(tmp / "run"), export_dir=str(tmp / "export"))
+    cfg.checkpoint.dir = str(tmp / "run" / "checkpoints")  # every 10, keep 2 (configs/tiny.py)
     initial = dms_jax.Decoder(
         dms_jax.ModelConfig(**cfg.model.init, dms=dms_jax.DMSConfig(**cfg.model.dms)), rngs=nnx.Rngs(cfg.seed)
     )
@@ -187,6 +212,32 @@ def test_export_reloads_into_the_same_dms_model(retrofit):
     np.testing.assert_array_equal(np.asarray(got.decisions), np.asarray(want.decisions))
     assert float(got_cr) == float(want_cr)
     assert dms_jax.load_tokenizer(result.export_dir) is not None
+    training = json.load(open(os.path.join(result.export_dir, "config.json")))["dms_jax_training"]
+    assert training == {"loss": "distill", "steps": 30, "warnings": [], "reached_cr": exported["target_cr"],
+                        "schedule_cr": pytest.approx(4.0)}
+
+
+def test_a_checkpoint_restored_for_inference_records_the_cr_its_export_records(retrofit):
+    from dms_jax.train.restore import restore_checkpoint
+
+    cfg, _, result = retrofit
+    restored = restore_checkpoint(cfg, cfg.checkpoint.dir).model  # the newest step, 30
+    exported = dms_jax.from_pretrained(result.export_dir)
+    assert restored.config.dms.target_cr == exported.config.dms.target_cr == result.model.config.dms.target_cr
+    assert restored.config.dms == exported.config.dms  # so both size the inference cache alike
+
+
+def test_running_a_finished_run_again_says_so_and_keeps_its_export(retrofit):
+    cfg, _, result = retrofit
+    config_json = os.path.join(result.export_dir, "config.json")
+    before = (os.stat(config_json).st_mtime_ns, sorted(os.listdir(result.export_dir)))
+    again = train(cfg)
+    assert again.already_complete and again.history == [] and again.step == 30
+    assert re.search(r"already complete: step 30 of 30; nothing to train\. To train further raise train\.steps "
+                     r"\(e\.g\. --config\.train\.steps=45\); to start over use a fresh checkpoint\.dir\. The export "
+                     r"in .*export is left as it is", again.already_complete)
+    assert (os.stat(config_json).st_mtime_ns, sorted(os.listdir(result.export_dir))) == before
+    assert again.export_dir is None
 
 
 def test_neuron_mode_trains_only_the_decision_columns(tmp_path):
@@ -272,3 +323,110 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     bad, good = map(int, re.search(r"at step (\d+).*Last good checkpoint: step (\d+)", str(err.value)).groups())
     assert good == bad - 1
     assert max(int(p) for p in os.listdir(tmp_path / "ckpt") if p.isdigit()) == good
+
+
+def test_a_non_finite_update_is_never_saved_and_the_last_good_checkpoint_is_good(tmp_path):
+    """The issue's reproduction, small: a run resumed with learning_rate=inf has a finite loss at
+    its first step but an update that is not; it stops before saving, names the newest checkpoint,
+    and that checkpoint resumes at the normal learning rate."""
+    cfg = tiny_config(tmp_path, steps=2)
+    cfg.checkpoint.update(dir=str(tmp_path / "ckpt"), every=1, keep=10)
+    train(cfg)
+    bad = copy.deepcopy(cfg)
+    bad.train.update(steps=3, learning_rate=float("inf"))
+    with pytest.raises(NonFiniteLossError, match=r"the update of step 3 made the train state non-finite \(the loss "
+                                                 r"[0-9.]+ was finite.*Last good checkpoint: step 2 in .*ckpt"):
+        train(bad)
+    assert sorted(int(p) for p in os.listdir(tmp_path / "ckpt") if p.isdigit()) == [1, 2]
+    cfg.train.steps = 3
+    resumed = train(cfg)
+    assert resumed.resumed_from == 2 and np.isfinite(losses_of(resumed)).all()
+
+
+def test_overlapping_output_paths_are_refused_before_training(tmp_path):
+    from dms_jax.export_target import ExportTargetError
+    from dms_jax.train.outputs import OutputPathError
+
+    r = tmp_path / "R"
+    cases = [  # (checkpoint.dir, output.dir, export_dir, message)
+        ("", r, r, r"export_dir=.*R is the output directory output.dir=.*R: the export replaces its directory "
+                   r"whole and would delete the run's metrics; give output.export_dir a directory of its own"),
+        (r, "", r, "is the checkpoint directory checkpoint.dir=.*would delete the checkpoints"),
+        (r / "ckpt", r / "out", r, "holds the checkpoint directory"),
+        (r, "", r / "export", "is inside the checkpoint directory"),
+        ("", r / "out", r, "holds the output directory"),
+    ]
+    for ckpt_dir, out_dir, export_dir, message in cases:
+        cfg = tiny_config(tmp_path)
+        cfg.checkpoint.dir, cfg.output.dir, cfg.output.export_dir = str(ckpt_dir), str(out_dir), str(export_dir)
+        with pytest.raises(OutputPathError, match=message):
+            train(cfg, on_step=lambda *a: pytest.fail("trained"))
+    assert not r.exists()  # nothing was created
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("mine")
+    cfg = tiny_config(tmp_path)
+    cfg.output.export_dir = str(tmp_path / "mine")
+    with pytest.raises(ExportTargetError, match=r"output.export_dir: .*holds files that are not a dms-jax export \(notes"):
+        train(cfg, on_step=lambda *a: pytest.fail("trained"))
+    # the layout of the configs in configs/ is fine: checkpoints and export inside the output dir
+    cfg = tiny_config(tmp_path, steps=1)
+    cfg.checkpoint.dir, cfg.output.dir, cfg.output.export_dir = str(r / "checkpoints"), str(r), str(r / "export")
+    assert train(cfg).export_dir == str(r / "export")
+
+
+def test_vanished_gradients_are_reported_and_recorded_in_the_export(tmp_path):
+    """learning_rate=1e6 saturates the decisions after one step: the gradient norm is exactly 0
+    from step 2 on. The run says so (log, metrics, result) and its export records it."""
+    cfg = tiny_config(tmp_path, steps=5, learning_rate=1e6)
+    cfg.output.update(dir=str(tmp_path / "run"), export_dir=str(tmp_path / "export"))
+    result = train(cfg)
+    assert [h["grad_norm"] == 0 for h in result.history] == [False, True, True, True, True]
+    assert [h["zero_grad_steps"] for h in result.history] == [0, 1, 2, 3, 4]
+    assert "warning" not in result.history[2] and result.history[3]["warning"].startswith("gradients vanished")
+    assert len(result.warnings) == 1 and re.match(
+        r"gradients vanished: the gradient norm has been exactly 0 for 3 steps \(since step 2\).*lower "
+        r"train\.learning_rate", result.warnings[0])
+    logged = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    assert logged[-1]["warning"].startswith("gradients vanished") and logged[-1]["zero_grad_steps"] == 4
+    exported = json.load(open(tmp_path / "export" / "config.json"))
+    assert exported["dms_jax_training"]["warnings"] == result.warnings
+    assert exported["dms_jax_training"]["reached_cr"] == exported["dms"]["target_cr"] == pytest.approx(
+        result.history[-1]["achieved_cr"], abs=0.006)
+
+
+def test_compression_far_behind_the_schedule_is_reported():
+    from dms_jax.train.health import TrainingHealth
+
+    def run(achieved):
+        health = TrainingHealth(cr_steps=20)
+        records = [{"step": s, "grad_norm": 1.0, "achieved_cr": a, "target_cr": min(1 + 3 * s / 20, 4.0)}
+                   for s, a in enumerate(achieved, 1)]
+        for r in records:
+            health.update(r, r["step"])
+        return records, health
+
+    # the tiny retrofit's own curve: lagging while the target ramps, ~0.8 of its evicted fraction after
+    healthy, health = run([1.0 + 0.07 * s for s in range(20)] + [2.4, 2.5, 2.6, 2.7, 2.6, 2.7, 2.8, 2.8, 2.7, 2.5, 2.9])
+    assert health.warnings == [] and health.final(2.7, 4.0) == []
+    # vanished gradients (lr 1e6): stuck near CR 1.7 against 4
+    stuck, health = run([1.7] * 31)
+    assert all("warning" not in r for r in stuck[:29])  # nothing until 10 steps after the ramp
+    assert stuck[29]["warning"] == ("compression far behind the schedule: CR 1.70 reached against 4.00 asked "
+                                    "(mean of the last 10 steps)")
+    assert health.final(1.7, 4.0)[-1] == ("compression far behind the schedule: the run reached CR 1.70 against "
+                                          "4.00 asked at its end")
+
+
+def test_a_torn_metrics_line_is_skipped_by_name(tmp_path, caplog):
+    from dms_jax.train.loop import reached_compression_ratio
+    from dms_jax.train.metrics import truncate_records
+
+    path = tmp_path / "metrics.jsonl"
+    records = [json.dumps({"step": s, "achieved_cr": 2.0 + s / 10}) for s in range(1, 11)]
+    path.write_text("\n".join(records[:9]) + "\n" + records[9][:-7])  # killed while writing step 10
+    with caplog.at_level("WARNING"):
+        assert reached_compression_ratio([], str(path), 9) == 2.9  # the last tenth of 9 steps: step 9
+        assert reached_compression_ratio([], str(path), 10) is None  # step 10 was never written whole
+    assert f"{path}, line 10: skipped, not a JSON record" in caplog.text
+    assert truncate_records(str(path), 8) == 2  # a resume at step 8: steps 9 and the torn 10 go
+    assert [json.loads(line)["step"] for line in open(path)] == list(range(1, 9))

@@ -29,7 +29,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-_FORMATS = {".json": "json", ".jsonl": "json", ".txt": "text", ".text": "text",
+_FORMATS = {".json": "json", ".jsonl": "json", ".txt": "text", ".text": "text", ".md": "text",
             ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
 PACK_GROUP = 1000  # documents packed together by one `Dataset.map` call
 PACKINGS = ("concat", "bin")
@@ -69,6 +69,8 @@ def load_documents(data_cfg: Mapping[str, Any]):
     """A `datasets.Dataset` of raw documents from data.path (local) or data.hub_id."""
     import datasets
 
+    from dms_jax.train.rows import bad_json_lines, bad_rows_message, check_rows, json_rows_without
+
     path, hub_id = data_cfg.get("path"), data_cfg.get("hub_id")
     split = data_cfg.get("split") or "train"
     cache_dir = data_cfg.get("cache_dir")
@@ -78,7 +80,13 @@ def load_documents(data_cfg: Mapping[str, Any]):
         try:
             ds = datasets.load_dataset(fmt, data_files={"train": files}, split="train", cache_dir=cache_dir)
         except Exception as err:  # malformed JSON, empty files ...
-            raise DataError(f"could not read {files[:3]} as {fmt!r}: {type(err).__name__}: {err}") from err
+            bad = bad_json_lines(files, data_cfg) if fmt == "json" else []
+            if not bad:
+                raise DataError(f"could not read {files[:3]} as {fmt!r}: {type(err).__name__}: {err}") from err
+            if not data_cfg.get("skip_bad_rows"):
+                raise DataError(bad_rows_message(bad, len(bad))) from err
+            ds = json_rows_without(files, bad, data_cfg)
+        ds = check_rows(ds, data_cfg, files, fmt)
     elif hub_id:
         try:
             ds = datasets.load_dataset(hub_id, data_cfg.get("hub_config"), split=split, cache_dir=cache_dir)
@@ -87,6 +95,7 @@ def load_documents(data_cfg: Mapping[str, Any]):
                 f"could not load hub dataset {hub_id!r} (split {split!r}): {type(err).__name__}: {err}. "
                 "Offline? Download it first, or point data.path at local JSONL / text / parquet files."
             ) from err
+        ds = check_rows(ds, data_cfg, [f"hub dataset {hub_id!r}"], "hub")
     else:
         raise DataError("no training data: set --config.data.path=FILE_OR_DIR or --config.data.hub_id=NAME")
     if len(ds) == 0:
@@ -132,7 +141,7 @@ def _document_ids(batch, columns, tokenizer, data_cfg) -> list[list[int]]:
                 f"no text column {text_field!r} in the data (columns: {columns}); set data.text_field, "
                 "or data.chat_template=True for a 'messages' column"
             )
-        texts = [t or "" for t in batch[text_field]]
+        texts = batch[text_field]  # every row a string: check_rows saw to it
         add_special = True
     return tokenizer(texts, add_special_tokens=add_special)["input_ids"]
 

@@ -41,6 +41,7 @@ def base_config() -> ml_collections.ConfigDict:
         tokenizer="",  # default: the model's (model.path)
         seed=0,  # shuffling seed
         max_documents=0,  # 0: all
+        skip_bad_rows=False,  # a row without its text, or not JSON: an error naming file and line; True skips and counts them
         cache_dir="",  # datasets cache; default ~/.cache/huggingface/datasets
         keep_in_memory=False,
         eos_id=-1,  # pre-tokenised data without a tokenizer: the separator id (-1: none)

@@ -3,12 +3,13 @@
     from dms_jax.train import train
     result = train(config)   # config: an ml_collections ConfigDict like configs/tiny.py
 
-Resumes automatically from the newest complete checkpoint in checkpoint.dir.
+Resumes automatically from the newest intact checkpoint in checkpoint.dir (damaged newer ones are
+skipped, set aside and named); a run already at train.steps says so and trains nothing.
 """
 from __future__ import annotations
 
 import dataclasses
-import json
+import logging
 import math
 import os
 import time
@@ -24,12 +25,17 @@ from dms_jax.config import DMSConfig, ModelConfig
 from dms_jax.train import evaluate, optim, schedule
 from dms_jax.train.checkpoint import Checkpointer, ResumeError, abstract_like
 from dms_jax.train.data import build_data
-from dms_jax.train.metrics import MetricsWriter
+from dms_jax.train.health import TrainingHealth
+from dms_jax.train.metrics import MetricsWriter, load_records
+from dms_jax.train.outputs import check_output_paths, holds_export
 from dms_jax.train.step import StepConfig, init_state, make_train_step, teacher_leaves
+
+log = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(FloatingPointError):
-    """The loss became NaN or infinite; the run stopped without saving that step."""
+    """The loss, or the train state after an update, became NaN or infinite; the run stopped
+    without saving that step."""
 
 
 @dataclasses.dataclass
@@ -41,6 +47,9 @@ class TrainResult:
     checkpoint_dir: str | None
     export_dir: str | None
     trainable: dict | None = None  # the trained leaves as optimised (float32 master copies)
+    warnings: list = dataclasses.field(default_factory=list)  # training-health warnings (health.py)
+    skipped_checkpoints: list = dataclasses.field(default_factory=list)  # (step, why) damaged, skipped
+    already_complete: str | None = None  # the message when the checkpoint was already at train.steps
 
 
 def _opt(section, key, default=None):
@@ -246,40 +255,54 @@ BATCH_KEYS = ("input_ids", "attention_mask", "loss_mask", "segment_ids")
 # the loop
 
 
-def _restore(ckpt: Checkpointer, trainer: Trainer, data) -> tuple[Any, int, int, int | None]:
-    """(state, step, data position, resumed-from step) from the newest complete checkpoint."""
-    latest = ckpt.latest_step()
-    if latest is None:
-        return None, 0, 0, None
-    meta = ckpt.restore_meta(latest)
-    if meta.get("layout") != trainer.layout:
-        raise ResumeError(
-            f"the checkpoint at step {latest} in {ckpt.directory} was written by a different "
-            "configuration (trainable parameters / loss differ); use a fresh checkpoint.dir"
-        )
-    if meta.get("data") != data.fingerprint():
-        raise ResumeError(
-            f"the checkpoint at step {latest} was written with data {meta.get('data')}, now "
-            f"{data.fingerprint()}: the data order could not be restored; use the same data"
-        )
-    state, meta = ckpt.restore(latest, abstract_like(trainer.abstract_state, trainer.state_shardings))
-    return state, int(meta["step"]), int(meta["data_position"]), latest
+def _restore(ckpt: Checkpointer, trainer: Trainer, data):
+    """(state, step, data position, resumed-from step, skipped) from the newest intact checkpoint;
+    skipped: [(step, why)] of the damaged newer ones."""
+
+    def same_data(step, meta):
+        if meta.get("data") != data.fingerprint():
+            raise ResumeError(
+                f"the checkpoint at step {step} was written with data {meta.get('data')}, now "
+                f"{data.fingerprint()}: the data order could not be restored; use the same data"
+            )
+
+    target = abstract_like(trainer.abstract_state, trainer.state_shardings)
+    state, meta, step, skipped = ckpt.restore_newest_intact(target, trainer.layout, "use a fresh checkpoint.dir",
+                                                            check_meta=same_data)
+    if state is None:
+        return None, 0, 0, None, []
+    return state, int(meta.get("step", step)), int(meta["data_position"]), step, skipped
 
 
 def reached_compression_ratio(history, metrics_path, steps: int) -> float | None:
-    """Mean training CR (1 / (1 - mean d)) over the last tenth of the run's steps, from this
-    process's history and, across resumes, the metrics file (the last record of each step)."""
+    """Mean training CR (1 / (1 - mean d)) over the last tenth of the first `steps` steps, from
+    this process's history and, across resumes, the metrics file (the last record of each step;
+    a line torn by a kill is skipped). The export and a checkpoint restored for inference both
+    record it as dms.target_cr (`with_reached_cr`)."""
     by_step = {}
     if metrics_path and os.path.exists(metrics_path):
-        with open(metrics_path) as f:
-            for line in f:
-                record = json.loads(line)
-                by_step[record.get("step")] = record
+        by_step.update({r.get("step"): r for r in load_records(metrics_path, steps)})
     by_step.update({h.get("step"): h for h in history})
     first = steps - max(1, steps // 10)
     tail = [r["achieved_cr"] for k, r in by_step.items()
-            if isinstance(k, int) and k > first and "achieved_cr" in r]
+            if isinstance(k, int) and first < k <= steps and "achieved_cr" in r]
     return max(1.0, round(float(np.mean(tail)), 2)) if tail else None
+
+
+def with_reached_cr(model, reached: float | None, loss: str):
+    """The model with dms.target_cr = the CR its training reached (inference sizes its cache by
+    it); unchanged for a model without DMS, a non-retrofit loss, or an unknown CR."""
+    if model.config.dms is not None and loss == "distill" and reached:
+        model.config = dataclasses.replace(
+            model.config, dms=dataclasses.replace(model.config.dms, target_cr=reached))
+    return model
+
+
+def _run_complete_message(start: int, steps: int, ckpt_dir: str) -> str:
+    where = (f"the run in {ckpt_dir} is already complete: step {start} of {steps}" if start == steps else
+             f"the checkpoint in {ckpt_dir} is at step {start}, beyond train.steps={steps}")
+    return (f"{where}; nothing to train. To train further raise train.steps (e.g. "
+            f"--config.train.steps={start + max(steps // 2, 1)}); to start over use a fresh checkpoint.dir")
 
 
 def train(config, *, devices=None, on_step: Callable[[int, dict], None] | None = None) -> TrainResult:
@@ -294,6 +317,8 @@ def train(config, *, devices=None, on_step: Callable[[int, dict], None] | None =
     seed = int(_opt(config, "seed", 0))
     seq_len, batch_size, steps = int(t.seq_len), int(t.batch_size), int(t.steps)
     # everything checkable without the model first: bad settings fail before a long load
+    export_dir = _opt(config.output, "export_dir")
+    check_output_paths(_opt(config.checkpoint, "dir"), _opt(config.output, "dir"), export_dir)
     step_cfg = step_config(config)
     mesh = shd.make_mesh(tuple(config.mesh.shape), devices)
     validate_batch(batch_size, mesh)
@@ -310,22 +335,28 @@ def train(config, *, devices=None, on_step: Callable[[int, dict], None] | None =
     task_eval = evaluate.build_task_eval(_opt(config, "eval"), tokenizer, seq_len=seq_len)
     eval_every = int(config.eval.every) if task_eval is not None else 0
 
-    ckpt, state, start, position, resumed_from = None, None, 0, 0, None
+    ckpt, state, start, position, resumed_from, skipped = None, None, 0, 0, None, []
     if _opt(config.checkpoint, "dir"):
         ckpt = Checkpointer(config.checkpoint.dir, every=int(config.checkpoint.every),
                             keep=int(config.checkpoint.keep),
                             async_save=bool(_opt(config.checkpoint, "async_save", True)))
         if _opt(config.checkpoint, "resume", True):
-            state, start, position, resumed_from = _restore(ckpt, trainer, data)
+            state, start, position, resumed_from, skipped = _restore(ckpt, trainer, data)
     if state is None:
         state = trainer.init_fn(trainer.trainable_params)
     trainer.trainable_params = None  # donated into the state from here on
 
     lead = jax.process_index() == 0
     out_dir = _opt(config.output, "dir")
-    writer = MetricsWriter(out_dir if lead else None, tensorboard=bool(_opt(config.output, "tensorboard", True)))
+    if start >= steps and ckpt is not None:  # nothing to train: say so, never re-export over an export
+        ckpt.close()
+        return _already_complete(config, trainer, state, start, steps, ckpt, export_dir, out_dir, tokenizer,
+                                 resumed_from, skipped)
+    writer = MetricsWriter(out_dir if lead else None, tensorboard=bool(_opt(config.output, "tensorboard", True)),
+                           resume_step=start)
     progress = tqdm(total=steps, initial=start, disable=not (lead and _opt(config.output, "progress", True)),
                     desc="retrofit" if step_cfg.loss == "distill" else step_cfg.loss, dynamic_ncols=True)
+    health = TrainingHealth(step_cfg.cr_steps, bar_label="retrofit" if step_cfg.loss == "distill" else step_cfg.loss)
     history = []
     next_batch = None
     last_eval = None
@@ -341,18 +372,9 @@ def train(config, *, devices=None, on_step: Callable[[int, dict], None] | None =
             # while the device runs this step, the host prepares the next batch
             next_batch = device_batch(position + 1) if step + 1 < steps else None
             record = {k: float(v) for k, v in jax.device_get(metrics).items()}
-            if not math.isfinite(record["loss"]):
-                last_good = None
-                if ckpt is not None:
-                    ckpt.wait()
-                    last_good = ckpt.latest_step()
-                raise NonFiniteLossError(
-                    f"the loss became {record['loss']} at step {step + 1} (KL {record.get('kl')}, grad norm "
-                    f"{record.get('grad_norm')}); stopped without saving it. Last good checkpoint: "
-                    + (f"step {last_good} in {ckpt.directory}" if last_good is not None else "none")
-                    + ". Lower train.learning_rate or check the data at position "
-                    f"{position} (resuming from the checkpoint replays the same batches)."
-                )
+            if not math.isfinite(record["loss"]) or record.get("state_finite", 1.0) < 1.0:
+                raise _non_finite_error(record, step + 1, position, ckpt)
+            health.update(record, step + 1)  # zero_grad_steps, and a warning while one is active
             position += 1
             now = time.perf_counter()
             elapsed, tic = now - tic, now
@@ -370,9 +392,11 @@ def train(config, *, devices=None, on_step: Callable[[int, dict], None] | None =
                 postfix["eval"] = f"{last_eval:.3f}"
             progress.set_postfix(postfix, refresh=False)
             progress.update()
+            health.show(progress)  # the bar names a warning while it lasts
             if ckpt is not None and ckpt.should_save(step + 1, final=step + 1 == steps):
                 ckpt.save(step + 1, state, {"step": step + 1, "data_position": position, "seed": seed,
-                                            "layout": trainer.layout, "data": data.fingerprint()})
+                                            "layout": trainer.layout, "data": data.fingerprint(),
+                                            "reached_cr": reached_compression_ratio(history, writer.path, step + 1)})
             if on_step is not None:
                 on_step(step + 1, record)
     finally:
@@ -381,21 +405,68 @@ def train(config, *, devices=None, on_step: Callable[[int, dict], None] | None =
         if ckpt is not None:
             ckpt.close()
 
-    trained = trainer.model_from(state)
     reached = reached_compression_ratio(history, writer.path, steps)
-    if trained.config.dms is not None and config.train.loss == "distill" and reached:
-        # inference sizes its cache from the CR the decisions reached
-        trained.config = dataclasses.replace(
-            trained.config, dms=dataclasses.replace(trained.config.dms, target_cr=reached))
-    export_dir = _opt(config.output, "export_dir")
+    schedule_cr = history[-1].get("target_cr") if history else None
+    warnings = health.final(reached, schedule_cr)
+    trained = with_reached_cr(trainer.model_from(state), reached, step_cfg.loss)
     if export_dir:
-        if lead:
-            import dms_jax
-
-            dms_jax.save_pretrained(trained, export_dir, tokenizer=tokenizer)
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-
-            multihost_utils.sync_global_devices("dms_jax export")
+        _export(trained, export_dir, tokenizer, _training_record(step_cfg, steps, reached, schedule_cr, warnings))
     return TrainResult(trained, history, max(start, steps), resumed_from, ckpt.directory if ckpt else None,
-                       os.path.abspath(export_dir) if export_dir else None, dict(state["params"]))
+                       os.path.abspath(export_dir) if export_dir else None, dict(state["params"]),
+                       warnings=warnings, skipped_checkpoints=skipped)
+
+
+def _non_finite_error(record: dict, step: int, position: int, ckpt: Checkpointer | None) -> NonFiniteLossError:
+    last_good = None
+    if ckpt is not None:  # never holds a non-finite state: save() refuses one, the loop stops first
+        ckpt.wait()
+        last_good = ckpt.latest_step()
+    if math.isfinite(record["loss"]):
+        what = (f"the update of step {step} made the train state non-finite (the loss {record['loss']:.4g} was "
+                f"finite, grad norm {record.get('grad_norm')}): the update overflowed")
+    else:
+        what = f"the loss became {record['loss']} at step {step} (KL {record.get('kl')}, grad norm {record.get('grad_norm')})"
+    return NonFiniteLossError(
+        f"{what}; stopped at step {step} without saving it. Last good checkpoint: "
+        + (f"step {last_good} in {ckpt.directory}" if last_good is not None else "none")
+        + ". Lower train.learning_rate or check the data at position "
+        f"{position} (resuming from the checkpoint replays the same batches)."
+    )
+
+
+def _training_record(step_cfg: StepConfig, steps: int, reached, schedule_cr, warnings) -> dict:
+    """What the training reached, for the export's config.json (besides dms.target_cr)."""
+    record = {"loss": step_cfg.loss, "steps": steps, "warnings": list(warnings)}
+    if step_cfg.loss == "distill":
+        record.update(reached_cr=reached, schedule_cr=schedule_cr)
+    return {"dms_jax_training": record}
+
+
+def _export(model, export_dir: str, tokenizer, extra_config: dict | None) -> None:
+    if jax.process_index() == 0:
+        import dms_jax
+
+        dms_jax.save_pretrained(model, export_dir, tokenizer=tokenizer, extra_config=extra_config)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("dms_jax export")
+
+
+def _already_complete(config, trainer, state, start, steps, ckpt, export_dir, out_dir, tokenizer,
+                      resumed_from, skipped) -> TrainResult:
+    """A checkpoint already at (or past) train.steps: report it; export only where no export is."""
+    message = _run_complete_message(start, steps, ckpt.directory)
+    metrics_path = os.path.join(out_dir, "metrics.jsonl") if out_dir else None
+    reached = reached_compression_ratio([], metrics_path, start)
+    trained = with_reached_cr(trainer.model_from(state), reached, trainer.layout["loss"])
+    exported = None
+    if export_dir and holds_export(export_dir):
+        message += f". The export in {export_dir} is left as it is"
+    elif export_dir:
+        _export(trained, export_dir, tokenizer, None)
+        exported = os.path.abspath(export_dir)
+        message += f". It had no export yet: exported to {export_dir}"
+    log.warning("%s", message)
+    return TrainResult(trained, [], start, resumed_from, ckpt.directory, exported, dict(state["params"]),
+                       skipped_checkpoints=skipped, already_complete=message)

@@ -122,6 +122,20 @@ def is_step_dir(path: str) -> bool:
             and os.path.isdir(os.path.join(path, "state")))
 
 
+def _metrics_of(config, ckpt_dir: str) -> str | None:
+    """The metrics.jsonl of the run that wrote `ckpt_dir`: the config's output.dir when ckpt_dir
+    is its checkpoint.dir, else a train.py output directory holding ckpt_dir."""
+    candidates = [os.path.dirname(os.path.normpath(os.path.abspath(ckpt_dir)))]
+    ckpt_cfg, out_cfg = config.checkpoint.get("dir", ""), config.output.get("dir", "")
+    if ckpt_cfg and out_cfg and os.path.realpath(ckpt_cfg) == os.path.realpath(ckpt_dir):
+        candidates.insert(0, out_cfg)
+    for directory in candidates:
+        path = os.path.join(directory, "metrics.jsonl")
+        if os.path.isfile(path):
+            return path
+    return None
+
+
 def _looks_like_path(text: str) -> bool:
     return (text.startswith((".", "/", "~")) or text.count("/") > 1
             or (os.sep != "/" and os.sep in text))
@@ -148,14 +162,16 @@ def load_train_config(path: str, *, base_model: str | None = None, dtype: str | 
 
 def restore_checkpoint(config, ckpt_dir: str, step: int | None = None, *, config_name: str = "",
                        log: Callable[[str], Any] | None = None) -> LoadedModel:
-    """The run's base model with its trained parameters from checkpoint `step` (default: newest),
-    rebuilt the way `dms_jax.train.train` builds it (same config, one device). `config_name`
-    names the config in the error for a checkpoint written by another configuration."""
+    """The run's base model with its trained parameters from checkpoint `step` (default: the
+    newest intact one), rebuilt the way `dms_jax.train.train` builds it (same config, one device),
+    with dms.target_cr set to the CR the run had reached at that step, as its export records it
+    (so both size the inference cache the same way). `config_name` names the config in the error
+    for a checkpoint written by another configuration."""
+    log = log or _silent
     ckpt = Checkpointer(ckpt_dir, every=1, keep=1 << 30, async_save=False)
     try:
         steps = ckpt.all_steps()
-        step = ckpt.latest_step() if step is None else step
-        if step is None or step not in steps:
+        if (step is not None and step not in steps) or not steps:
             raise ValueError(f"no complete checkpoint {'' if step is None else f'step {step} '}in "
                              f"{ckpt_dir} (steps found: {sorted(steps) or 'none'})")
         seed = int(config.get("seed", 0))
@@ -164,17 +180,24 @@ def restore_checkpoint(config, ckpt_dir: str, step: int | None = None, *, config
         trainer = loop.build_trainer(model, mesh, loop.step_config(config), config.train, seed=seed,
                                      batch_shape=(1, int(config.train.seq_len)))
         del model
-        meta = ckpt.restore_meta(step)
-        if meta.get("layout") != trainer.layout:
-            raise ValueError(f"checkpoint step {step} in {ckpt_dir} was written by another "
-                             "configuration (trainable parameters / loss differ from --train-config "
-                             f"{config_name})")
-        state, _ = ckpt.restore(step, abstract_like(trainer.abstract_state, trainer.state_shardings))
+
+        fix = f"it does not match --train-config {config_name}: pass the config the run used"
+        target = abstract_like(trainer.abstract_state, trainer.state_shardings)
+        if step is None:
+            state, meta, step, skipped = ckpt.restore_newest_intact(target, trainer.layout, fix, set_aside=False)
+            for s, why in skipped:
+                log(f"skipped checkpoint step {s} in {ckpt_dir}: {why}")
+        else:
+            state, meta = ckpt.restore_verified(step, target, trainer.layout, fix)
     finally:
         ckpt.close()
-    model = trainer.model_from(state)
+    reached = meta.get("reached_cr")
+    if reached is None:  # checkpoints written before the meta recorded it: the run's metrics
+        reached = loop.reached_compression_ratio([], _metrics_of(config, ckpt_dir), step)
+    model = loop.with_reached_cr(trainer.model_from(state), reached, trainer.layout["loss"])
     base = config.model.path or f"random init (seed {seed})"
-    (log or _silent)(f"restored checkpoint step {step} from {ckpt_dir} over {base}")
+    log(f"restored checkpoint step {step} from {ckpt_dir} over {base}"
+        + (f" (CR reached in training: {reached})" if reached else ""))
     tokenizer = loop.load_tokenizer_for(config)
     model_dir = config.model.path if config.model.path and os.path.isdir(config.model.path) else None
     return LoadedModel(model, tokenizer, model_dir, f"{ckpt_dir} (step {step})")

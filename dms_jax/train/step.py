@@ -6,6 +6,8 @@ State (a dict pytree, checkpointed as is):
   opt_state  optax state over `params`
   rng        uint32 key data  the run's base key; step t uses fold_in(key, t)
 Frozen parameters and the teacher's copies come in as separate, never-donated arguments.
+Metrics include `state_finite` (1.0 / 0.0): whether the updated params and optimizer state are
+all finite.
 """
 from __future__ import annotations
 
@@ -131,11 +133,19 @@ def make_train_step(graphdef, paths, masks, optimizer, step_cfg: StepConfig,
         updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
         params = optim.apply_updates(state["params"], updates, partial)
         trainable_grads = {k: partial[k].zero_outside(g) if k in partial else g for k, g in grads.items()}
-        metrics.update(loss=loss, grad_norm=optax.global_norm(trainable_grads))
+        metrics.update(loss=loss, grad_norm=optax.global_norm(trainable_grads),
+                       state_finite=all_finite((params, opt_state)).astype(jnp.float32))
         new_state = {"step": step + 1, "params": params, "opt_state": opt_state, "rng": state["rng"]}
         return new_state, metrics
 
     return train_step
+
+
+def all_finite(tree) -> jax.Array:
+    """bool []: no NaN / Inf in any floating leaf (a finite loss can still come with an update
+    that is not: the loop never saves such a state)."""
+    flags = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(flags)) if flags else jnp.bool_(True)
 
 
 def teacher_leaves(masks: Mapping[str, Any]) -> list[str]:
