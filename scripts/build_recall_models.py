@@ -24,7 +24,7 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-STAGES = ("tokenizer", "corpus", "pretrain", "retrofit", "eval", "ship")
+STAGES = ("tokenizer", "corpus", "pretrain_short", "pretrain", "retrofit", "eval", "ship")
 # pretraining: the evaluation tasks plus the copy warm-up (it forms the induction circuit that
 # recall needs); the retrofit distils on the evaluation tasks alone
 RETROFIT_MIX = dict(niah_single=1, niah_multikey=2, niah_multivalue=1, niah_multiquery=2, mqar=3, vt=1.5, cwe=1)
@@ -34,11 +34,20 @@ TASK_MIX = dict(copy=4, **RETROFIT_MIX)
 PRESETS = {
     "full": dict(
         pretrain_docs=60000, doc_lengths=(63, 127, 255), retrofit_docs=8000, retrofit_length=255,
-        pretrain={}, retrofit={}, legs=((2, 60), (4, 160), (8, 360)),
+        short_docs=60000, short_length=63,
+        pretrain_short={"train.seq_len": 64, "train.batch_size": 32, "train.warmup_steps": 100},
+        pretrain={"train.steps": 2000, "train.warmup_steps": 20}, retrofit={},
+        legs=((2, 60), (4, 160), (8, 360)),
         eval_args=["--length", "255", "--examples", "50"],
     ),
     "tiny": dict(
         pretrain_docs=300, doc_lengths=(31, 63), retrofit_docs=100, retrofit_length=63,
+        short_docs=200, short_length=31,
+        pretrain_short={"model.init.hidden_size": 32, "model.init.intermediate_size": 64,
+                        "model.init.num_layers": 2, "model.init.num_heads": 4, "model.init.num_kv_heads": 2,
+                        "model.init.head_dim": 8, "train.steps": 4, "train.batch_size": 8,
+                        "train.seq_len": 32, "train.warmup_steps": 1, "eval.every": 2,
+                        "eval.examples": 2, "checkpoint.every": 2},
         pretrain={"model.init.hidden_size": 32, "model.init.intermediate_size": 64, "model.init.num_layers": 2,
                   "model.init.num_heads": 4, "model.init.num_kv_heads": 2, "model.init.head_dim": 8,
                   "train.steps": 6, "train.batch_size": 8, "train.seq_len": 64, "train.warmup_steps": 1,
@@ -97,6 +106,10 @@ def stage_corpus(out, preset):
         os.replace(pre + ".tmp", pre)
         for shard in shards:
             os.remove(shard)
+    short = os.path.join(data, "short.jsonl")
+    if not os.path.exists(short):  # the first pretraining phase: one short length
+        write_corpus(short, tokenizer, num_docs=preset["short_docs"], lengths=(preset["short_length"],),
+                     mix=TASK_MIX, seed=4)
     if not os.path.exists(ret):  # its own seed, one length: the retrofit's
         write_corpus(ret, tokenizer, num_docs=preset["retrofit_docs"], lengths=(preset["retrofit_length"],),
                      mix=RETROFIT_MIX, seed=3)
@@ -131,11 +144,25 @@ def _train(stage: str, config) -> None:
                          f"artefacts are intact: fix the cause and rerun with --stages {stage}") from err
 
 
+def stage_pretrain_short(out, preset):
+    """Phase 1: short rows, where steps are cheap and the recall circuit forms first."""
+    export = os.path.join(out, "vanilla_short")
+    if _done(export):
+        return
+    _train("pretrain_short", _config("recall_pretrain", out, "pretrain_short", {
+        "data.path": os.path.join(out, "data", "short.jsonl"), "output.export_dir": export,
+        **preset["pretrain_short"]}))
+
+
 def stage_pretrain(out, preset):
+    """Phase 2: the phase-1 model continues on documents up to the full length."""
     export = os.path.join(out, "vanilla")
     if _done(export):
         return
+    if not _done(os.path.join(out, "vanilla_short")):
+        raise StageError("stage 'pretrain' continues the short-row model: run --stages pretrain_short first")
     _train("pretrain", _config("recall_pretrain", out, "pretrain", {
+        "model.path": os.path.join(out, "vanilla_short"),
         "data.path": os.path.join(out, "data", "pretrain.jsonl"), "output.export_dir": export,
         **preset["pretrain"]}))
 

@@ -28,8 +28,12 @@ def _vocab(tokenizer) -> dict:
 
 
 def encode_example(example: T.Example, tokenizer) -> tuple[list[int], list[int]]:
-    """Token ids (with <s>) and target flags of the example's training document."""
+    """Token ids (with <s>) and target flags of the example's training document (for `echo`,
+    every repeated third word of a triple is a target too)."""
     words, target = example.document_words()
+    if example.task == "echo":
+        target = [1 if i % 3 == 2 and i < len(example.context) and example.context[i] != "." else t
+                  for i, t in enumerate(target)]
     vocab = _vocab(tokenizer)
     unk = tokenizer.unk_token_id
     ids = [tokenizer.bos_token_id] + [vocab.get(w, unk) for w in words]
@@ -59,6 +63,8 @@ def sample_params(rng, task: str, length: int) -> dict:
         return {"hops": int(rng.integers(1, 4)), "num_chains": int(rng.integers(1, 3))}
     if task == "cwe":
         return {"num_common": 3}
+    if task == "echo":
+        return {}
     if task == "copy":
         return {"num_words": int(rng.integers(4, max(5, (length - 6) // 2) + 1))}
     raise T.TaskError(f"no training difficulty for task {task!r}")

@@ -319,6 +319,26 @@ def copy(rng, length, num_words=None):
     return context, [(V.QUERY, V.LIST)], [tuple(words)]
 
 
+def echo(rng, length):
+    """A warm-up task: triples `x y x`; each third word repeats the word two before it.
+
+    Predicting it is one attention hop back to the previous token and a copy: a direct signal
+    for the previous-token heads that recall composes with (not in EVAL_TASKS). The question
+    `? list` asks for the last triple's first word again."""
+    pool = [w for name in ("keys", "values", "nouns") for w in V.word_classes()[name]]
+    triples = (length - 1 - 4) // 3
+    if triples < 1:
+        raise TaskError(f"echo: length {length} is too short (at least 8 tokens)")
+    context = []
+    for _ in range(triples):
+        x, y = (str(pool[i]) for i in rng.integers(len(pool), size=2))
+        context += [x, y, x]
+    room = length - 1 - len(context) - 4
+    x, y = context[-3], context[-2]
+    context += [V.END] * room
+    return context, [(V.QUERY, x)], [(y,)]
+
+
 TASKS: dict[str, Callable[..., Any]] = {
     "niah_single": niah_single,
     "niah_multikey": niah_multikey,
@@ -328,9 +348,10 @@ TASKS: dict[str, Callable[..., Any]] = {
     "vt": vt,
     "cwe": cwe,
     "copy": copy,
+    "echo": echo,
 }
 NEEDLE_TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery")
-# the evaluation suite (RULER's categories); "copy" is a training warm-up only
+# the evaluation suite (RULER's categories); "copy" and "echo" are training warm-ups only
 EVAL_TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "mqar", "vt", "cwe")
 
 
