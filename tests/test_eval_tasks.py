@@ -32,7 +32,7 @@ def test_every_task_renders_exactly_and_deterministically(task, length):
         ex = T.make_example(task, seed, length, split="eval")
         words, target = ex.document_words()
         assert ex.num_tokens == length == 1 + len(words)
-        assert sum(target) == sum(len(a) + 1 for a in ex.answers)
+        assert sum(target) == len(ex.context_targets) + sum(len(a) + 1 for a in ex.answers)
         assert ex == T.make_example(task, seed, length, split="eval")
         assert all(q[0] == V.QUERY for q in ex.questions)
         assert len(ex.questions) == len(ex.answers) >= 1

@@ -28,12 +28,8 @@ def _vocab(tokenizer) -> dict:
 
 
 def encode_example(example: T.Example, tokenizer) -> tuple[list[int], list[int]]:
-    """Token ids (with <s>) and target flags of the example's training document (for `echo`,
-    every repeated third word of a triple is a target too)."""
+    """Token ids (with <s>) and target flags of the example's training document."""
     words, target = example.document_words()
-    if example.task == "echo":
-        target = [1 if i % 3 == 2 and i < len(example.context) and example.context[i] != "." else t
-                  for i, t in enumerate(target)]
     vocab = _vocab(tokenizer)
     unk = tokenizer.unk_token_id
     ids = [tokenizer.bos_token_id] + [vocab.get(w, unk) for w in words]

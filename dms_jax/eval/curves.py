@@ -6,22 +6,16 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
+from dms_jax.train.metrics import load_records
+
 
 def read_metrics(path: str) -> list[dict]:
-    """The records of a metrics.jsonl (the last one of each step; a torn last line skipped)."""
-    by_step = {}
-    with open(path) as f:
-        for line in f:
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(record.get("step"), int):
-                by_step[record["step"]] = record
+    """The records of a metrics.jsonl, the last one of each step (a torn line is skipped and
+    named by `dms_jax.train.metrics.load_records`)."""
+    by_step = {r["step"]: r for r in load_records(path) if isinstance(r.get("step"), int)}
     return [by_step[k] for k in sorted(by_step)]
 
 

@@ -37,10 +37,10 @@ import dms_jax
 from dms_jax.cache import CacheOverflowError
 from dms_jax.eval import tasks as T
 from dms_jax.eval import vocab as V
-from dms_jax.policies import budget_from_stats, get_policy
+from dms_jax.policies import POLICY_TYPES, budget_from_stats, get_policy
 
-POLICIES = ("full", "dms", "streaming", "h2o", "tova", "snapkv")
-BASELINES = ("streaming", "h2o", "tova", "snapkv")
+POLICIES = tuple(POLICY_TYPES)  # the policy registry's names
+BASELINES = tuple(n for n in POLICY_TYPES if n not in ("full", "dms"))  # the training-free ones
 
 
 class EvalError(ValueError):

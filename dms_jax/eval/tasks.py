@@ -50,6 +50,7 @@ class Example:
     questions: tuple[tuple[str, ...], ...]  # each `? X`
     answers: tuple[tuple[str, ...], ...]  # reference words of each question's answer
     params: tuple = ()  # (name, value) pairs the example was made with (length, depth ...)
+    context_targets: tuple[int, ...] = ()  # context words that are targets too (warm-ups)
 
     @property
     def num_tokens(self) -> int:
@@ -64,6 +65,8 @@ class Example:
         """The training document (context, each question, its answer and `.`) and a target flag
         per word: 1 on the answer words and their `.`, the only words a model can predict."""
         words, target = list(self.context), [0] * len(self.context)
+        for i in self.context_targets:
+            target[i] = 1
         for q, a in zip(self.questions, self.answers):
             words += list(q) + list(a) + [V.END]
             target += [0] * len(q) + [1] * (len(a) + 1)
@@ -335,8 +338,9 @@ def echo(rng, length):
         context += [x, y, x]
     room = length - 1 - len(context) - 4
     x, y = context[-3], context[-2]
+    repeats = tuple(range(2, len(context), 3))  # each triple's third word
     context += [V.END] * room
-    return context, [(V.QUERY, x)], [(y,)]
+    return context, [(V.QUERY, x)], [(y,)], repeats
 
 
 TASKS: dict[str, Callable[..., Any]] = {
@@ -373,11 +377,12 @@ def make_example(task: str, seed: int, length: int, split: str = "eval", **param
         raise TaskError(f"{task}: length={length!r} must be an integer >= 8")
     rng = np.random.default_rng((_task_id(task), SPLITS[split], int(seed)))
     try:
-        context, questions, answers = TASKS[task](rng, int(length), **params)
+        context, questions, answers, *targets = TASKS[task](rng, int(length), **params)
     except TypeError as err:
         raise TaskError(f"{task}: bad parameters {params}: {err}") from err
     ex = Example(task, tuple(context), tuple(map(tuple, questions)), tuple(map(tuple, answers)),
-                 tuple(sorted({"length": int(length), **params}.items())))
+                 tuple(sorted({"length": int(length), **params}.items())),
+                 tuple(targets[0]) if targets else ())
     assert ex.num_tokens == length, (task, ex.num_tokens, length)
     return ex
 

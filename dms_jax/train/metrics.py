@@ -101,8 +101,3 @@ class MetricsWriter:
             self._file.close()
         if self._tb is not None:
             self._tb.close()
-
-
-def read_metrics(path: str) -> list[dict]:
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
