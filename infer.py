@@ -1,6 +1,7 @@
 """Generate with a (DMS) model over the fixed-shape KV cache: a thin CLI over `dms_jax.generate`.
 
-    python infer.py                                     # the embedded default model, a long prompt
+    python infer.py                                     # the shipped DMS 8x model on a needle question
+    python infer.py --model vanilla                     # the same question, the vanilla model, full cache
     python infer.py --model runs/q8/export --prompt "Why is the sky blue?" --max-new-tokens 256
     python infer.py --model Qwen/Qwen3-8B --jsonl prompts.jsonl --output-jsonl out.jsonl
     python infer.py --model DIR --prompt-ids 1,2,3      # a model without a tokenizer: token ids
@@ -24,6 +25,7 @@ import argparse
 import json
 import os
 import sys
+import textwrap
 import time
 from typing import Any
 
@@ -106,6 +108,7 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from dms_jax.eval.demo import DEMO_ANSWER_TOKENS
     from dms_jax.policies import POLICY_TYPES
 
     p = argparse.ArgumentParser(
@@ -117,7 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--model", metavar="PATH", default=None,
                    help="HF model directory (a train.py export included), hub id, train.py output "
                         "directory, or train.py checkpoint directory (with --train-config); "
-                        "default: the embedded default model (or the --train-config run's)")
+                        "dms8x / vanilla: the shipped recall models; default: dms8x (or the "
+                        "--train-config run's)")
     m.add_argument("--train-config", default=None, metavar="FILE",
                    help="the config file (configs/*.py) a train.py run used: needed to restore its "
                         "checkpoints over the base model")
@@ -144,8 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "tokenizer has one)")
 
     g = p.add_argument_group("generation")
-    g.add_argument("--max-new-tokens", metavar="N", type=int, default=DEFAULT_MAX_NEW_TOKENS,
-                   help="tokens to generate per prompt")
+    g.add_argument("--max-new-tokens", metavar="N", type=int, default=None,
+                   help=f"tokens to generate per prompt (default {DEFAULT_MAX_NEW_TOKENS}; the "
+                        f"built-in needle question: {DEMO_ANSWER_TOKENS})")
     g.add_argument("--temperature", metavar="T", type=float, default=0.0, help="0: greedy")
     g.add_argument("--top-k", metavar="K", type=int, default=0,
                    help="keep the k most likely tokens (0: all)")
@@ -243,7 +248,7 @@ def check_flags(args) -> None:
                if value is not None]
     if len(sources) > 1:
         raise CLIError(f"give one kind of input, not {' and '.join(sources)}")
-    if args.max_new_tokens < 0:
+    if args.max_new_tokens is not None and args.max_new_tokens < 0:
         raise CLIError(f"--max-new-tokens {args.max_new_tokens} must be >= 0")
     try:
         check_sampling(args.temperature, args.top_k, args.top_p, spell=_flag)
@@ -377,7 +382,7 @@ def _main(args, log) -> int:
 
     from dms_jax.output import TextStream, render  # imports jax: not for --help
     from dms_jax.plan import default_policy
-    from dms_jax.prompts import read_prompts, stop_tokens
+    from dms_jax.prompts import Prompt, read_prompts, stop_tokens
     from dms_jax.train.restore import load_for_inference
 
     model, tokenizer, model_dir, description = load_for_inference(
@@ -392,10 +397,20 @@ def _main(args, log) -> int:
             raise CLIError(f"--tokenizer {args.tokenizer} holds no tokenizer files (tokenizer.json ...)")
     cfg = model.config
     policy = get_named_policy(args, args.policy or default_policy(cfg))
-    prompts = read_prompts(tokenizer, prompt=args.prompt, prompt_file=args.prompt_file,
-                           jsonl=args.jsonl, prompt_ids=args.prompt_ids, chat=args.chat,
-                           default=DEFAULT_PROMPT)
-    stops = [] if args.no_stop else stop_tokens(args.stop, tokenizer, model_dir, cfg.vocab_size)
+    demo = _needle_demo(args, tokenizer)
+    if demo is not None:  # a recall model and no input: the built-in needle question
+        prompts = [Prompt(demo.ids, "the built-in needle question (dms_jax.eval.demo)")]
+        args.stream = False  # the question, the answer and the expected one are printed instead
+    else:
+        prompts = read_prompts(tokenizer, prompt=args.prompt, prompt_file=args.prompt_file,
+                               jsonl=args.jsonl, prompt_ids=args.prompt_ids, chat=args.chat,
+                               default=DEFAULT_PROMPT)
+    if args.max_new_tokens is None:
+        args.max_new_tokens = demo.answer_tokens if demo is not None else DEFAULT_MAX_NEW_TOKENS
+    if demo is not None and not args.stop and not args.no_stop:
+        stops = [demo.stop]
+    else:
+        stops = [] if args.no_stop else stop_tokens(args.stop, tokenizer, model_dir, cfg.vocab_size)
     plan, max_len = make_plan(args, cfg, prompts, policy)
     _log_inputs(log, description, cfg, prompts, plan, max_len)
 
@@ -427,6 +442,9 @@ def _main(args, log) -> int:
     sequences = out.sequences()
     if streamer is not None:
         streamer.finish()
+    elif demo is not None:
+        print(textwrap.fill(render(tokenizer, demo.ids), width=100))
+        print(f"\n{demo.report(tokenizer, sequences[0])}")
     else:
         for n, (p, seq) in enumerate(zip(prompts, sequences)):
             if len(prompts) > 1:
@@ -453,6 +471,16 @@ def _log_inputs(log, description, cfg, prompts, plan, max_len):
         + (f", window {plan.window}" if plan.uses_decisions else "")
         + f", capacity {plan.capacity} slots/head, max-len {max_len} (cache allocated for "
           f"{plan.max_len} tokens per row)")
+
+
+def _needle_demo(args, tokenizer):
+    """The built-in needle question when no input is given and the tokenizer is the recall tasks'
+    (the shipped recall models); else None."""
+    if args.prompt or args.prompt_file or args.jsonl or args.prompt_ids:
+        return None
+    from dms_jax.eval.demo import knows_tasks, make_demo
+
+    return make_demo(tokenizer) if knows_tasks(tokenizer) else None
 
 
 def write_outputs(args, prompts, sequences, stats, tokenizer, stops):

@@ -14,7 +14,7 @@ the agreement with `full`'s greedy tokens: the first generated token (decided by
 alone) and the mean length of the common prefix with `full`'s tokens (a random model, so a
 sanity figure, not a quality measure).
 
-The model: the shipped default model (`dms_jax.assets.DEFAULT_MODEL_DIR`, a tiny random Llama)
+The model: the shipped default model (`dms_jax.assets.TINY_MODEL_DIR`, a tiny random Llama)
 loaded in DMS adapter mode (window 16, `offset=-5`), so its plain forward (full and the baselines)
 is the base model and `dms` differs only by eviction. The adapter's decision weights are set per
 (layer, KV head) to a random direction scaled so that the fraction of flagged tokens gives the
@@ -34,7 +34,7 @@ import numpy as np
 
 import dms_jax
 from dms_jax import DMSConfig
-from dms_jax.assets import DEFAULT_MODEL_DIR
+from dms_jax.assets import TINY_MODEL_DIR
 from dms_jax.policies import budget_from_stats, get_policy
 
 WINDOW = 16
@@ -99,7 +99,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     t_start = time.perf_counter()
-    model = dms_jax.from_pretrained(DEFAULT_MODEL_DIR, dms=DMSConfig(
+    model = dms_jax.from_pretrained(TINY_MODEL_DIR, dms=DMSConfig(
         mode="adapter", window=WINDOW, scale=SCALE, offset=OFFSET))
     cfg = model.config
     rng = np.random.default_rng(args.seed)
@@ -115,7 +115,7 @@ def main(argv=None):
 
     full = dms_jax.generate(model, prompts, policy="full", **common)
     ref = full.tokens
-    print(f"model: {DEFAULT_MODEL_DIR} (L={cfg.num_layers}, Hkv={cfg.num_kv_heads}, "
+    print(f"model: {TINY_MODEL_DIR} (L={cfg.num_layers}, Hkv={cfg.num_kv_heads}, "
           f"D={cfg.head_dim}, {cfg.dtype}), DMS adapter mode, window {WINDOW}, decisions forced")
     print(f"rows {args.rows} x (prompt {args.prompt} + {args.new} generated), greedy; "
           f"{seen} tokens seen per row; prefill chunk {args.chunk}; streaming sinks "

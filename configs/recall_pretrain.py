@@ -27,7 +27,7 @@ def get_config() -> ml_collections.ConfigDict:
     ))
     c.model.dms.mode = ""  # a plain model; DMS comes with the retrofit
     c.train.update(loss="lm", trainable="all", steps=6000, batch_size=16, seq_len=256,
-                   learning_rate=3e-3, warmup_steps=200, b2=0.98, weight_decay=0.0, grad_clip=1.0,
+                   learning_rate=1e-3, warmup_steps=200, b2=0.98, weight_decay=0.0, grad_clip=1.0,
                    loss_chunk=256)
     c.data.update(path=os.path.join(RUN, "data", "pretrain.jsonl"), tokenizer=os.path.join(RUN, "tokenizer"),
                   packing="bin")

@@ -4,10 +4,10 @@ Distillation from the vanilla model (`runs/recall/vanilla`, made by configs/reca
 on task documents of 255 tokens, KL on the answer tokens (`train.kl_tokens="targets"`: the
 only predictions the tasks define), every weight trained (the paper's variant) with a
 zero-initialised adapter making the decisions, window 16 (1/16 of the context). The schedule
-reaches 2x at step 50, 4x at 150 and 8x at 350; `scripts/build_recall_models.py` runs the
-legs `train.steps=60, 160, 360` on the same checkpoints and exports each:
+reaches 2x at step 50, 4x at 150 and 8x at 350 (9x at 400); `scripts/build_recall_models.py`
+runs the legs `train.steps=60, 160, 400` on the same checkpoints and exports each:
 
-    python train.py --config configs/recall_retrofit.py --config.train.steps=360 \
+    python train.py --config configs/recall_retrofit.py --config.train.steps=400 \
         --config.output.export_dir=runs/recall/dms8x
 """
 import os
@@ -24,7 +24,7 @@ def get_config() -> ml_collections.ConfigDict:
     c = base_config()
     c.model.update(path=os.path.join(RUN, "vanilla"), dtype="float32")
     c.model.dms.update(mode="adapter", window=16)
-    c.train.update(loss="distill", trainable="all", kl_tokens="targets", steps=360, batch_size=16,
+    c.train.update(loss="distill", trainable="all", kl_tokens="targets", steps=400, batch_size=16,
                    seq_len=256, learning_rate=5e-4, warmup_steps=20, b2=0.98, weight_decay=0.0,
                    grad_clip=1.0, cr_start=1.0, cr_end=9.0, cr_steps=400, loss_chunk=256)
     c.data.update(path=os.path.join(RUN, "data", "retrofit.jsonl"), tokenizer=os.path.join(RUN, "tokenizer"),

@@ -13,7 +13,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def get_config() -> ml_collections.ConfigDict:
-    from dms_jax.assets import DEFAULT_MODEL_DIR
+    from dms_jax.assets import TINY_MODEL_DIR
 
     c = base_config()
     c.model.init = ml_collections.ConfigDict(dict(
@@ -25,7 +25,7 @@ def get_config() -> ml_collections.ConfigDict:
                    cr_steps=20, loss_chunk=16)
     # the format follows the extension (.md reads as text), so a --config.data.path=x.jsonl over
     # this config is read as JSON lines
-    c.data.update(path=os.path.join(REPO, "README.md"), tokenizer=DEFAULT_MODEL_DIR)
+    c.data.update(path=os.path.join(REPO, "README.md"), tokenizer=TINY_MODEL_DIR)
     c.checkpoint.update(dir=os.path.join(REPO, "runs", "tiny", "checkpoints"), every=10, keep=2)
     c.output.update(dir=os.path.join(REPO, "runs", "tiny"), export_dir=os.path.join(REPO, "runs", "tiny", "export"))
     return c

@@ -5,6 +5,11 @@ retrofit at 2x / 4x / 8x, the evaluation against every baseline, and the shipped
     python scripts/build_recall_models.py --stages eval    # one stage (its inputs must exist)
     python scripts/build_recall_models.py --preset tiny --out /tmp/recall   # the CI version
 
+Stages: tokenizer; corpus (the warm-up, short, pretraining and retrofit documents); warmup (the
+induction circuit, from `repeat` documents alone); pretrain_short (every task on 64-token rows);
+pretrain (documents up to 255 tokens); retrofit (one CR schedule, exported at 2x, 4x and 8x);
+eval; ship (the vanilla and 8x models into dms_jax/assets, the results into docs/results).
+
 Each stage writes into --out (default runs/recall) and is skipped when its outputs exist, so a
 stopped run continues from its last finished stage; pretraining and the retrofit also resume
 from their newest checkpoint inside the stage. A stage that fails leaves the earlier stages'
@@ -24,25 +29,32 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-STAGES = ("tokenizer", "corpus", "pretrain_short", "pretrain", "retrofit", "eval", "ship")
-# pretraining: the evaluation tasks plus the copy warm-up (it forms the induction circuit that
+STAGES = ("tokenizer", "corpus", "warmup", "pretrain_short", "pretrain", "retrofit", "eval", "ship")
+# pretraining: the evaluation tasks plus the repeat warm-up (it forms the induction circuit that
 # recall needs); the retrofit distils on the evaluation tasks alone
 RETROFIT_MIX = dict(niah_single=1, niah_multikey=2, niah_multivalue=1, niah_multiquery=2, mqar=3, vt=1.5, cwe=1)
-TASK_MIX = dict(copy=4, **RETROFIT_MIX)
+TASK_MIX = dict(repeat=6, **RETROFIT_MIX)
 
 # sizes per preset; "full" is what ships, "tiny" runs in about a minute (CI)
 PRESETS = {
     "full": dict(
         pretrain_docs=60000, doc_lengths=(63, 127, 255), retrofit_docs=8000, retrofit_length=255,
-        short_docs=60000, short_length=63,
-        pretrain_short={"train.seq_len": 64, "train.batch_size": 32, "train.warmup_steps": 100},
-        pretrain={"train.steps": 2000, "train.warmup_steps": 20}, retrofit={},
-        legs=((2, 60), (4, 160), (8, 360)),
+        short_docs=60000, short_length=63, warmup_docs=40000,
+        warmup={"train.seq_len": 64, "train.batch_size": 32, "train.warmup_steps": 100,
+                "train.steps": 2000, "eval.every": 0},
+        pretrain_short={"train.seq_len": 64, "train.batch_size": 32, "train.warmup_steps": 100,
+                        "train.steps": 1800},
+        pretrain={"train.steps": 600, "train.warmup_steps": 20}, retrofit={},
+        legs=((2, 60), (4, 160), (8, 400)),
         eval_args=["--length", "255", "--examples", "50"],
     ),
     "tiny": dict(
         pretrain_docs=300, doc_lengths=(31, 63), retrofit_docs=100, retrofit_length=63,
-        short_docs=200, short_length=31,
+        short_docs=200, short_length=31, warmup_docs=100,
+        warmup={"model.init.hidden_size": 32, "model.init.intermediate_size": 64,
+                "model.init.num_layers": 2, "model.init.num_heads": 4, "model.init.num_kv_heads": 2,
+                "model.init.head_dim": 8, "train.steps": 2, "train.batch_size": 8,
+                "train.seq_len": 32, "train.warmup_steps": 1, "eval.every": 0, "checkpoint.every": 2},
         pretrain_short={"model.init.hidden_size": 32, "model.init.intermediate_size": 64,
                         "model.init.num_layers": 2, "model.init.num_heads": 4, "model.init.num_kv_heads": 2,
                         "model.init.head_dim": 8, "train.steps": 4, "train.batch_size": 8,
@@ -110,6 +122,10 @@ def stage_corpus(out, preset):
     if not os.path.exists(short):  # the first pretraining phase: one short length
         write_corpus(short, tokenizer, num_docs=preset["short_docs"], lengths=(preset["short_length"],),
                      mix=TASK_MIX, seed=4)
+    warm = os.path.join(data, "warmup.jsonl")
+    if not os.path.exists(warm):  # the induction warm-up: `repeat` alone, the short length
+        write_corpus(warm, tokenizer, num_docs=preset["warmup_docs"], lengths=(preset["short_length"],),
+                     mix={"repeat": 1}, seed=5)
     if not os.path.exists(ret):  # its own seed, one length: the retrofit's
         write_corpus(ret, tokenizer, num_docs=preset["retrofit_docs"], lengths=(preset["retrofit_length"],),
                      mix=RETROFIT_MIX, seed=3)
@@ -144,12 +160,25 @@ def _train(stage: str, config) -> None:
                          f"artefacts are intact: fix the cause and rerun with --stages {stage}") from err
 
 
+def stage_warmup(out, preset):
+    """Phase 0: the induction circuit, from `repeat` documents alone (short rows)."""
+    export = os.path.join(out, "vanilla_warmup")
+    if _done(export):
+        return
+    _train("warmup", _config("recall_pretrain", out, "warmup", {
+        "data.path": os.path.join(out, "data", "warmup.jsonl"), "output.export_dir": export,
+        **preset["warmup"]}))
+
+
 def stage_pretrain_short(out, preset):
-    """Phase 1: short rows, where steps are cheap and the recall circuit forms first."""
+    """Phase 1: short rows of every task, from the warmed-up model."""
     export = os.path.join(out, "vanilla_short")
     if _done(export):
         return
+    if not _done(os.path.join(out, "vanilla_warmup")):
+        raise StageError("stage 'pretrain_short' continues the warm-up model: run --stages warmup first")
     _train("pretrain_short", _config("recall_pretrain", out, "pretrain_short", {
+        "model.path": os.path.join(out, "vanilla_warmup"),
         "data.path": os.path.join(out, "data", "short.jsonl"), "output.export_dir": export,
         **preset["pretrain_short"]}))
 

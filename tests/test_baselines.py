@@ -534,9 +534,9 @@ def test_attention_policies_need_the_scoring_attention_path():
 
 def test_model_level_cache_errors_for_baselines():
     """A baseline's cache needs its budget; score-based policies need the dense cache path."""
-    from dms_jax.assets import DEFAULT_MODEL_DIR
+    from dms_jax.assets import TINY_MODEL_DIR
 
-    model = dms_jax.from_pretrained(DEFAULT_MODEL_DIR)
+    model = dms_jax.from_pretrained(TINY_MODEL_DIR)
     with pytest.raises(ValueError, match="budget"):
         plan_inference(model.config, policy="h2o", max_len=64)
     plan = plan_inference(model.config, policy="h2o", capacity=16, max_len=64)

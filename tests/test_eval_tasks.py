@@ -50,12 +50,15 @@ def test_train_and_eval_splits_are_disjoint(task):
     assert not train & held_out
 
 
+KEYS = set(V.word_classes()["keys"])
+
+
 def facts_in(context):
-    """{key: [values]} of the `key K V .` facts in a context."""
+    """{key: [values]} of the `K V .` facts in a context (keys are a class of their own)."""
     out = collections.defaultdict(list)
-    for i in range(len(context) - 3):
-        if context[i] == V.FACT and context[i + 3] == V.END:
-            out[context[i + 1]].append(context[i + 2])
+    for i in range(len(context) - 2):
+        if context[i] in KEYS and context[i + 2] == V.END:
+            out[context[i]].append(context[i + 1])
     return out
 
 
@@ -76,8 +79,8 @@ def test_needle_answers_are_the_facts_of_the_asked_keys(task):
 def test_needle_depth_places_the_fact():
     start = T.make_example("niah_single", 0, 255, depth=0.0).context
     end = T.make_example("niah_single", 0, 255, depth=1.0).context
-    assert start[0] == V.FACT
-    assert end[-4] == V.FACT and end[-1] == V.END
+    assert start[0] in KEYS
+    assert end[-3] in KEYS and end[-1] == V.END
 
 
 def test_variable_tracking_answer_is_the_chain():
@@ -108,6 +111,22 @@ def test_common_words_are_the_most_frequent():
         assert len(common) == 3
         least_common = min(counts[w] for w in common)
         assert all(n <= least_common // 2 for w, n in counts.items() if w not in common)
+
+
+@pytest.mark.parametrize("length", (63, 255))
+def test_repeat_targets_are_recurring_segments_and_the_answer_follows_the_asked_word(length):
+    """Each target repeats, two-token-window by window, an earlier stretch of the context (so
+    only induction predicts it), and the question asks for what followed a word seen once."""
+    for seed in range(20):
+        ex = T.make_example("repeat", seed, length, split="train")
+        ctx, targets = ex.context, ex.context_targets
+        assert targets
+        for i in targets:
+            earlier = [j for j in range(1, i) if ctx[j - 1] == ctx[i - 1] and ctx[j] == ctx[i]]
+            assert earlier, (seed, i)
+        (q,), (a,) = ex.questions, ex.answers
+        asked = q[1]
+        assert ctx[:-1].count(asked) == 1 and a == (ctx[ctx.index(asked) + 1],)
 
 
 def test_filler_is_varied():
@@ -152,7 +171,7 @@ def test_mean_ci95():
 
 @pytest.mark.parametrize("task, length, params, match", [
     ("niah_single", 7, {}, "must be an integer >= 8"),
-    ("niah_multikey", 20, {}, r"use length >= \d+"),
+    ("niah_multikey", 12, {}, r"use length >= \d+"),
     ("niah_multiquery", 20, {"num_facts": 6}, r"use length >= \d+"),
     ("vt", 20, {}, r"use length >= \d+"),
     ("cwe", 12, {}, "use a longer length"),

@@ -184,10 +184,10 @@ def test_missing_directory_is_a_clear_error(tmp_path):
 
 
 def test_tokenizer_travels_with_the_model(tmp_path):
-    from dms_jax.assets import DEFAULT_MODEL_DIR
+    from dms_jax.assets import TINY_MODEL_DIR
 
-    tok = dms_jax.load_tokenizer(DEFAULT_MODEL_DIR)
-    model = dms_jax.from_pretrained(DEFAULT_MODEL_DIR)
+    tok = dms_jax.load_tokenizer(TINY_MODEL_DIR)
+    model = dms_jax.from_pretrained(TINY_MODEL_DIR)
     assert tok is not None and len(tok) == model.config.vocab_size
     out = dms_jax.save_pretrained(model, str(tmp_path / "copy"))
     again = dms_jax.load_tokenizer(out)
@@ -338,7 +338,7 @@ def test_bad_config_json_names_the_file_and_field(hf_model_dirs, tmp_path, case)
 
 
 def test_malformed_json_files_are_named(hf_model_dirs, tmp_path):
-    from dms_jax.assets import DEFAULT_MODEL_DIR
+    from dms_jax.assets import TINY_MODEL_DIR
     from dms_jax.hf_checks import ConfigError
 
     d = _copy(hf_model_dirs["qwen2"], tmp_path / "m")
@@ -352,7 +352,7 @@ def test_malformed_json_files_are_named(hf_model_dirs, tmp_path):
     open(index, "w").write("{\"weight_map\": {")
     with pytest.raises(ConfigError, match=re.escape(index) + ": not valid JSON"):
         dms_jax.from_pretrained(out)
-    tok = _copy(DEFAULT_MODEL_DIR, tmp_path / "tok")
+    tok = _copy(TINY_MODEL_DIR, tmp_path / "tok")
     tok_json = os.path.join(tok, "tokenizer.json")
     open(tok_json, "w").write(open(tok_json).read()[:1000])
     with pytest.raises(ConfigError, match=re.escape(tok_json) + ": not valid JSON"):

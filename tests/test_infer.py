@@ -16,7 +16,7 @@ import pytest
 
 import dms_jax
 import infer
-from dms_jax.assets import DEFAULT_MODEL_DIR
+from dms_jax.assets import TINY_MODEL_DIR
 from dms_jax.output import TextStream
 from dms_jax.prompts import PromptInput, read_prompts, stop_tokens
 from dms_jax.prompts import read_jsonl as read_prompt_jsonl
@@ -30,11 +30,19 @@ TIMINGS = {"prefill_seconds", "decode_seconds", "compile_seconds", "decode_token
 
 
 @pytest.fixture(scope="module")
-def default_model():
-    return dms_jax.from_pretrained(DEFAULT_MODEL_DIR), dms_jax.load_tokenizer(DEFAULT_MODEL_DIR)
+def tiny_model():
+    return dms_jax.from_pretrained(TINY_MODEL_DIR), dms_jax.load_tokenizer(TINY_MODEL_DIR)
 
 
 def run(capsys, *argv):
+    """infer.main on the tiny random model unless argv names a model (or a train.py config)."""
+    argv = [str(a) for a in argv]
+    if "--model" not in argv and "--train-config" not in argv and "--help" not in argv:
+        argv = ["--model", TINY_MODEL_DIR, *argv]
+    return run_as_given(capsys, *argv)
+
+
+def run_as_given(capsys, *argv):
     rc = infer.main([str(a) for a in argv])
     captured = capsys.readouterr()
     return rc, captured.out, captured.err
@@ -60,7 +68,8 @@ def assert_stats_equal(written: dict, stats):
                                        rtol=1e-6, err_msg=name)
 
 
-def test_no_arguments_run_prints_text_and_stats_matching_generate(capsys, tmp_path, default_model):
+def test_text_prompt_run_prints_text_and_stats_matching_generate(capsys, tmp_path, tiny_model):
+    """A model whose tokenizer is not the recall tasks' gets the built-in text prompt."""
     rc, out, err = run(capsys)
     assert rc == 0, err
     text, sep, table = out.partition("\n\npolicy ")
@@ -82,7 +91,7 @@ def test_no_arguments_run_prints_text_and_stats_matching_generate(capsys, tmp_pa
     assert quiet_out == row["text"] + "\n" and text == row["text"]  # streamed == decoded at the end
 
     # ... against the library called directly on the tokenized built-in prompt
-    model, tokenizer = default_model
+    model, tokenizer = tiny_model
     ids = tokenizer(infer.DEFAULT_PROMPT)["input_ids"]
     assert 1000 <= len(ids) <= 2000 and row["prompt_tokens"] == len(ids)
     ref = dms_jax.generate(model, [ids], max_new_tokens=infer.DEFAULT_MAX_NEW_TOKENS,
@@ -119,8 +128,8 @@ def test_policy_full_keeps_every_token_and_dms_compresses(capsys, tmp_path):
         assert rc == 0, err
 
 
-def test_prompt_batch_and_jsonl_batch_agree(capsys, tmp_path, default_model):
-    _, tokenizer = default_model
+def test_prompt_batch_and_jsonl_batch_agree(capsys, tmp_path, tiny_model):
+    _, tokenizer = tiny_model
     other = "Visitors began to come back."
     with open(tmp_path / "batch.jsonl", "w") as f:
         f.write(json.dumps({"id": "text", "prompt": SHORT}) + "\n\n")
@@ -190,7 +199,7 @@ def _write_checkpoint(ckpt_dir, step):
     return trainer.model_from(state)
 
 
-def test_train_checkpoint_is_restored_over_its_base_model(capsys, tmp_path, default_model):
+def test_train_checkpoint_is_restored_over_its_base_model(capsys, tmp_path, tiny_model):
     trained = _write_checkpoint(tmp_path / "run" / "checkpoints", step=3)
     rc, _, err = run(capsys, "--model", tmp_path / "run" / "checkpoints", "--prompt", SHORT)
     assert rc == 2 and "--train-config" in err and "export" in err
@@ -202,7 +211,7 @@ def test_train_checkpoint_is_restored_over_its_base_model(capsys, tmp_path, defa
                      "--output-jsonl", path, "--stats-json", stats_path)
     assert rc == 0, err
     assert "restored checkpoint step 3" in err
-    _, tokenizer = default_model  # configs/tiny.py trains with the default model's tokenizer
+    _, tokenizer = tiny_model  # configs/tiny.py trains with the tiny model's tokenizer
     ref = dms_jax.generate(trained, [tokenizer(SHORT)["input_ids"]], max_new_tokens=8,
                            stop_tokens=[tokenizer.eos_token_id])
     assert read_jsonl(path)[0]["tokens"] == ref.sequences()[0]
@@ -290,10 +299,10 @@ def test_bad_inputs_exit_2_before_any_compute(case, capsys, tmp_path, monkeypatc
     assert "Traceback" not in err
 
 
-def test_baseline_policy_with_budget_and_policy_args(capsys, tmp_path, default_model):
+def test_baseline_policy_with_budget_and_policy_args(capsys, tmp_path, tiny_model):
     from dms_jax.policies import get_policy
 
-    model, tokenizer = default_model
+    model, tokenizer = tiny_model
     stats_path, rows_path = tmp_path / "stats.json", tmp_path / "rows.jsonl"
     rc, _, err = run(capsys, "--prompt", SHORT, *SMALL, "--policy", "streaming", "--budget", 12,
                      "--policy-arg", "sinks=2", "--stats-json", stats_path, "--output-jsonl", rows_path)
@@ -347,8 +356,8 @@ def test_policy_args_and_cache_flags_reach_the_library(capsys, monkeypatch):
     assert {k: seen[k] for k in expected} == expected
 
 
-def test_streaming_prints_whole_characters_only(default_model):
-    _, tokenizer = default_model
+def test_streaming_prints_whole_characters_only(tiny_model):
+    _, tokenizer = tiny_model
     text = "Saltmère — ökonomisch,\n記録 kept\n\nend"
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
 
@@ -415,26 +424,48 @@ def test_help_lists_the_flags(capsys):
         assert flag in out
 
 
-def test_script_entry_point():
-    """The script as a user runs it, on a JAX-only install (torch made unimportable): no
-    transformers advisory about PyTorch."""
+def test_script_entry_point_runs_the_needle_demo_with_the_shipped_8x_model():
+    """The script as a user runs it, with no arguments, on a JAX-only install (torch made
+    unimportable): the shipped DMS 8x model answers the built-in needle question, and no
+    transformers advisory about PyTorch is printed."""
     no_torch = ("import runpy, sys; sys.modules['torch'] = None; sys.argv = sys.argv[1:]; "
                 "runpy.run_path(sys.argv[0], run_name='__main__')")
-    run_ = subprocess.run([sys.executable, "-c", no_torch, os.path.join(REPO, "infer.py"),
-                           "--max-new-tokens", "8", "--quiet"], cwd=REPO, capture_output=True,
-                          text=True, timeout=300)
+    run_ = subprocess.run([sys.executable, "-c", no_torch, os.path.join(REPO, "infer.py")],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
     assert run_.returncode == 0, run_.stderr[-3000:]
-    assert run_.stdout.strip() and "compression ratio" not in run_.stdout  # --quiet: text only
-    assert "PyTorch was not found" not in run_.stderr, run_.stderr[-2000:]
+    out = run_.stdout
+    question = re.search(r"^question: \? (\w+)", out, re.M).group(1)
+    answer = re.search(r"^answer: +(.*)$", out, re.M).group(1)
+    expected = re.search(r"^expected: (\S+) +\((correct|wrong)\)", out, re.M)
+    assert f"key {question} {expected.group(1)} ." in out  # the needle is in the printed prompt
+    assert answer == expected.group(1) and expected.group(2) == "correct", out[-1500:]
+    cr = float(re.search(r"compression ratio \(seen/held\) +([\d.]+)x", out).group(1))
+    assert cr > 5.0, out[-1500:]  # the 8x model really drops most of the prompt
+    assert "policy dms" in run_.stderr and "PyTorch was not found" not in run_.stderr
 
 
-def test_zero_new_tokens_streams_nothing_and_reports_the_prefill(capsys, default_model):
+def test_shipped_vanilla_model_by_name_answers_with_the_full_cache(capsys):
+    rc, out, err = run_as_given(capsys, "--model", "vanilla")
+    assert rc == 0, err
+    assert "(correct)" in out and "policy full" in err
+    assert re.search(r"compression ratio \(seen/held\) +1\.00x", out)
+
+
+def test_a_missing_shipped_model_is_named_with_the_command_that_builds_it(capsys, monkeypatch, tmp_path):
+    from dms_jax import assets
+
+    monkeypatch.setitem(assets.SHIPPED_MODELS, "dms8x", str(tmp_path / "gone"))
+    rc, _, err = run_as_given(capsys)
+    assert rc == 2 and "scripts/build_recall_models.py" in err and "dms8x" in err
+
+
+def test_zero_new_tokens_streams_nothing_and_reports_the_prefill(capsys, tiny_model):
     rc, out, err = run(capsys, "--prompt", SHORT, "--max-new-tokens", 0, "--max-len", 64)
     assert rc == 0, err
     text, sep, table = out.partition("\n\npolicy ")
     assert sep and text.strip() == ""
     assert re.search(r"decode\s+0 tok", table)
-    _, tokenizer = default_model
+    _, tokenizer = tiny_model
     assert re.search(rf"tokens seen \(per row\)\s+{len(tokenizer(SHORT)['input_ids'])}\n", out)
 
 

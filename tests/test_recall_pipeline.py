@@ -12,7 +12,7 @@ import build_recall_models as pipeline  # noqa: E402
 
 
 @pytest.mark.slow
-def test_tiny_pipeline_builds_every_artefact_and_resumes(tmp_path):
+def test_tiny_pipeline_builds_every_artefact_and_resumes(tmp_path, capsys):
     out = str(tmp_path / "recall")
     assert pipeline.main(["--preset", "tiny", "--out", out]) == 0
     for name in ("tokenizer/tokenizer.json", "data/pretrain.jsonl", "data/retrofit.jsonl",
@@ -27,6 +27,12 @@ def test_tiny_pipeline_builds_every_artefact_and_resumes(tmp_path):
     results = json.load(open(os.path.join(out, "eval", "results.json")))
     assert [m["method"] for m in results["methods"]] == ["full", "dms 8x", "streaming @ 8x"]
     assert results["complete"]
+    # infer.py on a recall model with no input asks the built-in needle question
+    import infer
+
+    assert infer.main(["--model", os.path.join(out, "dms8x"), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "question: ? " in printed and "expected: " in printed and "answer: " in printed
     # a rerun finds every stage done and changes nothing
     before = os.path.getmtime(os.path.join(out, "dms8x", "config.json"))
     assert pipeline.main(["--preset", "tiny", "--out", out, "--stages", "tokenizer,corpus,pretrain,retrofit"]) == 0

@@ -5,7 +5,7 @@ import re
 import numpy as np
 import pytest
 
-from dms_jax.assets import DEFAULT_MODEL_DIR
+from dms_jax.assets import TINY_MODEL_DIR
 from dms_jax.train.data import DataError, PackedData, build_data, pack_documents
 
 
@@ -13,7 +13,7 @@ from dms_jax.train.data import DataError, PackedData, build_data, pack_documents
 def tokenizer():
     import dms_jax
 
-    return dms_jax.load_tokenizer(DEFAULT_MODEL_DIR)
+    return dms_jax.load_tokenizer(TINY_MODEL_DIR)
 
 
 def _cfg(tmp_path, **kw):

@@ -231,7 +231,16 @@ def test_running_a_finished_run_again_says_so_and_keeps_its_export(retrofit):
     cfg, _, result = retrofit
     config_json = os.path.join(result.export_dir, "config.json")
     before = (os.stat(config_json).st_mtime_ns, sorted(os.listdir(result.export_dir)))
+    # a longer run of the same config, killed after its step-30 checkpoint, had logged steps 31-32
+    metrics = os.path.join(cfg.output.dir, "metrics.jsonl")
+    with open(metrics) as f:
+        last = json.loads(f.readlines()[-1])
+    with open(metrics, "a") as f:
+        for step in (31, 32):
+            f.write(json.dumps({**last, "step": step}) + "\n")
     again = train(cfg)
+    with open(metrics) as f:  # the records are cut back to the checkpoint the run stands on
+        assert max(json.loads(line)["step"] for line in f) == 30
     assert again.already_complete and again.history == [] and again.step == 30
     assert re.search(r"already complete: step 30 of 30; nothing to train\. To train further raise train\.steps "
                      r"\(e\.g\. --config\.train\.steps=45\); to start over use a fresh checkpoint\.dir\. The export "

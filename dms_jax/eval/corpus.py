@@ -59,7 +59,7 @@ def sample_params(rng, task: str, length: int) -> dict:
         return {"hops": int(rng.integers(1, 4)), "num_chains": int(rng.integers(1, 3))}
     if task == "cwe":
         return {"num_common": 3}
-    if task == "echo":
+    if task in ("echo", "repeat"):
         return {}
     if task == "copy":
         return {"num_words": int(rng.integers(4, max(5, (length - 6) // 2) + 1))}

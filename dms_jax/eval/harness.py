@@ -169,7 +169,7 @@ def default_max_answer_tokens(examples: Sequence[T.Example]) -> int:
 
 def evaluate(model, tokenizer, examples: Sequence[T.Example], *, policy="full", budget=None,
              target_cr=None, capacity=None, policy_params=None, batch_size=16,
-             max_answer_tokens=None, method=None, progress=True) -> EvalResult:
+             max_answer_tokens=None, method=None, chunk_size=16, progress=True) -> EvalResult:
     """Score `model` on `examples` with one cache policy (see the module docstring).
 
     policy: "full" | "dms" | "streaming" | "h2o" | "tova" | "snapkv"; policy_params: the
@@ -179,6 +179,8 @@ def evaluate(model, tokenizer, examples: Sequence[T.Example], *, policy="full", 
     batch_size: conversations per `generate` call (examples with the same number of questions
     share a batch). max_answer_tokens: the most tokens per answer (default: the longest
     reference answer + its `.` + 2). method: a label for the result (default: the policy).
+    chunk_size: the prefill chunk; the baselines evict after each chunk, so it bounds how much
+    of the prompt they read before evicting (SnapKV compresses after the whole prompt by design).
     """
     if not examples:
         raise EvalError("no examples to evaluate")
@@ -218,7 +220,7 @@ def evaluate(model, tokenizer, examples: Sequence[T.Example], *, policy="full", 
             kw = dict(max_new_tokens=max_answer_tokens, stop_tokens=[stop], strict=True)
             if state is None:
                 kw.update(policy=pol, max_len=max_len, budget=budget, capacity=capacity,
-                          target_cr=target_cr)
+                          target_cr=target_cr, chunk_size=chunk_size)
             else:
                 kw.update(state=state)
             try:

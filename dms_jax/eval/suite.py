@@ -51,6 +51,7 @@ class SuiteConfig:
     snapkv_window: int = 16
     sinks: int = 4
     max_answer_tokens: int | None = None
+    chunk_size: int = 16
     command: str = ""
 
     def baseline_params(self, name: str) -> dict:
@@ -97,13 +98,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sinks", type=int, default=4, help="StreamingLLM's attention sinks")
     p.add_argument("--max-answer-tokens", type=int, default=None,
                    help="most tokens per answer (default: longest reference + 3)")
+    p.add_argument("--chunk-size", type=int, default=16,
+                   help="prefill chunk: the baselines evict after each chunk, so a chunk as long "
+                        "as the prompt would let them read all of it before evicting (default 16)")
     return p
 
 
 def parse_args(argv=None) -> SuiteConfig:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
-    tasks = list(T.TASKS) if args.tasks.strip() == "all" else [
+    tasks = list(T.EVAL_TASKS) if args.tasks.strip() == "all" else [
         t.strip() for t in args.tasks.split(",") if t.strip()]
     baselines = () if args.baselines.strip() == "none" else tuple(
         b.strip() for b in args.baselines.split(",") if b.strip())
@@ -118,7 +122,7 @@ def parse_args(argv=None) -> SuiteConfig:
         vanilla=args.vanilla, dms=list(args.dms), tasks=tasks, length=args.length,
         examples=args.examples, batch_size=args.batch_size, out=args.out, seed=args.seed,
         capacities=capacities, baselines=baselines, snapkv_window=args.snapkv_window,
-        sinks=args.sinks, max_answer_tokens=args.max_answer_tokens,
+        sinks=args.sinks, max_answer_tokens=args.max_answer_tokens, chunk_size=args.chunk_size,
         command="python -m dms_jax.eval " + shlex.join(argv))
 
 
@@ -197,6 +201,8 @@ def prepare(config: SuiteConfig) -> Prepared:
     if config.baselines and config.dms and config.vanilla is None:
         raise SuiteError("the baselines run on the vanilla model at each DMS budget: pass "
                          "--vanilla DIR, or --baselines none")
+    if config.chunk_size < 1:
+        raise SuiteError(f"--chunk-size {config.chunk_size} must be >= 1")
     if config.max_answer_tokens is not None and config.max_answer_tokens < 1:
         raise SuiteError(f"--max-answer-tokens {config.max_answer_tokens} must be >= 1")
 
@@ -256,7 +262,7 @@ def run_suite(config: SuiteConfig, *, progress=True) -> dict:
     n_methods = (1 if config.vanilla else 0) + len(config.dms) * (1 + len(config.baselines) * (
         config.vanilla is not None))
     common = dict(batch_size=config.batch_size, max_answer_tokens=prep.max_answer_tokens,
-                  progress=progress)
+                  chunk_size=config.chunk_size, progress=progress)
     results = {"command": config.command, "config": _jsonable_config(config),
                "examples": {t: {"split": "eval", "length": config.length,
                                 "seeds": list(range(config.seed, config.seed + config.examples))}

@@ -16,7 +16,7 @@ PAD, BOS, EOS, UNK = SPECIAL_TOKENS
 # structure words of the task formats (never used by the filler grammar)
 QUERY = "?"  # starts a question: "? K" -> the answer, then END
 END = "."  # ends a sentence, a fact and an answer
-FACT = "key"  # a fact: "key K V ."
+FACT = "key"  # reserved (facts read "K V ."; kept so token ids stay stable)
 IS = "is"  # reserved (kept so token ids stay stable)
 VAR = "VAR"  # variable tracking: "VAR 57 XA ." (XA takes 57) / "VAR XA YB ." (YB takes XA)
 ASSIGN = "="  # reserved

@@ -26,7 +26,7 @@ from dms_jax.train import evaluate, optim, schedule
 from dms_jax.train.checkpoint import Checkpointer, ResumeError, abstract_like
 from dms_jax.train.data import build_data
 from dms_jax.train.health import TrainingHealth
-from dms_jax.train.metrics import MetricsWriter, load_records
+from dms_jax.train.metrics import MetricsWriter, load_records, truncate_records
 from dms_jax.train.outputs import check_output_paths, holds_export
 from dms_jax.train.step import StepConfig, init_state, make_train_step, teacher_leaves
 
@@ -458,6 +458,8 @@ def _already_complete(config, trainer, state, start, steps, ckpt, export_dir, ou
     """A checkpoint already at (or past) train.steps: report it; export only where no export is."""
     message = _run_complete_message(start, steps, ckpt.directory)
     metrics_path = os.path.join(out_dir, "metrics.jsonl") if out_dir else None
+    if metrics_path and jax.process_index() == 0:  # records a killed run wrote past its checkpoint
+        truncate_records(metrics_path, start)
     reached = reached_compression_ratio([], metrics_path, start)
     trained = with_reached_cr(trainer.model_from(state), reached, trainer.layout["loss"])
     exported = None

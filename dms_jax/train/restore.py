@@ -19,7 +19,7 @@ import jax
 
 import dms_jax
 from dms_jax import sharding as shd
-from dms_jax.assets import DEFAULT_MODEL_DIR
+from dms_jax.assets import DEFAULT_MODEL, SHIPPED_MODELS
 from dms_jax.train import loop
 from dms_jax.train.checkpoint import Checkpointer, abstract_like
 
@@ -40,7 +40,9 @@ def load_for_inference(path: str | None = None, *, train_config: str | None = No
       present, else its checkpoints/); or a train.py checkpoint directory or one step of it
       (<dir>/<step>), which needs `train_config`: the newest complete step (or that step) is
       restored over the run's base model. None: the `train_config` run's export, else its
-      checkpoints; without a config, the package's small default model.
+      checkpoints; without a config, the package's default model (the shipped DMS 8x recall
+      model). The names of `dms_jax.assets.SHIPPED_MODELS` ("dms8x", "vanilla") select the
+      shipped recall models.
     train_config: the config file (configs/*.py) the train.py run used.
     base_model: overrides the config's model.path (needs `train_config`).
     dtype: compute dtype ("float32", "bfloat16", "float16"; default: float32, or the config's).
@@ -62,7 +64,13 @@ def load_for_inference(path: str | None = None, *, train_config: str | None = No
                              f"({checkpoints or 'checkpoint.dir unset'}); "
                              "run train.py first or pass --model")
     if target is None:
-        target = DEFAULT_MODEL_DIR
+        target = DEFAULT_MODEL
+    if target in SHIPPED_MODELS and not os.path.exists(target):
+        if not os.path.isfile(os.path.join(SHIPPED_MODELS[target], "config.json")):
+            raise FileNotFoundError(
+                f"the shipped model {target!r} is missing from {SHIPPED_MODELS[target]}: rebuild it "
+                "with python scripts/build_recall_models.py, or pass --model DIR")
+        target = SHIPPED_MODELS[target]
     local = os.path.expanduser(target)
 
     if os.path.isdir(local) and not os.path.isfile(os.path.join(local, "config.json")):

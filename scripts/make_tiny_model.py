@@ -1,8 +1,9 @@
-"""Build the small default model shipped in dms_jax/assets/default_model (deterministic).
+"""Build the tiny random model shipped in dms_jax/assets/tiny_random (deterministic).
 
 A Llama-shaped decoder (GQA, tied embeddings) with random weights and a byte-level BPE tokenizer
-trained on this repository's own text. Its output is not meaningful language: it exists so that
-`python infer.py` with no arguments exercises the whole engine offline. Neuron-mode DMS is
+trained on this repository's own text. Its output is not meaningful language: it exists so that the
+tests and `configs/tiny.py` exercise the whole engine offline in seconds (`python infer.py --model
+dms_jax/assets/tiny_random`). Neuron-mode DMS is
 recorded in its config.json, so the random weights give a real mix of evicted and kept tokens.
 
 The tokenizer is trained on the package's sources at build time, so a rebuild after the sources
@@ -10,7 +11,7 @@ changed gives a different (equally valid) model; `target_cr` in its config.json 
 random decisions reach on infer.py's built-in prompt, measured here, so inference sizes the
 cache for what the model really keeps.
 
-    python scripts/make_default_model.py [--out dms_jax/assets/default_model]
+    python scripts/make_tiny_model.py [--out dms_jax/assets/tiny_random]
 """
 import argparse
 import dataclasses
