@@ -134,13 +134,17 @@ def main() -> None:
     parser.add_argument("--recipes", default=",".join(RECIPES))
     parser.add_argument("--timeout", type=int, default=1800, help="seconds per command")
     parser.add_argument("--table", action="store_true", help="only print the tables from --out")
+    parser.add_argument("--max-compiles", type=int, default=3, help="decode: compiles per policy's batch search")
     parser.add_argument("points", nargs="*", help="kind:recipe:topology (train or decode), in this order")
     args = parser.parse_args()
     results = json.load(open(args.out)) if os.path.exists(args.out) else {}
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     for point in args.points:
         kind, recipe, topology = point.split(":", 2)
-        (train_point if kind == "train" else decode_point)(recipe, topology, results, args.out, args.timeout)
+        if kind == "train":
+            train_point(recipe, topology, results, args.out, args.timeout)
+        else:
+            decode_point(recipe, topology, results, args.out, args.timeout, args.max_compiles)
     if not args.table and not args.points:
         for recipe in args.recipes.split(","):
             if args.only in (None, "train"):

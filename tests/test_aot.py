@@ -57,6 +57,21 @@ def test_decode_bytes_per_device_shrink_as_the_mesh_grows_and_dms_holds_less():
     assert dms["decode"].cache < eight["decode"].cache / 2
 
 
+def test_largest_decode_batch_is_bracketed_by_compiles():
+    """With the limit 1 byte above what 16 rows need, the search ends on 16 and has compiled 24
+    (one step of data x fsdp = 8 more) and seen it not fit."""
+    from dms_jax.aot import largest_batch
+
+    cfg = model_config_for_recipe(recipe("tiny"))
+    settings = DecodeSettings(batch=8, context=128, policy="dms", chunk_size=32)
+    at_16 = compile_decode(cfg, jax.devices()[:8], dataclasses.replace(settings, batch=16))
+    limit = max(at_16["prefill"].total, at_16["decode"].total) + 1
+    found = largest_batch(cfg, jax.devices()[:8], settings, limit=limit)
+    assert found.best == 16 and found.exact
+    assert [p.batch for p in found.points][:2] == [8, 16]
+    assert all((p.total <= limit) == (p.batch <= 16) for p in found.points)
+
+
 def test_bad_input_is_refused_before_compiling_naming_the_fix():
     config = scaled_recipe()
     with pytest.raises(TopologyError, match=r"--mesh.*8"):  # 3 does not divide 8 chips

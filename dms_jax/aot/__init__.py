@@ -12,8 +12,8 @@ shapes (model configs without weights), programs (the compiles), memory (the rep
 """
 from dms_jax.aot.memory import MemoryReport
 from dms_jax.aot.programs import BatchError, DecodeSettings, TrainSettings, compile_decode, compile_train
-from dms_jax.aot.search import largest_batch, suggest_train
+from dms_jax.aot.search import BatchSearch, largest_batch, suggest_train
 from dms_jax.aot.topology import TopologyError, chip_memory, devices_for
 
-__all__ = ["BatchError", "DecodeSettings", "MemoryReport", "TopologyError", "TrainSettings", "chip_memory",
+__all__ = ["BatchError", "BatchSearch", "DecodeSettings", "MemoryReport", "TopologyError", "TrainSettings", "chip_memory",
            "compile_decode", "compile_train", "devices_for", "largest_batch", "suggest_train"]

@@ -8,7 +8,7 @@ import sys
 from dms_jax import sharding as shd
 from dms_jax.aot.memory import MemoryReport
 from dms_jax.aot.programs import BatchError, DecodeSettings, TrainSettings, compile_decode, compile_train
-from dms_jax.aot.search import largest_batch, suggest_train
+from dms_jax.aot.search import BatchPoint, largest_batch, suggest_train
 from dms_jax.aot.shapes import model_config_for_recipe, model_config_from_file
 from dms_jax.aot.topology import TopologyError, chip_memory, describe, devices_for, parse_mesh
 from dms_jax.plan import PlanError
@@ -121,11 +121,16 @@ def _decode(args, devices, limit, mesh) -> int:
                  "decode": _report_dict(out["decode"])}
         ok &= all(out[n].fits is not False for n in ("prefill", "decode"))
         if not args.no_search and limit is not None:
-            best, points = largest_batch(cfg, devices, settings, limit=limit, topology=args.topology,
-                                         max_compiles=args.max_compiles)
-            measured = ", ".join(f"{p.batch}: {format_bytes(p.total)}" for p in points)
-            print(f" largest batch that fits: {best} (compiled: {measured})")
-            entry.update(largest_batch=best, points={p.batch: p.total for p in points})
+            found = largest_batch(cfg, devices, settings, limit=limit, topology=args.topology,
+                                  max_compiles=args.max_compiles,
+                                  known=[BatchPoint(batch, out["prefill"], out["decode"])])
+            measured = ", ".join(f"{p.batch}: {format_bytes(p.total)}" for p in found.points)
+            how = ("its next step does not" if found.exact else
+                   f"not bracketed within --max-compiles {args.max_compiles}; the line through the compiles "
+                   f"predicts {found.predicted}")
+            print(f" largest batch that fits: {found.best} ({how}; bytes per chip by batch: {measured})")
+            entry.update(largest_batch=found.best, predicted_batch=found.predicted, exact=found.exact,
+                         points={p.batch: p.total for p in found.points})
         results[policy] = entry
     if {"full", "dms"} <= set(results) and "largest_batch" in results["full"]:
         full, dms = results["full"]["largest_batch"], results["dms"]["largest_batch"]

@@ -33,7 +33,7 @@ def check_batch(batch: int, mesh, flag: str) -> None:
     shards = shd.mesh_axis_size(mesh, ("data", "fsdp"))
     if batch < 1 or batch % shards:
         raise BatchError(
-            f"{flag}={batch} is not divisible by data * fsdp = {shards} (mesh "
+            f"{flag} = {batch} is not divisible by data * fsdp = {shards} (mesh "
             f"{dict(mesh.shape)}): use a multiple of {shards}, or a mesh with fewer data / fsdp "
             "shards (--mesh)")
 
@@ -63,7 +63,7 @@ def compile_train(config, devices: Sequence, settings: TrainSettings = TrainSett
     step_cfg = loop.step_config(config)
     cfg = model_config_for_recipe(config)
     mesh = mesh_for(devices, tuple(config.mesh.shape), topology)
-    check_batch(batch, mesh, "train.batch_size (--batch)")
+    check_batch(batch, mesh, "--batch (train.batch_size)")
     loop.validate_dms(step_cfg, cfg.dms, seq)
     graphdef, params, paths = abstract_model(cfg)
     prog = loop.make_step_program(graphdef, paths, params, cfg, mesh, step_cfg, t, seed=0,

@@ -67,16 +67,27 @@ class BatchPoint:
         return max(self.prefill.total, self.decode.total)
 
 
+@dataclasses.dataclass(frozen=True)
+class BatchSearch:
+    best: int  # the largest batch compiled and found to fit (0: not even the smallest)
+    predicted: int  # the largest batch the line through the compiles says fits
+    exact: bool  # best + one step was compiled and does not fit
+    points: list  # BatchPoint, by batch
+
+
 def largest_batch(cfg, devices: Sequence, settings: DecodeSettings, *, limit: int, topology: str = "",
-                  max_compiles: int = 8, on_point: Callable[[BatchPoint], None] | None = None):
-    """(largest fitting batch, measured points) for `settings` with its batch ignored.
+                  max_compiles: int = 8, on_point: Callable[[BatchPoint], None] | None = None,
+                  known: Sequence[BatchPoint] = ()) -> BatchSearch:
+    """The largest batch that fits for `settings` (its batch ignored); `known`: points already
+    compiled (not compiled again, not counted in `max_compiles`).
 
     Memory is close to affine in the batch (weights fixed, cache and activations per row): two
     compiles give the line, its crossing with `limit` the first guess, then compiles step by the
     batch granularity (data x fsdp) until the largest fitting batch has a failing neighbour.
     """
     mesh_step = _row_granularity(devices, settings, topology)
-    points: dict[int, BatchPoint] = {}
+    points: dict[int, BatchPoint] = {p.batch: p for p in known}
+    max_compiles += len(points)
 
     def measure(batch):
         if batch not in points:
@@ -87,8 +98,14 @@ def largest_batch(cfg, devices: Sequence, settings: DecodeSettings, *, limit: in
                 on_point(points[batch])
         return points[batch].total <= limit
 
+    def result(predicted):
+        fits = [b for b, p in points.items() if p.total <= limit]
+        best = max(fits, default=0)
+        exact = best + mesh_step in points and points[best + mesh_step].total > limit
+        return BatchSearch(best, predicted, exact, sorted(points.values(), key=lambda p: p.batch))
+
     if not measure(mesh_step):
-        return 0, sorted(points.values(), key=lambda p: p.batch)
+        return result(0)
     measure(2 * mesh_step)
     per_row = max((points[2 * mesh_step].total - points[mesh_step].total) / mesh_step, 1.0)
     fixed = points[mesh_step].total - per_row * mesh_step
@@ -105,7 +122,7 @@ def largest_batch(cfg, devices: Sequence, settings: DecodeSettings, *, limit: in
             best, candidate = candidate, candidate + mesh_step
         else:
             fail, candidate = candidate, candidate - mesh_step
-    return best, sorted(points.values(), key=lambda p: p.batch)
+    return result(guess)
 
 
 def _row_granularity(devices, settings: DecodeSettings, topology: str) -> int:
