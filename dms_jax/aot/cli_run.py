@@ -32,7 +32,7 @@ def run(args) -> int:
 
 def _header(what: str, args, devices, limit):
     hbm = format_bytes(limit) if limit is not None else "unknown"
-    print(f"{what} on {args.topology} ({describe(devices)}, {hbm} per chip)")
+    print(f"{what} on {args.topology} ({describe(devices)}, {hbm} per chip)", flush=True)
 
 
 def _load_recipe(path: str):
@@ -113,17 +113,21 @@ def _decode(args, devices, limit, mesh) -> int:
     for policy in policies:
         settings = dataclasses.replace(base, batch=batch, policy=policy)
         out = compile_decode(cfg, devices, settings, limit=limit, topology=args.topology)
-        print(f"{policy} (cache {out['capacity']} slots per head), batch {batch}, mesh {tuple(mesh)}:")
+        print(f"{policy} (cache {out['capacity']} slots per head), batch {batch}, mesh {tuple(mesh)}:", flush=True)
         for name in ("prefill", "decode"):
             print(f" {name} (chunk {min(args.chunk_size, args.context)})" if name == "prefill" else f" {name}")
-            print(out[name].table())
+            print(out[name].table(), flush=True)
         entry = {"batch": batch, "capacity": out["capacity"], "prefill": _report_dict(out["prefill"]),
                  "decode": _report_dict(out["decode"])}
         ok &= all(out[n].fits is not False for n in ("prefill", "decode"))
         if not args.no_search and limit is not None:
             found = largest_batch(cfg, devices, settings, limit=limit, topology=args.topology,
                                   max_compiles=args.max_compiles,
-                                  known=[BatchPoint(batch, out["prefill"], out["decode"])])
+                                  known=[BatchPoint(batch, out["prefill"], out["decode"])],
+                                  on_point=lambda p: print(
+                                      f"  batch {p.batch}: prefill {format_bytes(p.prefill.total)}, decode "
+                                      f"{format_bytes(p.decode.total)} per chip (compile "
+                                      f"{p.prefill.compile_s + p.decode.compile_s:.0f} s)", flush=True))
             measured = ", ".join(f"{p.batch}: {format_bytes(p.total)}" for p in found.points)
             how = ("its next step does not" if found.exact else
                    f"not bracketed within --max-compiles {args.max_compiles}; the line through the compiles "
