@@ -94,7 +94,7 @@ def gib(n) -> str:
 
 
 def tables(results: dict) -> str:
-    lines = ["| recipe | family | smallest slice that fits | mesh (data, fsdp, tensor) | per chip GiB "
+    lines = ["| recipe | family | first slice tried that fits (smallest first) | mesh (data, fsdp, tensor) | per chip GiB "
              "(weights + opt / total / HBM) | compile s | command |", "| --- " * 7 + "|"]
     for recipe in RECIPES:
         for family, slices in SLICES.items():
