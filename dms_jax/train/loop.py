@@ -80,12 +80,16 @@ def load_model(model_cfg, seed: int):
     if path:
         return dms_jax.from_pretrained(path, dtype=_opt(model_cfg, "dtype"),
                                        param_dtype=_opt(model_cfg, "param_dtype"), dms=dms)
+    return Decoder(random_model_config(model_cfg), rngs=nnx.Rngs(seed))
+
+
+def random_model_config(model_cfg) -> ModelConfig:
+    """The ModelConfig of a random model: config.model.init's fields, dtypes and DMS settings."""
     init = dict(_opt(model_cfg, "init", {}))
     if not init:
         raise ValueError("set model.path (a Hugging Face model directory or hub id) or model.init (a random model)")
-    cfg = ModelConfig(**init, dtype=_opt(model_cfg, "dtype", "float32"),
-                      param_dtype=_opt(model_cfg, "param_dtype", "float32"), dms=dms)
-    return Decoder(cfg, rngs=nnx.Rngs(seed))
+    return ModelConfig(**init, dtype=_opt(model_cfg, "dtype", "float32"),
+                       param_dtype=_opt(model_cfg, "param_dtype", "float32"), dms=dms_config(model_cfg))
 
 
 def load_tokenizer_for(config):
@@ -207,45 +211,92 @@ class Trainer:
         return optim.merge_model(self.graphdef, params, self.paths)
 
 
-def build_trainer(model, mesh, step_cfg: StepConfig, train_cfg, *, seed: int, batch_shape) -> Trainer:
-    """Shard the model's parameters over `mesh` and jit the train step with in/out shardings."""
+@dataclasses.dataclass
+class StepProgram:
+    """The jitted train step and everything about its arguments, from parameter shapes alone
+    (concrete arrays or `jax.ShapeDtypeStruct`s): the trainer runs it, `dms_jax.aot` compiles
+    it for a topology without weights."""
+
+    step_fn: Any  # jit(train_step): (state, frozen, teacher, batch) -> (state, metrics); donates state
+    init_fn: Any  # jit: trainable params -> fresh state
+    abstract_state: Any  # ShapeDtypeStructs of the state
+    state_shardings: Any
+    param_shardings: dict  # {path: NamedSharding} of every parameter
+    batch_sharding: Any
+    trainable_keys: tuple  # parameters the optimiser updates (held in master_dtype)
+    frozen_keys: tuple  # parameters passed in, never updated
+    teacher_keys: tuple  # trainable leaves the teacher reads (an initial copy in storage dtype)
+    master_dtypes: dict  # {trainable path: dtype the optimiser holds it in}
+    param_dtypes: dict  # each parameter's storage dtype in the model
+    layout: dict  # what a checkpoint of this state must match
+
+    def abstract_args(self, params: dict, batch_shape) -> tuple:
+        """ShapeDtypeStructs (with shardings) of step_fn's arguments, for `.lower(...)`."""
+        def spec(path, dtype):
+            return jax.ShapeDtypeStruct(params[path].shape, dtype, sharding=self.param_shardings[path])
+
+        state = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
+                             self.abstract_state, self.state_shardings)
+        frozen = {k: spec(k, self.param_dtypes[k]) for k in self.frozen_keys}
+        teacher = {k: spec(k, self.param_dtypes[k]) for k in self.teacher_keys}
+        batch = {k: jax.ShapeDtypeStruct(tuple(batch_shape), jnp.int32, sharding=self.batch_sharding)
+                 for k in BATCH_KEYS}
+        return state, frozen, teacher, batch
+
+
+def make_step_program(graphdef, paths, params: dict, model_cfg: ModelConfig, mesh, step_cfg: StepConfig,
+                      train_cfg, *, seed: int, batch_shape) -> StepProgram:
+    """Shardings from the rules table, the optimiser, and the train step jitted over `mesh` with
+    in/out shardings and the state donated. params: {path: array or ShapeDtypeStruct}."""
     t = train_cfg
-    graphdef, params, paths = optim.split_model(model)
-    masks = optim.trainable_masks(params, model.config, t.trainable)
-    host = {k: np.asarray(jax.device_get(v)) for k, v in params.items()}
-    del params
-    p_shard = shd.param_shardings(host, mesh)
-    param_dtypes = {k: v.dtype for k, v in host.items()}
-    trainable_host, frozen_host = optim.partition(host, masks)
+    masks = optim.trainable_masks(params, model_cfg, t.trainable)
+    p_shard = shd.param_shardings(params, mesh)
+    param_dtypes = {k: jnp.dtype(v.dtype) for k, v in params.items()}
+    trainable_keys = tuple(k for k in params if masks[k] is not False)
+    frozen_keys = tuple(k for k in params if masks[k] is False)
     master = _opt(t, "master_dtype", "float32")
-    if master:  # trainable leaves live (and are optimised) in float32; bf16 would round lr 3e-5 steps away
-        trainable_host = {k: v.astype(master) if jnp.issubdtype(v.dtype, jnp.floating) else v
-                          for k, v in trainable_host.items()}
-        host.update(trainable_host)
-    teacher_keys = teacher_leaves(masks) if step_cfg.loss != "lm" else []
-    put = lambda names: {k: put_global(host[k], p_shard[k]) for k in names}  # noqa: E731
-    teacher = {k: put_global(np.asarray(host[k]).astype(param_dtypes[k]), p_shard[k]) for k in teacher_keys}
+    # trainable leaves live (and are optimised) in float32; bf16 would round lr 3e-5 steps away
+    master_dtypes = {k: jnp.dtype(master) if master and jnp.issubdtype(param_dtypes[k], jnp.floating)
+                     else param_dtypes[k] for k in trainable_keys}
+    teacher_keys = tuple(teacher_leaves(masks)) if step_cfg.loss != "lm" else ()
     optimizer = optim.make_optimizer(
         learning_rate=float(t.learning_rate), b1=float(t.b1), b2=float(t.b2), eps=float(t.eps),
         weight_decay=float(t.weight_decay), grad_clip=float(t.grad_clip),
         warmup_steps=int(_opt(t, "warmup_steps", 0)), partial=optim.partial_masks(masks),
     )
     rng_data = np.asarray(jax.random.key_data(jax.random.key(seed)))
-    abstract_state = jax.eval_shape(lambda tr: init_state(tr, optimizer, rng_data), trainable_host)
-    state_sh = shd.mirrored_shardings(abstract_state, host, p_shard, mesh)
+    trainable_abstract = {k: jax.ShapeDtypeStruct(params[k].shape, master_dtypes[k]) for k in trainable_keys}
+    abstract_state = jax.eval_shape(lambda tr: init_state(tr, optimizer, rng_data), trainable_abstract)
+    state_sh = shd.mirrored_shardings(abstract_state, params, p_shard, mesh)
     batch_sh = shd.logical_sharding(shd.ACTIVATION_AXES["tokens"], mesh, tuple(batch_shape))
     step_fn = jax.jit(
         make_train_step(graphdef, paths, masks, optimizer, step_cfg, lambda x, axes: shd.constrain(x, axes, mesh)),
-        in_shardings=(state_sh, {k: p_shard[k] for k in frozen_host}, {k: p_shard[k] for k in teacher_keys},
+        in_shardings=(state_sh, {k: p_shard[k] for k in frozen_keys}, {k: p_shard[k] for k in teacher_keys},
                       {k: batch_sh for k in BATCH_KEYS}),
         out_shardings=(state_sh, NamedSharding(mesh, PartitionSpec())),
         donate_argnums=(0,),
     )
     init_fn = jax.jit(lambda tr: init_state(tr, optimizer, rng_data), out_shardings=state_sh)
-    layout = {"params": {k: [list(v.shape), str(v.dtype)] for k, v in trainable_host.items()},
+    layout = {"params": {k: [list(params[k].shape), str(master_dtypes[k])] for k in trainable_keys},
               "loss": step_cfg.loss, "trainable": t.trainable}
-    return Trainer(step_fn, init_fn, abstract_state, state_sh, put(trainable_host), put(frozen_host),
-                   teacher, batch_sh, graphdef, paths, layout, param_dtypes)
+    return StepProgram(step_fn, init_fn, abstract_state, state_sh, p_shard, batch_sh, trainable_keys,
+                       frozen_keys, teacher_keys, master_dtypes, param_dtypes, layout)
+
+
+def build_trainer(model, mesh, step_cfg: StepConfig, train_cfg, *, seed: int, batch_shape) -> Trainer:
+    """Shard the model's parameters over `mesh` and jit the train step with in/out shardings."""
+    graphdef, params, paths = optim.split_model(model)
+    host = {k: np.asarray(jax.device_get(v)) for k, v in params.items()}
+    del params
+    prog = make_step_program(graphdef, paths, host, model.config, mesh, step_cfg, train_cfg, seed=seed,
+                             batch_shape=batch_shape)
+    p_shard = prog.param_shardings
+    trainable_host = {k: host[k].astype(prog.master_dtypes[k]) for k in prog.trainable_keys}
+    teacher = {k: put_global(host[k], p_shard[k]) for k in prog.teacher_keys}
+    put = lambda arrays: {k: put_global(v, p_shard[k]) for k, v in arrays.items()}  # noqa: E731
+    return Trainer(prog.step_fn, prog.init_fn, prog.abstract_state, prog.state_shardings, put(trainable_host),
+                   put({k: host[k] for k in prog.frozen_keys}), teacher, prog.batch_sharding, graphdef, paths,
+                   prog.layout, prog.param_dtypes)
 
 
 BATCH_KEYS = ("input_ids", "attention_mask", "loss_mask", "segment_ids")
