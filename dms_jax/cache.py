@@ -10,9 +10,11 @@ plan's window, policy and sliding window), each part a function of its own:
   1. flags (`_chunk_flags`): the decision of the chunk's first real token sets the flag of the
      newest cached token (kept in `last_slot`); inside the chunk the decision of the next real
      token flags a token; the newest real token's flag stays pending (False);
-  2. attention (`attend_blocks`): the chunk's C queries attend to the S cached slots and to the
-     chunk's own tokens (causally) under the visibility rule, one softmax over both (no [S + C]
-     copy of K/V); a scoring policy's scores are updated (`accumulate_scores`);
+  2. attention: the chunk's C queries attend to the cached slots and to the chunk's own tokens
+     (causally) under the visibility rule, one softmax over both (no [S + C] copy of K/V): over
+     the live slots only, block by block (`dms_jax.ops.live_attention`, the plan's "blockwise"),
+     or over all S slots at once with the probabilities (`attend_blocks`, "dense"), from which a
+     scoring policy's scores are updated (`accumulate_scores`);
   3. eviction (`place_tokens`, `store_tokens`): the policy keeps what the newest query may still
      see (DMS: the window t-w .. t and every older unflagged token); the chunk's kept tokens go
      into free slots.
@@ -42,6 +44,7 @@ import numpy as np
 
 from dms_jax.config import resolve_dtype
 from dms_jax.ops.attention import grouped_attention
+from dms_jax.ops.live_attention import live_attention, live_extent
 from dms_jax.ops.mask import MASK_VALUE, hard_evict_bias, visibility_bias
 from dms_jax.policies import DMS, Candidates, Policy, get_policy
 
@@ -257,15 +260,19 @@ def store_tokens(old: KeyBlock, new: KeyBlock, keep_old, dest, scores):
 
 
 def attend_and_update(cache: LayerCache, q, k_new, v_new, decisions, positions, new_valid, *,
-                      window: int, policy: Policy | str = DMS, sliding_window=None, scale=None):
+                      window: int, policy: Policy | str = DMS, sliding_window=None, scale=None,
+                      attention: str = "dense", key_block: int | None = None):
     """Attend a chunk of C new tokens over the cache and the chunk, then store the chunk.
 
     cache: LayerCache with S slots; q: [B, C, H, D] (RoPE applied); k_new, v_new: [B, C, Hkv, D]
     (RoPE applied to k); decisions: bool [B, C, Hkv] or [B, C, 1] (d = z > 0 of each new token,
     flagging its predecessor; None for policies without decisions); positions: int [B, C];
     new_valid: bool [B, C] (False: padding). window: w; sliding_window: Mistral's, or None;
-    scale: softmax scale (default D ** -0.5). The model passes its `InferencePlan`'s window,
-    policy and sliding window.
+    scale: softmax scale (default D ** -0.5); attention: "dense" (one softmax over every slot and
+    the chunk; the attention probabilities a scoring policy needs) or "blockwise" (only the live
+    slots, `dms_jax.ops.live_attention`, in blocks of `key_block` slots (None: its default);
+    a policy that needs attention scores gets the dense one).
+    The model passes its `InferencePlan`'s window, policy, sliding window and attention_impl.
     returns (out [B, C, H, D] in q.dtype, updated LayerCache)
 
     A decode step (C == 1) evicts first, writes the new token into its slot, then attends over
@@ -304,6 +311,14 @@ def attend_and_update(cache: LayerCache, q, k_new, v_new, decisions, positions, 
         sliding_window=sliding_window, scale=scale, scoring=scoring)
     place = functools.partial(place_tokens, policy, old, new, query_pos=query_pos, window=window,
                               sliding_window=sliding_window)
+    if attention != "dense" and scoring is None:  # the live slots only, no probabilities
+        def attend(blocks):
+            slots, tail = blocks[0], (blocks[1] if len(blocks) > 1 else None)
+            out, seen = live_attention(
+                q, positions, new_valid, (slots.keys, slots.values, slots.pos, slots.flags), tail,
+                live_extent(slots.pos), window=window, use_flags=policy.uses_decisions,
+                sliding_window=sliding_window, scale=scale, block=key_block)
+            return out, seen, None
 
     cand_scores = jnp.concatenate(  # new tokens start at the policy's new_score
         [cache.scores, jnp.full(new_pos.shape, policy.new_score, jnp.float32)], -1)

@@ -123,7 +123,8 @@ class Attention(nnx.Module):
             with jax.named_scope("kv_cache"):
                 out, cache = attend_and_update(
                     cache, q, k, v, hard, ctx.positions, valid, window=plan.window,
-                    policy=plan.policy, sliding_window=plan.sliding_window)
+                    policy=plan.policy, sliding_window=plan.sliding_window,
+                    attention=plan.attention_impl)
         else:
             out = self._attend(q, k, v, evict_bias, ctx.window if dms_on else 0, ctx)
         out = self.o_proj(out.reshape(batch, seq, cfg.num_heads * cfg.head_dim))

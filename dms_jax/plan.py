@@ -13,8 +13,11 @@
   * mode:     the model's forward mode: "eval" when the policy applies decisions or the model is
               a neuron-mode DMS model (the retrofitted network, its decision neuron zeroed;
               policies without decisions ignore the flags), else "plain";
-  * attention_impl: the cache attention (chunk queries over the slots and the chunk, dense);
-              a policy that ranks tokens by attention needs the scores, so "dense" only;
+  * attention_impl: the cache attention (chunk queries over the slots and the chunk):
+              "blockwise" reads only the live slots (an online softmax over key blocks below the
+              cache's high-water mark, `dms_jax.ops.live_attention`), "dense" every slot with
+              the probabilities; a policy that ranks tokens by attention needs the scores, so
+              "dense" only; the default is "blockwise" for the others;
   * max_len:  the allocated tokens per row, the asked length rounded up to a quarter octave so
               that nearby lengths share compiled programs;
   * capacity: slots per (layer, row, KV head): `capacity`, or `budget`, or for dms
@@ -39,6 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dms_jax.config import ModelConfig, dtype_name
+from dms_jax.ops.live_attention import PREFILL_BLOCK
 from dms_jax.policies import BudgetPolicy, Policy, get_policy
 from dms_jax.stats import format_bytes
 
@@ -129,10 +133,13 @@ class InferencePlan:
 
     def step_bytes(self, batch: int, chunk: int | None = None) -> int:
         """The largest temporaries of a step (a prefill chunk of C tokens), at least: its float32
-        attention scores over the slots plus the chunk, [B, H, C, S + C], and the visibility
-        bias, [B, Hkv, C, S + C]."""
+        attention scores over the keys it holds at once, [B, H, C, K], and the visibility bias,
+        [B, Hkv, C, K]: K = S + C for the dense attention, one block of slots or the chunk for
+        the blockwise one (`dms_jax.ops.live_attention`)."""
         chunk = min(self.chunk_size, self.max_len) if chunk is None else chunk
         keys = self.capacity + chunk
+        if self.attention_impl != "dense":
+            keys = max(min(self.capacity, PREFILL_BLOCK), chunk)
         return 4 * batch * chunk * keys * (self.num_heads + self.num_kv_heads)
 
 
@@ -228,18 +235,22 @@ def resolve_window(cfg: ModelConfig, policy: Policy, window=None) -> int:
     return int(cfg.dms.window if window is None else window)
 
 
-def resolve_attention(policy: Policy, attention_impl: str = "dense") -> str:
-    """The cache attention: scoring policies need the dense chunk attention's probabilities."""
-    if attention_impl not in ATTENTION_IMPLS:
-        raise _bad("attention_impl", attention_impl, f"is not one of {ATTENTION_IMPLS}")
+def resolve_attention(policy: Policy, attention_impl: str | None = None) -> str:
+    """The cache attention: scoring policies need the dense chunk attention's probabilities;
+    the others read only the live slots ("blockwise", `dms_jax.ops.live_attention`) unless
+    "dense" is asked for. None: decided by the policy; "auto" is "blockwise" where allowed."""
     ranks = policy.needs_attention or (hasattr(policy, "observe")  # SnapKV: at prefill
                                        and policy.observe().needs_attention)
+    if attention_impl is None:
+        return "dense" if ranks else "blockwise"
+    if attention_impl not in ATTENTION_IMPLS:
+        raise _bad("attention_impl", attention_impl, f"is not one of {ATTENTION_IMPLS}")
     if ranks and attention_impl != "dense":
         raise PlanError(
             f"policy {policy.name!r} ranks tokens by the attention they receive, which only the "
             f"dense chunked cache attention computes; attention_impl={attention_impl!r} gives no "
             "scores: use attention_impl='dense'", field="attention_impl", value=attention_impl)
-    return attention_impl
+    return "blockwise" if attention_impl == "auto" else attention_impl
 
 
 def resolve_capacity(max_len: int, policy: Policy, *, window: int, target_cr: float,
@@ -275,7 +286,7 @@ def resolve_capacity(max_len: int, policy: Policy, *, window: int, target_cr: fl
 
 def plan_inference(model_config: ModelConfig, *, policy=None, window=None, capacity=None,
                    budget=None, target_cr=None, max_len=None, chunk_size=DEFAULT_CHUNK,
-                   margin=DEFAULT_MARGIN, attention_impl="dense") -> InferencePlan:
+                   margin=DEFAULT_MARGIN, attention_impl=None) -> InferencePlan:
     """Decide every setting of a cached forward once (see the module docstring); PlanError
     (a ValueError) names the setting, the limit and the fix.
 
@@ -284,7 +295,9 @@ def plan_inference(model_config: ModelConfig, *, policy=None, window=None, capac
     window: the DMS window (default: the model's). capacity: slots per head, or budget: held
       tokens per head (the baselines need one), or target_cr (default: the model's recorded
       `dms.target_cr`, else 8) with margin for dms. max_len: tokens per row the cache must take
-      (required). chunk_size: prefill chunk. attention_impl: the cache attention ("dense").
+      (required). chunk_size: prefill chunk. attention_impl: the cache attention, "blockwise"
+      (the live slots only) or "dense" (every slot, with probabilities); default: "dense" for a
+      policy that ranks tokens by attention, else "blockwise".
     """
     cfg = model_config
     if max_len is None:

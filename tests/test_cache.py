@@ -22,7 +22,12 @@ from dms_jax.ops import gating
 from dms_jax.ops.attention import dense_attention
 
 step_fn = jax.jit(kvcache.attend_and_update, donate_argnums=0,
-                  static_argnames=("window", "policy", "sliding_window", "scale"))
+                  static_argnames=("window", "policy", "sliding_window", "scale", "attention",
+                                   "key_block"))
+# the two cache attentions: every slot at once, and the live slots in blocks of 5 (a block size
+# that divides no capacity here, so the last block overlaps the one before it)
+ATTENTIONS = {"dense": dict(attention="dense"),
+              "blockwise": dict(attention="blockwise", key_block=5)}
 stats_fn = jax.jit(kvcache.cache_stats)
 
 
@@ -63,7 +68,7 @@ def schedule(rng, prompt_lens, total_lens, chunk):
 
 
 def run_cache(cache, steps, q, k, v, d, *, window, policy="dms", sliding_window=None,
-              on_step=None):
+              on_step=None, attention="dense"):
     """Feed the steps through attend_and_update; returns outputs per token [B, T, H, D], cache."""
     out_all = np.full(q.shape, np.nan, np.float32)
     rows = np.arange(q.shape[0])[:, None]
@@ -71,7 +76,7 @@ def run_cache(cache, steps, q, k, v, d, *, window, policy="dms", sliding_window=
         out, cache = step_fn(
             cache, q[rows, index], k[rows, index], v[rows, index], d[rows, index],
             index.astype(np.int32), valid, window=window, policy=policy,
-            sliding_window=sliding_window,
+            sliding_window=sliding_window, **ATTENTIONS[attention],
         )
         out = np.asarray(out)
         out_all[rows.repeat(index.shape[1], 1)[valid], index[valid]] = out[valid]
@@ -152,8 +157,9 @@ CASES = {
 }
 
 
+@pytest.mark.parametrize("attention", sorted(ATTENTIONS))
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_prefill_and_decode_equal_dense_attention(name):
+def test_prefill_and_decode_equal_dense_attention(name, attention):
     window, chunk, prompts, totals, heads, kv_heads, dim, p_flag = CASES[name]
     rng = np.random.default_rng(sorted(CASES).index(name))
     q, k, v, d = make_data(rng, len(totals), max(totals), heads, kv_heads, dim, p_flag)
@@ -162,7 +168,7 @@ def test_prefill_and_decode_equal_dense_attention(name):
     assert window + 1 <= capacity < max_len
     cache = kvcache.init_layer_cache(len(totals), kv_heads, capacity, dim)
     steps = schedule(rng, np.array(prompts), np.array(totals), chunk)
-    out, cache = run_cache(cache, steps, q, k, v, d, window=window)
+    out, cache = run_cache(cache, steps, q, k, v, d, window=window, attention=attention)
     assert int(np.asarray(cache.overflow).sum()) == 0
     for b, length in enumerate(totals):
         ref = dense_reference(q[b], k[b], v[b], d[b], length, window=window)
@@ -180,15 +186,18 @@ def test_prefill_and_decode_equal_dense_attention(name):
     assert (held < np.array(totals)[:, None]).all()
 
 
-def test_full_policy_and_sliding_window_equal_dense_attention():
+@pytest.mark.parametrize("attention", sorted(ATTENTIONS))
+def test_full_policy_and_sliding_window_equal_dense_attention(attention):
     window, chunk, prompts, totals, sliding = 4, 6, [17, 9], [30, 22], 11
     rng = np.random.default_rng(7)
     q, k, v, d = make_data(rng, 2, 30, 4, 2, 16, 0.7)
     steps = schedule(rng, np.array(prompts), np.array(totals), chunk)
     full = kvcache.init_layer_cache(2, 2, 30, 16)
-    out_full, full = run_cache(full, steps, q, k, v, d, window=window, policy="full")
+    out_full, full = run_cache(full, steps, q, k, v, d, window=window, policy="full",
+                               attention=attention)
     dms = kvcache.init_layer_cache(2, 2, 30, 16)
-    out_dms, dms = run_cache(dms, steps, q, k, v, d, window=window, sliding_window=sliding)
+    out_dms, dms = run_cache(dms, steps, q, k, v, d, window=window, sliding_window=sliding,
+                             attention=attention)
     for b, length in enumerate(totals):
         ref = dense_reference(q[b], k[b], v[b], d[b], length, window=window, evict=False)
         np.testing.assert_allclose(out_full[b, :length], ref, atol=1e-5, rtol=0)
@@ -262,9 +271,10 @@ def run_and_check_held(data, p_flag, capacity, overflow_free):
     """A drawn run through the cache: the invariants and the plain set simulation of
     docs/dms.md section 5 (with the overflow rule) hold after every step. Returns what the tests check next."""
     q, k, v, d, steps, totals = draw_run(data, p_flag)
+    attention = data.draw(st.sampled_from(sorted(ATTENTIONS)), label="attention")
     history = []
     cache = kvcache.init_layer_cache(B, HKV, capacity, D)
-    out, cache = run_cache(cache, steps, q, k, v, d, window=W,
+    out, cache = run_cache(cache, steps, q, k, v, d, window=W, attention=attention,
                            on_step=lambda i, m, c: history.append(held_sets(c)))
     check_invariants(steps, d, history, capacity=capacity, overflow_free=overflow_free)
     expected, overflow = simulate_held(steps, d, window=W, capacity=capacity, num_kv_heads=HKV)

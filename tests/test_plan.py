@@ -67,6 +67,19 @@ def test_scoring_policies_need_the_dense_cache_attention():
         plan_inference(ADAPTER, max_len=100, attention_impl="flash")
 
 
+def test_policies_without_scores_read_only_the_live_slots_by_default():
+    for policy, kw in (("full", {}), ("dms", {}), ("streaming", {"budget": 16})):
+        assert plan_inference(ADAPTER, policy=policy, max_len=100, **kw).attention_impl == \
+            "blockwise"
+        assert plan_inference(ADAPTER, policy=policy, max_len=100, attention_impl="auto",
+                              **kw).attention_impl == "blockwise"
+        assert plan_inference(ADAPTER, policy=policy, max_len=100, attention_impl="dense",
+                              **kw).attention_impl == "dense"
+    for policy in ("h2o", "tova", "snapkv"):
+        assert plan_inference(ADAPTER, policy=policy, budget=80, max_len=100).attention_impl == \
+            "dense"
+
+
 def test_allocated_length_buckets():
     # quarter octaves: at most 25% above the asked length, 64 at least
     for asked, alloc in ((1, 64), (64, 64), (65, 80), (100, 112), (1000, 1024), (1025, 1280),
@@ -187,7 +200,7 @@ def test_plan_is_an_inference_plan_with_every_decision():
     assert isinstance(plan, InferencePlan)
     assert (plan.policy, plan.window, plan.mode, plan.neuron, plan.attention_impl,
             plan.max_len, plan.capacity, plan.chunk_size) == (
-        get_policy("streaming"), 0, "eval", True, "dense", 112, 16, 32)
+        get_policy("streaming"), 0, "eval", True, "blockwise", 112, 16, 32)
     derived = plan.derive(get_policy("dms"))
     assert (derived.window, derived.mode, derived.capacity) == (0, "eval", 16)
 

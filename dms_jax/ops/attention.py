@@ -8,7 +8,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from dms_jax.ops.mask import visibility_bias
+from dms_jax.ops.mask import MASK_VALUE, visibility_bias
 
 
 def _per_head(x, num_kv_heads):
@@ -74,3 +74,29 @@ def dense_attention(q, k, v, *, q_pos, k_pos, evict_bias=None, window=0, k_valid
     if return_probs:
         return out, probs
     return out
+
+
+def online_softmax_step(state, scores, values):
+    """One key block of an online softmax (FlashAttention): the running max, sum and unnormalised
+    output after the block. The one copy of the blockwise update: the cache's live attention
+    (`dms_jax.ops.live_attention`) and the training forward (`dms_jax.ops.blockwise`).
+
+    state: (m [..., Tq], l [..., Tq], acc [..., Tq, D]) f32, starting at (-inf, 0, 0);
+    scores: f32 [..., Tq, Tk], the block's scaled scores plus the visibility bias;
+    values: [B, Hkv, Tk, D] (scores' leading axes are [B, Hkv, G]).
+    """
+    m, l, acc = state
+    m_new = jnp.maximum(m, jnp.max(scores, axis=-1))
+    correction = jnp.exp(m - m_new)
+    p = jnp.exp(scores - m_new[..., None])
+    pv = jnp.einsum("bhgqk,bhkd->bhgqd", p.astype(values.dtype), values,
+                    preferred_element_type=jnp.float32)
+    return m_new, l * correction + jnp.sum(p, axis=-1), acc * correction[..., None] + pv
+
+
+def online_softmax_finish(state):
+    """The normalised output f32 [..., Tq, D] of an online softmax state; 0 for a query that saw
+    no key (only masked entries: its max stayed below MASK_VALUE / 2)."""
+    m, l, acc = state
+    empty = m < MASK_VALUE / 2
+    return jnp.where(empty[..., None], 0.0, acc / jnp.where(empty, 1.0, l)[..., None])

@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from dms_jax.ops.attention import online_softmax_finish, online_softmax_step
 from dms_jax.ops.mask import MASK_VALUE, visibility_bias
 
 # Sentinel for "no valid position in this block" (positions are assumed |pos| < 2**30).
@@ -157,20 +158,14 @@ def _forward(q, k, v, evict_bias, q_pos, k_pos, k_valid, q_seg, k_seg, st: _Stat
                                _slice_or_none(k_valid, kj, bk, 2), st, qs,
                                _slice_or_none(k_seg, kj, bk, 2))
             s = _scores(q_blk, k_blk, st) + bias  # [B, Hkv, G, bq, bk]
-            m_new = jnp.maximum(m, jnp.max(s, axis=-1))
-            correction = jnp.exp(m - m_new)
-            p = jnp.exp(s - m_new[..., None])
-            l = l * correction + jnp.sum(p, axis=-1)
-            pv = jnp.einsum("bhgqk,bhkd->bhgqd", p.astype(v.dtype), v_blk,
-                            preferred_element_type=jnp.float32)
-            return m_new, l, acc * correction[..., None] + pv
+            return online_softmax_step((m, l, acc), s, v_blk)
 
         init = (jnp.full((batch, num_kv, group, bq), -jnp.inf, jnp.float32),
                 jnp.zeros((batch, num_kv, group, bq), jnp.float32),
                 jnp.zeros((batch, num_kv, group, bq, head_dim), jnp.float32))
         m, l, acc = lax.fori_loop(k_lo[qi], k_hi[qi], one_key_block, init)
         empty = m < MASK_VALUE / 2  # saw no key (or only masked entries)
-        out = jnp.where(empty[..., None], 0.0, acc / jnp.where(empty, 1.0, l)[..., None])
+        out = online_softmax_finish((m, l, acc))
         lse = jnp.where(empty, jnp.inf, m + jnp.log(jnp.where(empty, 1.0, l)))
         return None, (out.astype(q.dtype), lse)
 

@@ -1,0 +1,422 @@
+"""dms_jax against PyTorch + transformers on the same random Llama weights: prefill, decode, memory.
+
+One random `LlamaForCausalLM` per shape (seeded, built with transformers and saved with
+`save_pretrained` to a temporary directory) is run by
+  * transformers: `LlamaForCausalLM.from_pretrained(dir, attn_implementation="sdpa")`, its default
+    `DynamicCache`, a greedy generate-style loop (prefill with `logits_to_keep=1`, then one token
+    per step, argmax), under `torch.inference_mode()`;
+  * dms_jax `full`: `dms_jax.from_pretrained(dir)` then `dms_jax.generate(..., policy="full")`;
+  * dms_jax `dms` at 4x and 8x: the same weights with a DMS adapter whose decisions are forced to
+    the flag rate 1 - 1/CR (the adapter's projection is random and rescaled per layer and KV head
+    so that a fraction 1 - 1/CR of a calibration prompt's tokens is flagged: the cache then
+    holds about (seen - w - 1) / CR + w + 1 tokens), `generate(..., policy="dms", target_cr=CR)`.
+Each (system, shape, context, batch) runs in a fresh subprocess, so its peak process memory
+(`resource.getrusage` max RSS: libraries, weights, cache and temporaries) is its own. Systems are
+interleaved per configuration, so a slow phase of a shared machine hits them alike.
+
+Measured: prefill seconds (the prompt in, the first token sampled), decode ms per step (mean over
+`--new-tokens` steps, each one token per row), peak RSS, KV bytes (transformers: the
+DynamicCache's tensors at the end; dms_jax: the allocated cache and the peak held K/V).
+Compilation is excluded from the dms_jax timings (`generate` compiles each program before it
+times it and reports compilation apart), and both systems first run a warm-up of one prefill
+chunk and a few decode steps on the same programs (first executions are slower).
+Both systems run single-threaded on one core: torch.set_num_threads(1) and XLA_FLAGS
+"--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1" (pin the whole run with
+`taskset -c N`), so the ratios compare the engines, not their thread pools.
+
+    python benchmarks/vs_transformers.py                      # contexts 1k, 4k; batch 4
+    python benchmarks/vs_transformers.py --contexts 2048,8192 --batches 4 --shapes gqa
+    python benchmarks/vs_transformers.py --quick              # tiny shape, 1 context
+    python benchmarks/vs_transformers.py --profile gqa,1024,4  # per-op time: prefill chunk, decode
+Ratios printed: transformers time / dms_jax time (> 1: dms_jax faster).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+SINGLE_THREAD_XLA = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+MiB = 2 ** 20
+
+# name -> (layers, hidden, ffn, heads, kv heads, head dim, vocab)
+SHAPES = {
+    # Llama-3-like: grouped-query attention (8 query heads per 2 KV heads), weights dominate
+    "gqa": (8, 512, 1536, 8, 2, 64, 8192),
+    # the K/V read dominates a decode step: 2 layers, d 128, 4 KV heads of 64 (no GQA)
+    "kv": (2, 128, 512, 4, 4, 64, 512),
+    # for --quick (a seconds-scale smoke run)
+    "tiny": (2, 64, 128, 4, 2, 16, 256),
+}
+SYSTEMS = ("transformers", "full", "dms4", "dms8")
+# o_proj and down_proj scaled by this at build time (timing does not depend on weight values)
+RESIDUAL_SCALE = 0.05
+
+
+# ----------------------------------------------------------------------------- the weights
+
+
+def build_hf_model(shape: str, out_dir: str, seed: int = 0) -> str:
+    """A random LlamaForCausalLM of `shape` saved to out_dir (float32, untied head)."""
+    import torch
+    import transformers
+
+    layers, hidden, ffn, heads, kv_heads, head_dim, vocab = SHAPES[shape]
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
+        max_position_embeddings=1 << 17, rms_norm_eps=1e-5, tie_word_embeddings=False,
+        rope_parameters={"rope_type": "default", "rope_theta": 500000.0})
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():  # small residual updates: each layer's input stays close to the
+        for layer in model.model.layers:  # token's embedding, so the forced DMS decisions
+            layer.self_attn.o_proj.weight.mul_(RESIDUAL_SCALE)  # depend on the token, not on
+            layer.mlp.down_proj.weight.mul_(RESIDUAL_SCALE)  # the row (see force_flag_rate)
+    model.save_pretrained(out_dir)
+    return out_dir
+
+
+def prompts_for(vocab: int, batch: int, context: int, seed: int = 1):
+    import numpy as np
+
+    return np.random.default_rng(seed).integers(0, vocab, (batch, context)).astype(np.int32)
+
+
+# ----------------------------------------------------------------------------- the workers
+
+
+def run_transformers(job) -> dict:
+    import torch
+    import transformers
+
+    torch.set_num_threads(1)
+    model = transformers.LlamaForCausalLM.from_pretrained(
+        job["model_dir"], attn_implementation="sdpa", dtype=torch.float32).eval()
+    ids = torch.from_numpy(prompts_for(model.config.vocab_size, job["batch"], job["context"])
+                           ).long()
+    steps = job["new_tokens"]
+    with torch.inference_mode():
+        warm = transformers.DynamicCache(config=model.config)  # warm-up: one chunk, 4 steps
+        model(ids[:, :job["chunk"]], past_key_values=warm, use_cache=True, logits_to_keep=1)
+        for _ in range(4):
+            model(ids[:, :1], past_key_values=warm, use_cache=True)
+        del warm
+        tic = time.perf_counter()
+        cache = transformers.DynamicCache(config=model.config)
+        out = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        tok = out.logits[:, -1].argmax(-1, keepdim=True)
+        prefill_s = time.perf_counter() - tic
+        tokens = [tok]
+        tic = time.perf_counter()
+        for _ in range(steps):
+            out = model(tok, past_key_values=cache, use_cache=True)
+            tok = out.logits[:, -1].argmax(-1, keepdim=True)
+            tokens.append(tok)
+        decode_s = time.perf_counter() - tic
+    kv = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
+    return dict(prefill_s=prefill_s, decode_ms=1e3 * decode_s / steps, kv_bytes=int(kv),
+                kv_held=int(kv), tokens=torch.cat(tokens, 1).tolist(), cr=1.0, overflow=0)
+
+
+def force_flag_rate(model, prompt, flag_rate: float, rounds: int = 4, seed: int = 0):
+    """Set each layer's DMS adapter so that a fraction `flag_rate` of `prompt`'s tokens is flagged
+    per KV head: a random projection, each column rescaled so that its (1 - flag_rate) quantile
+    of raw logits sits at the threshold offset / scale (z > 0 flags); a column whose quantile has
+    the other sign (the residual stream's mean leans on it) is negated first. Layers feed each
+    other, so a few rounds. returns the flag rate reached on the prompt.
+
+    The rate carries over to other prompts only if a layer's input depends on its token more
+    than on the row: with full-size residual updates a random model's deeper layers drift per
+    row (per-row flag rates of 0.5-1.0 for a target of 0.875, and overflowing caches), hence
+    `RESIDUAL_SCALE` in `build_hf_model`."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    dms = model.config.dms
+    threshold = dms.offset / dms.scale  # raw > threshold  <=>  z > 0
+    keys = jax.random.split(jax.random.key(seed), len(model.layers))
+    for layer, key in zip(model.layers, keys):
+        proj = layer.attn.dms_proj
+        proj.kernel[...] = jax.random.normal(key, proj.kernel.shape, proj.kernel.dtype)
+    for _ in range(rounds):
+        out, _ = model.eval_forward(jnp.asarray(prompt))
+        raw = (np.asarray(out.decision_logits) + dms.offset) / dms.scale  # [L, B, T, Hkv]
+        quant = np.quantile(raw, 1.0 - flag_rate, axis=(1, 2))  # [L, Hkv]
+        # the right sign: rescale to the threshold; the wrong one: negate (next round rescales)
+        factor = np.where(quant * threshold > 0, threshold / np.where(quant == 0, 1, quant), -1.0)
+        for layer, f in zip(model.layers, factor):
+            proj = layer.attn.dms_proj
+            proj.kernel[...] = proj.kernel[...] * jnp.asarray(f, proj.kernel.dtype)
+    out, _ = model.eval_forward(jnp.asarray(prompt))
+    return float((np.asarray(out.decisions) > 0).mean())
+
+
+def run_dms_jax(job) -> dict:
+    import numpy as np
+
+    import dms_jax
+    from dms_jax import DMSConfig
+
+    system = job["system"]
+    ids = None
+    if system == "full":
+        model = dms_jax.from_pretrained(job["model_dir"])
+        kw = dict(policy="full")
+    else:
+        cr = float(system[3:])
+        model = dms_jax.from_pretrained(job["model_dir"], dms=DMSConfig(
+            mode="adapter", window=job["window"], scale=100.0, offset=-1.0))
+        calib = prompts_for(model.config.vocab_size, 1, min(job["context"], 1024), seed=7)
+        force_flag_rate(model, calib, 1.0 - 1.0 / cr)
+        kw = dict(policy="dms", target_cr=cr)
+    ids = prompts_for(model.config.vocab_size, job["batch"], job["context"])
+    kw.update(max_new_tokens=job["new_tokens"] + 1, chunk_size=job["chunk"],
+              max_len=job["context"] + job["new_tokens"] + 1)
+    # warm-up on the same programs (same plan, chunk and decode buffer): one chunk of the prompt
+    # (first executions of a compiled program are slower; transformers gets the same warm-up)
+    dms_jax.generate(model, ids[:, :min(job["chunk"], job["context"])], **kw)
+    out = dms_jax.generate(model, ids, **kw)
+    s = out.stats
+    steps = job["new_tokens"]
+    return dict(prefill_s=s.prefill_seconds, decode_ms=1e3 * s.decode_seconds / steps,
+                compile_s=s.compile_seconds, kv_bytes=int(s.allocated_kv_bytes),
+                kv_held=float(s.peak_kv_bytes), cr=float(s.compression_ratio),
+                overflow=int(s.overflow), capacity=int(s.capacity),
+                tokens=np.asarray(out.tokens).tolist())
+
+
+def worker(job: dict) -> dict:
+    run = run_transformers if job["system"] == "transformers" else run_dms_jax
+    result = run(job)
+    result["max_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return result
+
+
+def spawn(job: dict, timeout: float) -> dict:
+    """`job` in a fresh single-threaded process; its result, or {"error": ...}."""
+    env = dict(os.environ, XLA_FLAGS=os.environ.get("XLA_FLAGS", SINGLE_THREAD_XLA),
+               OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    try:
+        proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(job)],
+                              capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s"}
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode or not lines:
+        return {"error": (proc.stderr.strip().splitlines() or ["no output"])[-1][:200]}
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def ratio(a, b):
+    return f"{a / b:.2f}x" if a and b else "-"
+
+
+def table(results, systems) -> str:
+    """Markdown table: per configuration the transformers figures and each dms_jax system's
+    ratio (transformers time / dms_jax time; > 1: dms_jax faster)."""
+    head = ["shape", "ctx", "B", "tf prefill s", "tf decode ms"]
+    for s in systems[1:]:
+        head += [f"{s} prefill", f"{s} decode"]
+    head += ["CR dms4/dms8", "peak RSS MiB " + "/".join(systems),
+             "KV MiB " + "/".join(systems), "tokens = tf"]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for key, by_sys in results.items():
+        shape, context, batch = key
+        tf = by_sys.get("transformers", {})
+        row = [shape, f"{context // 1024}k" if context >= 1024 else str(context), str(batch),
+               f"{tf['prefill_s']:.2f}" if "prefill_s" in tf else tf.get("error", "-"),
+               f"{tf['decode_ms']:.1f}" if "decode_ms" in tf else "-"]
+        for s in systems[1:]:
+            r = by_sys.get(s, {})
+            if "error" in r:
+                row += [r["error"][:40], "-"]
+                continue
+            row += [f"{r['prefill_s']:.2f} s ({ratio(tf.get('prefill_s'), r['prefill_s'])})",
+                    f"{r['decode_ms']:.1f} ({ratio(tf.get('decode_ms'), r['decode_ms'])})"]
+        row.append("/".join(f"{by_sys[s]['cr']:.1f}" for s in ("dms4", "dms8")
+                            if "cr" in by_sys.get(s, {})) or "-")
+        row.append("/".join(f"{by_sys[s]['max_rss'] / MiB:.0f}" if "max_rss" in by_sys.get(s, {})
+                            else "-" for s in systems))
+        row.append("/".join(f"{by_sys[s]['kv_bytes'] / MiB:.1f}"
+                            if "kv_bytes" in by_sys.get(s, {}) else "-" for s in systems))
+        ref = tf.get("tokens")
+        full = by_sys.get("full", {}).get("tokens")
+        row.append("-" if not (ref and full) else
+                   f"{sum(a == b for ra, rb in zip(ref, full) for a, b in zip(ra, rb))}"
+                   f"/{sum(len(r) for r in ref)}")
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def plot(results, systems, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = sorted({(k[0], k[2]) for k in results})
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
+    for ax, (shape, batch) in zip(axes[0], panels):
+        keys = sorted(k for k in results if (k[0], k[2]) == (shape, batch))
+        for s in systems:
+            pts = [(k[1], results[k][s]["decode_ms"]) for k in keys
+                   if "decode_ms" in results[k].get(s, {})]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=s)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("context (tokens)")
+        ax.set_ylabel("decode ms / step")
+        ax.set_title(f"{shape} shape, batch {batch}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("decode step time vs context (1 CPU core each, float32)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+# ----------------------------------------------------------------------------- profile
+
+
+def profile(shape: str, context: int, batch: int, policy: str = "full", chunk: int = 512,
+            steps: int = 16, trace_dir: str = "/tmp/dms_vs_transformers_profile"):
+    """Per-op time (jax.profiler trace, ops grouped by the source line they came from) of the
+    last prefill chunk of a `context`-token prompt and of a decode step, on random weights of
+    `shape`, through the library's own jitted `prefill_step` and `decode_loop`."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    import dms_jax
+    from dms_jax.cache import init_cache
+    from dms_jax.plan import plan_inference
+    from decode import _hlo_sources, _trace_breakdown  # benchmarks/decode.py
+
+    gen = importlib.import_module("dms_jax.generate")  # the module (dms_jax.generate: the function)
+    with tempfile.TemporaryDirectory() as tmp:
+        model = dms_jax.from_pretrained(build_hf_model(shape, tmp))
+    plan = plan_inference(model.config, policy=policy, max_len=context + 2 * steps + 2)
+    graphdef, params = nnx.split(model)
+    cache = init_cache(plan, batch)
+    ids = jnp.asarray(prompts_for(model.config.vocab_size, batch, context))
+    valid, last = jnp.ones((batch, chunk), bool), jnp.full((batch,), -1, jnp.int32)
+    hidden = jnp.zeros((batch, model.config.hidden_size), jnp.float32)
+    positions = jnp.arange(context, dtype=jnp.int32)[None].repeat(batch, 0)
+    step = gen.prefill_step.lower(graphdef, params, cache, ids[:, :chunk], valid,
+                                  positions[:, :chunk], hidden, last, plan=plan).compile()
+    for c in range(context // chunk):
+        cols = slice(c * chunk, (c + 1) * chunk)
+        if c == context // chunk - 1:
+            jax.profiler.start_trace(os.path.join(trace_dir, "prefill"))
+        tic = time.perf_counter()
+        _, hidden, cache = step(params, cache, ids[:, cols], valid, positions[:, cols], hidden,
+                                last)
+        jax.block_until_ready(hidden)
+    jax.profiler.stop_trace()
+    print(f"{shape} {policy} B={batch}: prefill chunk of {chunk} at position "
+          f"{context - chunk} over {plan.capacity} slots: {time.perf_counter() - tic:.2f} s")
+    print(_trace_breakdown(os.path.join(trace_dir, "prefill"), _hlo_sources(step.as_text()), 1))
+    stop, row_max = jnp.full((2,), -1, jnp.int32), jnp.full((batch,), steps + 1, jnp.int32)
+    start = jnp.full((batch,), context, jnp.int32)
+
+    def carry():
+        return gen.start_decode(jnp.zeros(batch, jnp.int32), row_max, stop, jax.random.key(0),
+                                max_new=steps + 1)
+
+    loop = gen.decode_loop.lower(graphdef, params, cache, carry(), start, row_max, stop,
+                                 plan=plan, sampling=gen.Sampling(), segment=steps).compile()
+    out, cache = loop(params, cache, carry(), start, row_max, stop, sampling=gen.Sampling())
+    jax.block_until_ready(out)  # warm-up (the positions repeat: a timing run only)
+    jax.profiler.start_trace(os.path.join(trace_dir, "decode"))
+    tic = time.perf_counter()
+    out, cache = loop(params, cache, carry(), start, row_max, stop, sampling=gen.Sampling())
+    jax.block_until_ready(out)
+    jax.profiler.stop_trace()
+    print(f"decode at {context}: {1e3 * (time.perf_counter() - tic) / steps:.1f} ms/step")
+    print(_trace_breakdown(os.path.join(trace_dir, "decode"), _hlo_sources(loop.as_text()),
+                           steps))
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--contexts", default="1024,4096")
+    p.add_argument("--batches", default="4")
+    p.add_argument("--shapes", default="gqa,kv", help=f"of {sorted(SHAPES)}")
+    p.add_argument("--systems", default=",".join(SYSTEMS))
+    p.add_argument("--new-tokens", type=int, default=32, help="decode steps timed")
+    p.add_argument("--window", type=int, default=256, help="DMS window w")
+    p.add_argument("--chunk", type=int, default=512, help="dms_jax prefill chunk")
+    p.add_argument("--timeout", type=float, default=1800, help="seconds per process")
+    p.add_argument("--plot", default="docs/results/vs_transformers.png")
+    p.add_argument("--quick", action="store_true", help="tiny shape, context 256, batch 2")
+    p.add_argument("--profile", default="", metavar="SHAPE,CONTEXT,BATCH[,POLICY]",
+                   help="per-op time of a prefill chunk and a decode step instead")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        print("RESULT " + json.dumps(worker(json.loads(args.worker))), flush=True)
+        return
+    if args.profile:
+        shape, context, batch, *policy = args.profile.split(",")
+        return profile(shape, int(context), int(batch), *policy, chunk=args.chunk)
+    if args.quick:
+        args.contexts, args.batches, args.shapes, args.new_tokens = "256", "2", "tiny", 4
+        args.window, args.chunk = 32, 64
+    contexts = [int(c) for c in args.contexts.split(",")]
+    batches = [int(b) for b in args.batches.split(",")]
+    systems = args.systems.split(",")
+    if systems[0] != "transformers" or not set(systems) <= set(SYSTEMS):
+        raise SystemExit(f"--systems must start with transformers and be of {SYSTEMS}")
+    print(f"each configuration in a fresh process on one core (affinity {sorted(os.sched_getaffinity(0))}); "
+          f"torch threads 1; XLA_FLAGS={os.environ.get('XLA_FLAGS', SINGLE_THREAD_XLA)!r}; "
+          f"float32; dms_jax compilation excluded; {args.new_tokens} decode steps; window "
+          f"{args.window}; prefill chunk {args.chunk}", flush=True)
+    results, tic = {}, time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        for shape in args.shapes.split(","):
+            model_dir = build_hf_model(shape, os.path.join(tmp, shape))
+            print(f"shape {shape}: L, d, ffn, H, Hkv, D, V = {SHAPES[shape]}", flush=True)
+            for context in contexts:
+                for batch in batches:
+                    by_sys = results.setdefault((shape, context, batch), {})
+                    for system in systems:
+                        job = dict(system=system, model_dir=model_dir, context=context,
+                                   batch=batch, new_tokens=args.new_tokens, window=args.window,
+                                   chunk=args.chunk)
+                        t0 = time.perf_counter()
+                        by_sys[system] = r = spawn(job, args.timeout)
+                        print(f"  {shape} ctx={context} B={batch} {system:12s} "
+                              + (r["error"] if "error" in r else
+                                 f"prefill {r['prefill_s']:.2f} s decode {r['decode_ms']:.2f} "
+                                 f"ms/step rss {r['max_rss'] / MiB:.0f} MiB cr {r['cr']:.2f} "
+                                 f"overflow {r['overflow']}")
+                              + f" ({time.perf_counter() - t0:.0f} s)", file=sys.stderr,
+                              flush=True)
+    print(table(results, systems))
+    print("ratios: transformers time / dms_jax time (> 1: dms_jax faster); CR: seen / held "
+          "reached; KV: transformers' DynamicCache, dms_jax's allocated cache; tokens = tf: "
+          "greedy tokens of dms_jax full equal to transformers'")
+    if args.plot:
+        os.makedirs(os.path.dirname(args.plot) or ".", exist_ok=True)
+        plot(results, systems, args.plot)
+        print(f"plot: {args.plot}")
+    print(f"total {time.perf_counter() - tic:.0f} s")
+    return results
+
+
+if __name__ == "__main__":
+    main()
