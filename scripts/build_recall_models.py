@@ -160,40 +160,34 @@ def _train(stage: str, config) -> None:
                          f"artefacts are intact: fix the cause and rerun with --stages {stage}") from err
 
 
-def stage_warmup(out, preset):
-    """Phase 0: the induction circuit, from `repeat` documents alone (short rows)."""
-    export = os.path.join(out, "vanilla_warmup")
+def _pretrain_phase(out, preset, stage: str, data: str, export: str, previous: tuple | None) -> None:
+    """One pretraining phase: `configs/recall_pretrain.py` on data/`data`, exported to `export`,
+    continuing the model of `previous` = (its stage, its export) when given."""
+    export = os.path.join(out, export)
     if _done(export):
         return
-    _train("warmup", _config("recall_pretrain", out, "warmup", {
-        "data.path": os.path.join(out, "data", "warmup.jsonl"), "output.export_dir": export,
-        **preset["warmup"]}))
+    overrides = {"data.path": os.path.join(out, "data", data), "output.export_dir": export}
+    if previous is not None:
+        before, before_export = previous
+        if not _done(os.path.join(out, before_export)):
+            raise StageError(f"stage {stage!r} continues the {before} model: run --stages {before} first")
+        overrides["model.path"] = os.path.join(out, before_export)
+    _train(stage, _config("recall_pretrain", out, stage, {**overrides, **preset[stage]}))
+
+
+def stage_warmup(out, preset):
+    """Phase 0: the induction circuit, from `repeat` documents alone (short rows)."""
+    _pretrain_phase(out, preset, "warmup", "warmup.jsonl", "vanilla_warmup", None)
 
 
 def stage_pretrain_short(out, preset):
     """Phase 1: short rows of every task, from the warmed-up model."""
-    export = os.path.join(out, "vanilla_short")
-    if _done(export):
-        return
-    if not _done(os.path.join(out, "vanilla_warmup")):
-        raise StageError("stage 'pretrain_short' continues the warm-up model: run --stages warmup first")
-    _train("pretrain_short", _config("recall_pretrain", out, "pretrain_short", {
-        "model.path": os.path.join(out, "vanilla_warmup"),
-        "data.path": os.path.join(out, "data", "short.jsonl"), "output.export_dir": export,
-        **preset["pretrain_short"]}))
+    _pretrain_phase(out, preset, "pretrain_short", "short.jsonl", "vanilla_short", ("warmup", "vanilla_warmup"))
 
 
 def stage_pretrain(out, preset):
     """Phase 2: the phase-1 model continues on documents up to the full length."""
-    export = os.path.join(out, "vanilla")
-    if _done(export):
-        return
-    if not _done(os.path.join(out, "vanilla_short")):
-        raise StageError("stage 'pretrain' continues the short-row model: run --stages pretrain_short first")
-    _train("pretrain", _config("recall_pretrain", out, "pretrain", {
-        "model.path": os.path.join(out, "vanilla_short"),
-        "data.path": os.path.join(out, "data", "pretrain.jsonl"), "output.export_dir": export,
-        **preset["pretrain"]}))
+    _pretrain_phase(out, preset, "pretrain", "pretrain.jsonl", "vanilla", ("pretrain_short", "vanilla_short"))
 
 
 def stage_retrofit(out, preset):

@@ -43,6 +43,9 @@ POLICIES = tuple(POLICY_TYPES)  # the policy registry's names
 BASELINES = tuple(n for n in POLICY_TYPES if n not in ("full", "dms"))  # the training-free ones
 
 
+EVAL_CHUNK = 16  # prefill chunk of an evaluation: the baselines evict every 16 tokens
+
+
 class EvalError(ValueError):
     """Bad input to an evaluation (the message names the value and the fix)."""
 
@@ -169,7 +172,7 @@ def default_max_answer_tokens(examples: Sequence[T.Example]) -> int:
 
 def evaluate(model, tokenizer, examples: Sequence[T.Example], *, policy="full", budget=None,
              target_cr=None, capacity=None, policy_params=None, batch_size=16,
-             max_answer_tokens=None, method=None, chunk_size=16, progress=True) -> EvalResult:
+             max_answer_tokens=None, method=None, chunk_size=None, progress=True) -> EvalResult:
     """Score `model` on `examples` with one cache policy (see the module docstring).
 
     policy: "full" | "dms" | "streaming" | "h2o" | "tova" | "snapkv"; policy_params: the
@@ -179,9 +182,11 @@ def evaluate(model, tokenizer, examples: Sequence[T.Example], *, policy="full", 
     batch_size: conversations per `generate` call (examples with the same number of questions
     share a batch). max_answer_tokens: the most tokens per answer (default: the longest
     reference answer + its `.` + 2). method: a label for the result (default: the policy).
-    chunk_size: the prefill chunk; the baselines evict after each chunk, so it bounds how much
-    of the prompt they read before evicting (SnapKV compresses after the whole prompt by design).
+    chunk_size: the prefill chunk (default EVAL_CHUNK); the baselines evict after each chunk, so
+    it bounds how much of the prompt they read before evicting (SnapKV compresses after the whole
+    prompt by design).
     """
+    chunk_size = EVAL_CHUNK if chunk_size is None else chunk_size
     if not examples:
         raise EvalError("no examples to evaluate")
     if not (isinstance(batch_size, (int, np.integer)) and batch_size >= 1):

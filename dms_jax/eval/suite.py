@@ -51,7 +51,7 @@ class SuiteConfig:
     snapkv_window: int = 16
     sinks: int = 4
     max_answer_tokens: int | None = None
-    chunk_size: int = 16
+    chunk_size: int = H.EVAL_CHUNK
     command: str = ""
 
     def baseline_params(self, name: str) -> dict:
@@ -98,9 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sinks", type=int, default=4, help="StreamingLLM's attention sinks")
     p.add_argument("--max-answer-tokens", type=int, default=None,
                    help="most tokens per answer (default: longest reference + 3)")
-    p.add_argument("--chunk-size", type=int, default=16,
+    p.add_argument("--chunk-size", type=int, default=H.EVAL_CHUNK,
                    help="prefill chunk: the baselines evict after each chunk, so a chunk as long "
-                        "as the prompt would let them read all of it before evicting (default 16)")
+                        "as the prompt would let them read all of it before evicting (default %(default)s)")
     return p
 
 
