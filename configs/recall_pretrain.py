@@ -23,7 +23,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.init = ml_collections.ConfigDict(dict(
         vocab_size=340, hidden_size=128, intermediate_size=256, num_layers=4, num_heads=4,
         num_kv_heads=2, head_dim=32, max_position_embeddings=2048, tie_word_embeddings=True,
-        rope_theta=10000.0,
+        rope_theta=10000.0, initializer_range=0.02,
     ))
     c.model.dms.mode = ""  # a plain model; DMS comes with the retrofit
     c.train.update(loss="lm", trainable="all", steps=6000, batch_size=16, seq_len=256,

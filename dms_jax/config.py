@@ -106,6 +106,10 @@ class ModelConfig:
     param_dtype: str = "float32"
     dtype: str = "float32"  # compute dtype
     dms: DMSConfig | None = None
+    # std of the normal init of every projection and the embedding (HF's initializer_range): a
+    # model trained from scratch starts as transformers would start it. Only the random init
+    # reads it, so it is neither compared nor hashed.
+    initializer_range: float = dataclasses.field(default=0.02, compare=False)
     # not compared / hashed: the same model loaded from two places compiles once
     name_or_path: str | None = dataclasses.field(default=None, compare=False)  # the directory it was loaded from (tokenizer files live there)
 
@@ -116,6 +120,8 @@ class ModelConfig:
             )
         resolve_dtype(self.param_dtype)
         resolve_dtype(self.dtype)
+        if not self.initializer_range > 0:
+            raise ValueError(f"initializer_range={self.initializer_range} must be > 0 (HF's default: 0.02)")
 
     @property
     def group_size(self) -> int:

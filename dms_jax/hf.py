@@ -110,6 +110,7 @@ def model_config_from_hf(hf: dict, *, dtype=None, param_dtype=None, dms: DMSConf
         param_dtype=dtype_name(resolve_dtype(param_dtype or (hf_dtype if hf_dtype in DTYPE_NAMES else "float32"))),
         dtype=dtype_name(resolve_dtype(dtype or "float32")),
         dms=dms,
+        initializer_range=float(hf.get("initializer_range", 0.02)),
     )
 
 
@@ -128,6 +129,7 @@ def hf_config_from_model_config(cfg: ModelConfig) -> dict:
         "hidden_act": cfg.hidden_act,
         "max_position_embeddings": cfg.max_position_embeddings,
         "rms_norm_eps": cfg.rms_norm_eps,
+        "initializer_range": cfg.initializer_range,
         "tie_word_embeddings": cfg.tie_word_embeddings,
         "rope_theta": cfg.rope_theta,
         "rope_parameters": {"rope_theta": cfg.rope_theta, **(cfg.rope_scaling_dict or {"rope_type": "default"})},

@@ -66,10 +66,11 @@ def apply_rope(x, positions, inv_freq):
 
 
 class MLP(nnx.Module):
-    """down(silu(gate(x)) * up(x))."""
+    """down(silu(gate(x)) * up(x)). Kernels start normal(0, init_std), as transformers starts them."""
 
-    def __init__(self, d_model: int, hidden: int, *, bias: bool, dtype, param_dtype, rngs):
-        kw = dict(use_bias=bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    def __init__(self, d_model: int, hidden: int, *, bias: bool, dtype, param_dtype, init_std: float = 0.02, rngs):
+        kw = dict(use_bias=bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+                  kernel_init=nnx.initializers.normal(init_std))
         self.gate_proj = nnx.Linear(d_model, hidden, **kw)
         self.up_proj = nnx.Linear(d_model, hidden, **kw)
         self.down_proj = nnx.Linear(hidden, d_model, **kw)

@@ -58,10 +58,11 @@ class Attention(nnx.Module):
         dtype, param_dtype = resolve_dtype(cfg.dtype), resolve_dtype(cfg.param_dtype)
         d, h, hkv, hd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.q_proj = nnx.Linear(d, h * hd, use_bias=cfg.qkv_bias, **kw)
-        self.k_proj = nnx.Linear(d, hkv * hd, use_bias=cfg.qkv_bias, **kw)
-        self.v_proj = nnx.Linear(d, hkv * hd, use_bias=cfg.qkv_bias, **kw)
-        self.o_proj = nnx.Linear(h * hd, d, use_bias=cfg.o_bias, **kw)
+        init = dict(kernel_init=nnx.initializers.normal(cfg.initializer_range))
+        self.q_proj = nnx.Linear(d, h * hd, use_bias=cfg.qkv_bias, **init, **kw)
+        self.k_proj = nnx.Linear(d, hkv * hd, use_bias=cfg.qkv_bias, **init, **kw)
+        self.v_proj = nnx.Linear(d, hkv * hd, use_bias=cfg.qkv_bias, **init, **kw)
+        self.o_proj = nnx.Linear(h * hd, d, use_bias=cfg.o_bias, **init, **kw)
         if cfg.qk_norm:
             self.q_norm = RMSNorm(hd, cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
             self.k_norm = RMSNorm(hd, cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
@@ -157,7 +158,7 @@ class DecoderLayer(nnx.Module):
         self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **norm_kw)
         self.mlp = MLP(
             cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias, dtype=dtype,
-            param_dtype=param_dtype, rngs=rngs,
+            param_dtype=param_dtype, init_std=cfg.initializer_range, rngs=rngs,
         )
 
     def __call__(self, x, ctx: LayerContext, key=None, cache=None):
@@ -176,14 +177,15 @@ class Decoder(nnx.Module):
         dtype, param_dtype = resolve_dtype(cfg.dtype), resolve_dtype(cfg.param_dtype)
         self.config = cfg
         self.embed = nnx.Embed(
-            cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+            cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+            embedding_init=nnx.initializers.normal(cfg.initializer_range),
         )
         self.layers = nnx.List([DecoderLayer(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
         self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
         if not cfg.tie_word_embeddings:
             self.lm_head = nnx.Linear(
                 cfg.hidden_size, cfg.vocab_size, use_bias=False, dtype=dtype,
-                param_dtype=param_dtype, rngs=rngs,
+                param_dtype=param_dtype, kernel_init=nnx.initializers.normal(cfg.initializer_range), rngs=rngs,
             )
 
     def unembed(self, hidden):

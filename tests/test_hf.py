@@ -357,3 +357,31 @@ def test_malformed_json_files_are_named(hf_model_dirs, tmp_path):
     open(tok_json, "w").write(open(tok_json).read()[:1000])
     with pytest.raises(ConfigError, match=re.escape(tok_json) + ": not valid JSON"):
         dms_jax.load_tokenizer(tok)
+
+
+def test_random_init_follows_initializer_range(tmp_path):
+    """A model built from scratch starts as transformers starts it: every projection and the
+    embedding normal(0, initializer_range) (the flax default, lecun-normal, left each layer's
+    output ~10x the token embedding and kept the recall model from learning; docs/recall.md),
+    norms at one, the DMS adapter at zero; the field survives a save and a load."""
+    from flax import nnx
+
+    from dms_jax.config import DMSConfig, ModelConfig
+    from dms_jax.model import Decoder
+
+    cfg = ModelConfig(vocab_size=512, hidden_size=128, intermediate_size=256, num_layers=2, num_heads=4,
+                      num_kv_heads=2, head_dim=32, initializer_range=0.05, dms=DMSConfig(mode="adapter"))
+    model = Decoder(cfg, rngs=nnx.Rngs(0))
+    for path, leaf in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        name, value = "/".join(map(str, path)), np.asarray(leaf.get_value())
+        if "dms_proj" in name:
+            assert not value.any(), name
+        elif value.ndim == 2:
+            assert abs(value.std() - 0.05) < 0.005, (name, value.std())
+        else:
+            assert np.all(value == 1.0), name  # RMSNorm scales
+    dms_jax.save_pretrained(model, str(tmp_path / "m"))
+    assert json.load(open(tmp_path / "m" / "config.json"))["initializer_range"] == 0.05
+    assert dms_jax.from_pretrained(str(tmp_path / "m")).config.initializer_range == 0.05
+    with pytest.raises(ValueError, match="initializer_range"):
+        cfg.replace(initializer_range=0.0)
