@@ -45,7 +45,7 @@ PRESETS = {
         pretrain_short={"train.seq_len": 64, "train.batch_size": 32, "train.warmup_steps": 100,
                         "train.steps": 1800},
         pretrain={"train.steps": 600, "train.warmup_steps": 20}, retrofit={},
-        legs=((2, 90), (4, 250), (8, 560)),
+        legs=((2, 70), (4, 250), (8, 800)),
         eval_args=["--length", "255", "--examples", "50"],
     ),
     "tiny": dict(
