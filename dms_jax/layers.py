@@ -66,11 +66,10 @@ def apply_rope(x, positions, inv_freq):
 
 
 class MLP(nnx.Module):
-    """down(silu(gate(x)) * up(x)). Kernels start normal(0, init_std), as transformers starts them."""
+    """down(silu(gate(x)) * up(x)); kernel_init: the model's weight init (model.weight_init)."""
 
-    def __init__(self, d_model: int, hidden: int, *, bias: bool, dtype, param_dtype, init_std: float = 0.02, rngs):
-        kw = dict(use_bias=bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
-                  kernel_init=nnx.initializers.normal(init_std))
+    def __init__(self, d_model: int, hidden: int, *, bias: bool, dtype, param_dtype, kernel_init, rngs):
+        kw = dict(use_bias=bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs, kernel_init=kernel_init)
         self.gate_proj = nnx.Linear(d_model, hidden, **kw)
         self.up_proj = nnx.Linear(d_model, hidden, **kw)
         self.down_proj = nnx.Linear(hidden, d_model, **kw)

@@ -53,12 +53,18 @@ class LayerContext(NamedTuple):
     segment_ids: Any = None  # int32 [B, T] packed-document ids (training), or None
 
 
+def weight_init(cfg: ModelConfig):
+    """The random init of every projection and the embedding: normal(0, initializer_range), as
+    transformers starts a Llama (the adapter alone starts at zero)."""
+    return nnx.initializers.normal(cfg.initializer_range)
+
+
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         dtype, param_dtype = resolve_dtype(cfg.dtype), resolve_dtype(cfg.param_dtype)
         d, h, hkv, hd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        init = dict(kernel_init=nnx.initializers.normal(cfg.initializer_range))
+        init = dict(kernel_init=weight_init(cfg))
         self.q_proj = nnx.Linear(d, h * hd, use_bias=cfg.qkv_bias, **init, **kw)
         self.k_proj = nnx.Linear(d, hkv * hd, use_bias=cfg.qkv_bias, **init, **kw)
         self.v_proj = nnx.Linear(d, hkv * hd, use_bias=cfg.qkv_bias, **init, **kw)
@@ -158,7 +164,7 @@ class DecoderLayer(nnx.Module):
         self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **norm_kw)
         self.mlp = MLP(
             cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias, dtype=dtype,
-            param_dtype=param_dtype, init_std=cfg.initializer_range, rngs=rngs,
+            param_dtype=param_dtype, kernel_init=weight_init(cfg), rngs=rngs,
         )
 
     def __call__(self, x, ctx: LayerContext, key=None, cache=None):
@@ -178,14 +184,14 @@ class Decoder(nnx.Module):
         self.config = cfg
         self.embed = nnx.Embed(
             cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
-            embedding_init=nnx.initializers.normal(cfg.initializer_range),
+            embedding_init=weight_init(cfg),
         )
         self.layers = nnx.List([DecoderLayer(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
         self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
         if not cfg.tie_word_embeddings:
             self.lm_head = nnx.Linear(
                 cfg.hidden_size, cfg.vocab_size, use_bias=False, dtype=dtype,
-                param_dtype=param_dtype, kernel_init=nnx.initializers.normal(cfg.initializer_range), rngs=rngs,
+                param_dtype=param_dtype, kernel_init=weight_init(cfg), rngs=rngs,
             )
 
     def unembed(self, hidden):
