@@ -41,7 +41,7 @@ PRESETS = {
         pretrain_docs=60000, doc_lengths=(63, 127, 255), retrofit_docs=8000, retrofit_length=255,
         short_docs=60000, short_length=63, warmup_docs=40000,
         warmup={"train.seq_len": 64, "train.batch_size": 32, "train.warmup_steps": 100,
-                "train.steps": 2000, "eval.every": 0},
+                "train.steps": 1000, "eval.every": 0},
         pretrain_short={"train.seq_len": 64, "train.batch_size": 32, "train.warmup_steps": 100,
                         "train.steps": 1800},
         pretrain={"train.steps": 600, "train.warmup_steps": 20}, retrofit={},

@@ -57,8 +57,8 @@ def sample_params(rng, task: str, length: int) -> dict:
         return {"num_facts": n, "num_queries": int(rng.integers(max(1, n // 2), n + 1))}
     if task == "vt":
         return {"hops": int(rng.integers(1, 4)), "num_chains": int(rng.integers(1, 3))}
-    if task == "cwe":
-        return {"num_common": 3}
+    if task == "cwe":  # one to three common words, up to twice the evaluation's frequency gap
+        return {"num_common": int(rng.integers(1, 4)), "boost": float(rng.choice([1.0, 1.5, 2.0]))}
     if task in ("echo", "repeat"):
         return {}
     if task == "copy":

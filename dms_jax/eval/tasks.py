@@ -281,15 +281,17 @@ def vt(rng, length, hops=2, num_chains=2):
     return place(rng, items, room), questions, answers
 
 
-def cwe(rng, length, num_common=3, common_freq=None, num_words=None):
+def cwe(rng, length, num_common=3, common_freq=None, num_words=None, boost=1.0):
     """A word list where `num_common` words appear `common_freq` times and the others at most
-    half as often; `? common` -> the common words (any order)."""
+    half as often; `? common` -> the common words (any order). The default frequency fills a
+    quarter of the list with the common words; `boost` multiplies it (an easier training
+    variant: a wider gap between the common words and the rest)."""
     pool = V.word_classes()["nouns"]
     fixed = 2 + 2 + num_common + 1  # list ... . ? common <answers> .
     size = num_words if num_words is not None else length - 1 - fixed
     _need("cwe", length, fixed + size, f"a list of {size} words")
     if common_freq is None:
-        common_freq = max(3, size // (4 * num_common))
+        common_freq = max(3, int(boost * max(3, size // (4 * num_common))))
     if num_common * common_freq > size:
         raise TaskError(f"cwe: {num_common} common words x {common_freq} > list size {size}; "
                         "use a longer length or a lower common_freq")
@@ -357,10 +359,11 @@ def repeat(rng, length):
     Every word of a recurring segment after its first is "what followed the previous word last
     time" at a distance no layout gives away, so it is a target: the induction circuit that
     recall needs is the only way to predict it. (`copy` repeats a list at a fixed place, which a
-    model can learn by position without induction; this task cannot be.) The words are the keys
-    and values (128): a small set that a head of 32 dimensions tells apart quickly, and the
-    words recall matches and copies. Not in EVAL_TASKS."""
-    pool = [w for name in ("keys", "values") for w in V.word_classes()[name]]
+    model can learn by position without induction; this task cannot be.) The words are the keys,
+    values and variables: every word class that an evaluation task answers with by copying from
+    the context (a model warmed up without the variables never learned to copy them, and `vt`,
+    whose answers are variables, stayed at 5%). Not in EVAL_TASKS."""
+    pool = [w for name in ("keys", "values", "variables") for w in V.word_classes()[name]]
     size = length - 1 - 4  # the context: all but <s>, `? w`, the answer and its `.`
     if size < 8:
         raise TaskError(f"repeat: length {length} is too short (at least 13 tokens)")
