@@ -6,6 +6,8 @@ One random `LlamaForCausalLM` per shape (seeded, built with transformers and sav
     `DynamicCache`, a greedy generate-style loop (prefill with `logits_to_keep=1`, then one token
     per step, argmax), under `torch.inference_mode()`;
   * dms_jax `full`: `dms_jax.from_pretrained(dir)` then `dms_jax.generate(..., policy="full")`;
+  * dms_jax `full-paged`, `dms8-paged`: the same on the paged cache (`layout="paged"`: a ring of
+    the window per stream and one pool of pages per layer, sized for the expected held tokens);
   * dms_jax `dms` at 4x and 8x: the same weights with a DMS adapter whose decisions are forced to
     the flag rate 1 - 1/CR (the adapter's projection is random and rescaled per layer and KV head
     so that a fraction 1 - 1/CR of a calibration prompt's tokens is flagged: the cache then
@@ -54,7 +56,8 @@ SHAPES = {
     # for --quick (a seconds-scale smoke run)
     "tiny": (2, 64, 128, 4, 2, 16, 256),
 }
-SYSTEMS = ("transformers", "full", "dms4", "dms8")
+SYSTEMS = ("transformers", "full", "dms4", "dms8", "full-paged", "dms8-paged")
+DEFAULT_SYSTEMS = ("transformers", "full", "dms4", "dms8")
 # o_proj and down_proj scaled by this at build time (timing does not depend on weight values)
 RESIDUAL_SCALE = 0.05
 
@@ -165,7 +168,7 @@ def run_dms_jax(job) -> dict:
     import dms_jax
     from dms_jax import DMSConfig
 
-    system = job["system"]
+    system, _, layout = job["system"].partition("-")  # "dms8-paged": dms8 on the paged cache
     ids = None
     if system == "full":
         model = dms_jax.from_pretrained(job["model_dir"])
@@ -180,6 +183,8 @@ def run_dms_jax(job) -> dict:
     ids = prompts_for(model.config.vocab_size, job["batch"], job["context"])
     kw.update(max_new_tokens=job["new_tokens"] + 1, chunk_size=job["chunk"],
               max_len=job["context"] + job["new_tokens"] + 1)
+    if layout:
+        kw.update(layout=layout)
     # warm-up on the same programs (same plan, chunk and decode buffer): one chunk of the prompt
     # (first executions of a compiled program are slower; transformers gets the same warm-up)
     dms_jax.generate(model, ids[:, :min(job["chunk"], job["context"])], **kw)
@@ -228,7 +233,8 @@ def table(results, systems) -> str:
     head = ["shape", "ctx", "B", "tf prefill s", "tf decode ms"]
     for s in systems[1:]:
         head += [f"{s} prefill", f"{s} decode"]
-    head += ["CR dms4/dms8", "peak RSS MiB " + "/".join(systems),
+    dms = [s for s in systems if s.startswith("dms")]
+    head += ["CR " + "/".join(dms), "peak RSS MiB " + "/".join(systems),
              "KV MiB " + "/".join(systems), "tokens = tf"]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for key, by_sys in results.items():
@@ -244,8 +250,8 @@ def table(results, systems) -> str:
                 continue
             row += [f"{r['prefill_s']:.2f} s ({ratio(tf.get('prefill_s'), r['prefill_s'])})",
                     f"{r['decode_ms']:.1f} ({ratio(tf.get('decode_ms'), r['decode_ms'])})"]
-        row.append("/".join(f"{by_sys[s]['cr']:.1f}" for s in ("dms4", "dms8")
-                            if "cr" in by_sys.get(s, {})) or "-")
+        row.append("/".join(f"{by_sys[s]['cr']:.1f}" if "cr" in by_sys.get(s, {}) else "-"
+                            for s in dms) or "-")
         row.append("/".join(f"{by_sys[s]['max_rss'] / MiB:.0f}" if "max_rss" in by_sys.get(s, {})
                             else "-" for s in systems))
         row.append("/".join(f"{by_sys[s]['kv_bytes'] / MiB:.1f}"
@@ -356,7 +362,8 @@ def main(argv=None):
     p.add_argument("--contexts", default="1024,4096")
     p.add_argument("--batches", default="4")
     p.add_argument("--shapes", default="gqa,kv", help=f"of {sorted(SHAPES)}")
-    p.add_argument("--systems", default=",".join(SYSTEMS))
+    p.add_argument("--systems", default=",".join(DEFAULT_SYSTEMS),
+                   help=f"of {SYSTEMS} (-paged: the paged cache, dms_jax.paged)")
     p.add_argument("--new-tokens", type=int, default=32, help="decode steps timed")
     p.add_argument("--window", type=int, default=256, help="DMS window w")
     p.add_argument("--chunk", type=int, default=512, help="dms_jax prefill chunk")

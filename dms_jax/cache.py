@@ -72,6 +72,16 @@ class LayerCache:
         """int32 [B, Hkv] tokens held now."""
         return (self.pos >= 0).sum(axis=-1, dtype=jnp.int32)
 
+    @property
+    def token_bytes(self) -> int:
+        """Key + value bytes of one token."""
+        return 2 * self.keys.shape[-1] * self.keys.dtype.itemsize
+
+    @property
+    def kv_nbytes(self) -> int:
+        """Key + value bytes allocated."""
+        return int(self.keys.nbytes + self.values.nbytes)
+
 
 def init_layer_cache(batch, num_kv_heads, capacity, head_dim, dtype=jnp.float32) -> LayerCache:
     """An empty layer cache of `capacity` slots per (row, KV head). The capacity rules (the window
@@ -94,7 +104,15 @@ def init_layer_cache(batch, num_kv_heads, capacity, head_dim, dtype=jnp.float32)
 
 def init_cache(plan, batch: int) -> tuple:
     """The cache of an `InferencePlan` (`dms_jax.plan.plan_inference`) for `batch` rows: one
-    LayerCache per layer (a tuple; the model indexes it by layer), `plan.capacity` slots each."""
+    LayerCache per layer (a tuple; the model indexes it by layer), `plan.capacity` slots each,
+    or for a paged plan one `dms_jax.paged.PagedLayerCache` per layer."""
+    if plan.layout == "paged":
+        from dms_jax.paged import init_paged_layer_cache
+
+        return tuple(init_paged_layer_cache(
+            batch, plan.num_kv_heads, ring=plan.window + 1, page_size=plan.page_size,
+            num_pages=plan.num_pages(batch), max_pages=plan.max_pages, head_dim=plan.head_dim,
+            dtype=resolve_dtype(plan.dtype)) for _ in range(plan.num_layers))
     return tuple(init_layer_cache(batch, plan.num_kv_heads, plan.capacity, plan.head_dim,
                                   resolve_dtype(plan.dtype))
                  for _ in range(plan.num_layers))
@@ -416,7 +434,7 @@ def cache_stats(caches: Sequence[LayerCache]) -> CacheStats:
     """Stats of a per-layer cache sequence (jittable; byte counts in float32)."""
     held = jnp.stack([c.held for c in caches])  # [L, B, Hkv]
     seen = caches[0].seen
-    token_bytes = [2 * c.keys.shape[-1] * c.keys.dtype.itemsize for c in caches]
+    token_bytes = [c.token_bytes for c in caches]
     return CacheStats(
         held=held,
         seen=seen,
@@ -424,7 +442,7 @@ def cache_stats(caches: Sequence[LayerCache]) -> CacheStats:
         held_bytes=sum(c.held.sum().astype(jnp.float32) * b for c, b in zip(caches, token_bytes)),
         peak_held_bytes=sum(c.peak_held.sum().astype(jnp.float32) * b
                             for c, b in zip(caches, token_bytes)),
-        allocated_bytes=int(sum(c.keys.nbytes + c.values.nbytes for c in caches)),
+        allocated_bytes=int(sum(c.kv_nbytes for c in caches)),
         overflow=jnp.stack([c.overflow for c in caches]),
         kv_reads=jnp.stack([c.kv_reads for c in caches]),
     )

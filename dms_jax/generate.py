@@ -175,10 +175,11 @@ class GenerateOutput:
 
 
 def generate(model: Decoder, prompts, *, max_new_tokens=64, policy=None, window=None,
-             target_cr=None, margin=0.5, capacity=None, budget=None, max_len=None,
+             target_cr=None, margin=None, capacity=None, budget=None, max_len=None,
              chunk_size=None, temperature=0.0, top_k=0, top_p=1.0, key=None,
              stop_tokens=None, strict=False, state: GenerationState | None = None,
-             progress=None, on_tokens=None, decode_segment=None, mesh=None) -> GenerateOutput:
+             progress=None, on_tokens=None, decode_segment=None, mesh=None, layout="slots",
+             page_size=None, pool_pages=None) -> GenerateOutput:
     """Prefill the prompts into a fixed-shape KV cache and generate.
 
     prompts: a list of token-id sequences (lengths may differ; integers only), one sequence, or
@@ -188,7 +189,9 @@ def generate(model: Decoder, prompts, *, max_new_tokens=64, policy=None, window=
       (`dms_jax.plan.plan_inference`: policy "dms" by default for a DMS model, else "full", or a
       baseline "streaming", "h2o", "tova", "snapkv" with its `budget`, or a Policy; the cache
       holds `capacity` slots per head, or `budget`, or for dms what `max_len` tokens need at
-      `target_cr` with `margin`). SnapKV prefills the whole prompt before compressing it to the
+      `target_cr` with `margin`; default 0.5, 0.1 for a paged pool). layout, page_size,
+      pool_pages: the cache layout, "slots" or "paged" (full and dms: a ring of the window per
+      stream and one pool of pages per layer, `dms_jax.paged`; see `plan_inference`). SnapKV prefills the whole prompt before compressing it to the
       budget (`_snapkv_prefill`; its peak KV bytes say so). max_len: tokens per row the cache
       must take over all turns (default: longest prompt + max_new_tokens); a cache that would
       not fit in memory is refused before it is allocated. chunk_size: prefill chunk C (memory ~
@@ -215,7 +218,11 @@ def generate(model: Decoder, prompts, *, max_new_tokens=64, policy=None, window=
         plan = plan_inference(cfg, policy=policy, window=window, capacity=capacity,
                               budget=budget, target_cr=target_cr, max_len=max_len,
                               chunk_size=DEFAULT_CHUNK if chunk_size is None else chunk_size,
-                              margin=margin)
+                              margin=margin, layout=layout, pool_pages=pool_pages,
+                              **({} if page_size is None else {"page_size": page_size}))
+        if mesh is not None and plan.layout == "paged":
+            raise ValueError("layout='paged' runs on one device (its pool is shared by every row "
+                             "and head, not yet split over a mesh): use layout='slots' with mesh=")
         check_memory(plan, len(rows), mesh=mesh)
         cache = kvcache.init_cache(plan, len(rows))
         if mesh is not None:

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from dms_jax import paged
 from dms_jax.cache import attend_and_update, compression_ratio
 from dms_jax.config import ModelConfig, resolve_dtype
 from dms_jax.layers import MLP, RMSNorm, apply_rope, rope_inv_freq
@@ -128,10 +129,15 @@ class Attention(nnx.Module):
             valid = jnp.ones((batch, seq), bool) if ctx.k_valid is None else ctx.k_valid
             hard = gating.hard_decisions(z) if dms_on else None  # [B, T, Hkv or 1]
             with jax.named_scope("kv_cache"):
-                out, cache = attend_and_update(
-                    cache, q, k, v, hard, ctx.positions, valid, window=plan.window,
-                    policy=plan.policy, sliding_window=plan.sliding_window,
-                    attention=plan.attention_impl)
+                if plan.layout == "paged":
+                    out, cache = paged.attend_and_update(
+                        cache, q, k, v, hard, ctx.positions, valid, window=plan.window,
+                        policy=plan.policy, sliding_window=plan.sliding_window)
+                else:
+                    out, cache = attend_and_update(
+                        cache, q, k, v, hard, ctx.positions, valid, window=plan.window,
+                        policy=plan.policy, sliding_window=plan.sliding_window,
+                        attention=plan.attention_impl)
         else:
             out = self._attend(q, k, v, evict_bias, ctx.window if dms_on else 0, ctx)
         out = self.o_proj(out.reshape(batch, seq, cfg.num_heads * cfg.head_dim))

@@ -23,6 +23,14 @@
   * capacity: slots per (layer, row, KV head): `capacity`, or `budget`, or for dms
               `capacity_for(max_len, w, target_cr, margin)`, else max_len; never more than
               max_len; a dms capacity holds the window (>= w + 1) unless it holds every token.
+  * layout:   "slots" (every stream its own `capacity` slots, `dms_jax.cache`) or "paged" (for
+              full and dms: a ring of w + 1 per stream and one pool of pages per layer shared
+              by every stream, `dms_jax.paged`); the pool holds `pages_per_stream` pages of
+              `page_size` tokens per stream of the batch (for dms the expected retained tokens
+              at target_cr plus `margin` (default 0.1: heads that keep more borrow from heads
+              that keep less) plus half a page (a last page is half full on average); for full every
+              token), or `pool_pages`
+              pages in all when given.
 
 The plan is frozen and hashable: the jitted prefill and decode steps take it as their static
 argument, `dms_jax.cache.init_cache(plan, batch)` builds the cache from it alone, and `infer.py`
@@ -49,6 +57,9 @@ from dms_jax.stats import format_bytes
 DEFAULT_CHUNK = 512
 DEFAULT_TARGET_CR = 8.0
 DEFAULT_MARGIN = 0.5
+DEFAULT_PAGED_MARGIN = 0.1
+DEFAULT_PAGE_SIZE = 64
+LAYOUTS = ("slots", "paged")
 ATTENTION_IMPLS = ("dense", "auto", "blockwise")
 # positions are int32: the largest length (and window) a plan takes
 MAX_POSITION = 2 ** 31 - 1
@@ -99,6 +110,36 @@ class InferencePlan:
     num_kv_heads: int
     head_dim: int
     dtype: str  # K / V dtype (the model's compute dtype)
+    layout: str = "slots"  # "slots" or "paged" (dms_jax.paged)
+    page_size: int = 0  # paged: tokens per page
+    pages_per_stream: float = 0.0  # paged: pool pages per (row, KV head) of the batch
+    pool_pages: int = 0  # paged: pool pages per layer when fixed (0: pages_per_stream x streams)
+    retain_fraction: float = 1.0  # paged: pages reserved per retained-eligible token ((1 + margin) / CR)
+
+    @property
+    def max_pages(self) -> int:
+        """Paged: page-table entries per stream (enough for every token of a row)."""
+        return -(-self.max_len // self.page_size) if self.page_size else 0
+
+    def num_pages(self, batch: int) -> int:
+        """Paged: the pool's pages per layer for `batch` rows."""
+        return self.pool_pages or math.ceil(batch * self.num_kv_heads * self.pages_per_stream)
+
+    def request_pages(self, tokens: int) -> int:
+        """Paged: the pages per layer a row of `tokens` tokens is expected to hold (its KV heads'
+        retained tokens at the plan's CR and margin, plus half a page each; `full`: exact)."""
+        older = max(int(tokens) - self.window - 1, 0)
+        if not self.uses_decisions:
+            return self.num_kv_heads * -(-older // self.page_size)
+        return math.ceil(self.num_kv_heads * (older * self.retain_fraction / self.page_size + 0.5))
+
+    def kv_bytes(self, batch: int) -> int:
+        """Key + value bytes `init_cache(self, batch)` allocates (slots, or rings + pool)."""
+        token = 2 * self.head_dim * jnp.dtype(self.dtype).itemsize
+        if self.layout == "paged":
+            ring = batch * self.num_kv_heads * (self.window + 1)
+            return self.num_layers * token * (ring + self.num_pages(batch) * self.page_size)
+        return self.num_layers * token * batch * self.num_kv_heads * self.capacity
 
     @property
     def uses_decisions(self) -> bool:
@@ -125,10 +166,16 @@ class InferencePlan:
     # -------------------------------------------------------------------------- memory
 
     def cache_bytes(self, batch: int) -> int:
-        """Bytes of `init_cache(self, batch)`: per slot K and V, position, flag and score."""
+        """Bytes of `init_cache(self, batch)`: per slot K and V, position, flag and score; paged:
+        the rings (K, V, position, flag), the pool (K, V, position) and the page tables."""
         itemsize = jnp.dtype(self.dtype).itemsize
-        per_slot = 2 * self.head_dim * itemsize + 4 + 1 + 4
         streams = self.num_layers * batch * self.num_kv_heads
+        if self.layout == "paged":
+            ring = (self.window + 1) * (2 * self.head_dim * itemsize + 4 + 1)
+            pool = self.num_pages(batch) * (self.page_size * (2 * self.head_dim * itemsize + 4) + 4)
+            return (streams * (ring + 4 * self.max_pages + 16) + self.num_layers * (pool + 4)
+                    + self.num_layers * batch * 8)
+        per_slot = 2 * self.head_dim * itemsize + 4 + 1 + 4
         return streams * (self.capacity * per_slot + 16) + self.num_layers * batch * 8
 
     def step_bytes(self, batch: int, chunk: int | None = None) -> int:
@@ -138,7 +185,9 @@ class InferencePlan:
         the blockwise one (`dms_jax.ops.live_attention`)."""
         chunk = min(self.chunk_size, self.max_len) if chunk is None else chunk
         keys = self.capacity + chunk
-        if self.attention_impl != "dense":
+        if self.layout == "paged":  # a block of pages, the ring, the chunk
+            keys = max(PREFILL_BLOCK, self.window + 1, chunk)
+        elif self.attention_impl != "dense":
             keys = max(min(self.capacity, PREFILL_BLOCK), chunk)
         return 4 * batch * chunk * keys * (self.num_heads + self.num_kv_heads)
 
@@ -284,9 +333,53 @@ def resolve_capacity(max_len: int, policy: Policy, *, window: int, target_cr: fl
     return capacity_for(alloc_len, window, target_cr, margin)
 
 
+def resolve_paging(max_len: int, policy: Policy, *, window: int, target_cr: float, margin,
+                   page_size, pool_pages, sliding_window, capacity=None, budget=None,
+                   asked_len=None):
+    """(page_size, pages_per_stream, pool_pages, retain_fraction) of a paged plan, checked (PlanError names the
+    fix). max_len: the allocated tokens per row; asked_len: the tokens a row must take (default
+    max_len)."""
+    if policy.name not in ("full", "dms"):
+        raise PlanError(
+            f"layout='paged' holds the full and dms policies, whose kept tokens stay for good; "
+            f"{policy.name!r} evicts arbitrary tokens down to an exact budget and keeps fixed "
+            "slots: use layout='slots'", f"--layout paged holds --policy full and dms; use "
+            f"--layout slots for {policy.name}", "layout", "paged")
+    if sliding_window is not None:
+        raise PlanError(
+            f"layout='paged' does not take a sliding-window model (sliding_window="
+            f"{sliding_window}: its old tokens leave for good, which the append-only pages do "
+            "not free): use layout='slots'", "--layout paged does not take a sliding-window "
+            "model: use --layout slots", "layout", "paged")
+    if capacity is not None or budget is not None:
+        raise PlanError("capacity= / budget= size the slot layout; a paged pool is sized by "
+                        "target_cr and margin, or pool_pages=", "--capacity / --budget size the "
+                        "slot layout; size a paged pool with --target-cr and --margin",
+                        "capacity", capacity if capacity is not None else budget)
+    _int_in("page_size", page_size, 1, MAX_POSITION, "tokens per page")
+    margin = DEFAULT_PAGED_MARGIN if margin is None else margin
+    fraction = (1.0 + margin) / target_cr if policy.uses_decisions else 1.0
+    if policy.uses_decisions:  # + half a page: a stream's last page is half full on average
+        per_stream = round(max(max_len - window - 1, 0) * fraction / page_size + 0.5, 6)
+    else:
+        per_stream = -(-max_len // page_size)
+    if pool_pages is not None:
+        asked = max_len if asked_len is None else asked_len
+        need = -(-max(asked - window - 1, 0) // page_size)
+        if not (_is_int(pool_pages) and pool_pages >= 1):
+            raise _bad("pool_pages", pool_pages, "must be a positive integer (pages per layer)")
+        if policy.name == "full" and pool_pages < need:
+            raise _bad("pool_pages", pool_pages,
+                       f"cannot hold one full row of {asked} tokens ({need} pages of "
+                       f"{page_size}): raise it or lower max_len")
+        pool_pages = int(pool_pages)
+    return int(page_size), float(per_stream), int(pool_pages or 0), float(fraction)
+
+
 def plan_inference(model_config: ModelConfig, *, policy=None, window=None, capacity=None,
                    budget=None, target_cr=None, max_len=None, chunk_size=DEFAULT_CHUNK,
-                   margin=DEFAULT_MARGIN, attention_impl=None) -> InferencePlan:
+                   margin=None, attention_impl=None, layout="slots",
+                   page_size=DEFAULT_PAGE_SIZE, pool_pages=None) -> InferencePlan:
     """Decide every setting of a cached forward once (see the module docstring); PlanError
     (a ValueError) names the setting, the limit and the fix.
 
@@ -297,27 +390,47 @@ def plan_inference(model_config: ModelConfig, *, policy=None, window=None, capac
       `dms.target_cr`, else 8) with margin for dms. max_len: tokens per row the cache must take
       (required). chunk_size: prefill chunk. attention_impl: the cache attention, "blockwise"
       (the live slots only) or "dense" (every slot, with probabilities); default: "dense" for a
-      policy that ranks tokens by attention, else "blockwise".
+      policy that ranks tokens by attention, else "blockwise". margin: the extra fraction of
+      expected retained tokens a dms cache allocates (default 0.5 per stream for slots, 0.1 of
+      the pool for paged). layout: "slots" or "paged" (full and dms only), with page_size
+      tokens per page and pool_pages pages per layer (default: sized for the batch, see the
+      module docstring).
     """
     cfg = model_config
     if max_len is None:
         raise PlanError("max_len (tokens per row the cache must take) is required",
                         field="max_len")
+    if layout not in LAYOUTS:
+        raise _bad("layout", layout, f"is not one of {LAYOUTS}")
+    paged_margin = margin
+    if margin is None:
+        margin = DEFAULT_MARGIN
     check_settings(window=window, target_cr=target_cr, margin=margin, capacity=capacity,
                    budget=budget, max_len=max_len, chunk_size=chunk_size)
     pol = resolve_policy(cfg, policy)
     eff_window = resolve_window(cfg, pol, window)
     impl = resolve_attention(pol, attention_impl)
     alloc = allocated_length(int(max_len))
-    cap = resolve_capacity(int(max_len), pol, window=eff_window,
-                           target_cr=default_target_cr(cfg) if target_cr is None else target_cr,
-                           margin=margin, capacity=capacity, budget=budget, alloc_len=alloc)
+    cr = default_target_cr(cfg) if target_cr is None else target_cr
+    paging = {}
+    if layout == "paged":
+        size, per_stream, pool, fraction = resolve_paging(
+            alloc, pol, window=eff_window, target_cr=cr, margin=paged_margin,
+            page_size=page_size, pool_pages=pool_pages, sliding_window=cfg.sliding_window,
+            capacity=capacity, budget=budget, asked_len=int(max_len))
+        cap = min(alloc, eff_window + 1 + math.ceil(per_stream * size))
+        paging = dict(layout="paged", page_size=size, pages_per_stream=per_stream,
+                      pool_pages=pool, retain_fraction=fraction, attention_impl="blockwise")
+    else:
+        cap = resolve_capacity(int(max_len), pol, window=eff_window, target_cr=cr, margin=margin,
+                               capacity=capacity, budget=budget, alloc_len=alloc)
     neuron = cfg.dms is not None and cfg.dms.mode == "neuron"
-    return InferencePlan(
+    plan = InferencePlan(
         policy=pol, window=eff_window, mode=forward_mode(pol, neuron), neuron=neuron,
         attention_impl=impl, sliding_window=cfg.sliding_window, max_len=alloc, capacity=cap,
         chunk_size=int(chunk_size), num_layers=cfg.num_layers, num_heads=cfg.num_heads,
         num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, dtype=dtype_name(cfg.dtype))
+    return dataclasses.replace(plan, **paging) if paging else plan
 
 
 # ----------------------------------------------------------------------------- memory

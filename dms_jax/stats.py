@@ -78,7 +78,7 @@ def make_generate_stats(s, policy_name, cache, cfg, *, prefill_tokens, decode_to
     seen = np.asarray(s.seen)  # [B]
     per_head = np.asarray(compression_ratio(held, seen, axis=1))  # [L, Hkv]
     per_layer = np.asarray(compression_ratio(held, seen, axis=(1, 2)))  # [L]
-    token_bytes = 2 * cfg.head_dim * cache[0].keys.dtype.itemsize
+    token_bytes = cache[0].token_bytes
     kv_total = float(np.asarray(s.kv_reads).sum())
     return GenerateStats(
         policy=policy_name,

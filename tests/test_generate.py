@@ -49,13 +49,16 @@ def eval_logits_alone(model, row):
     return np.asarray(out.logits[0]), np.asarray(out.decisions[:, 0])
 
 
-def teacher_forced(model, rows, prompt_lens, chunk, policy="dms"):
+def teacher_forced(model, rows, prompt_lens, chunk, policy="dms", layout="slots"):
     """Prompts in right-padded chunks of `chunk`, then the rest of each row one token per step,
-    all through `prefill_step` over one cache. returns logits per row [T_b, V]."""
+    all through `prefill_step` over one cache (slots holding every token, or pages of 4 tokens
+    in a pool for every token). returns logits per row [T_b, V]."""
     cfg = model.config
     graphdef, params = nnx.split(model)
     batch, max_len = len(rows), max(len(r) for r in rows)
-    plan = plan_inference(cfg, policy=policy, capacity=max_len, max_len=max_len)
+    sizing = (dict(capacity=max_len) if layout == "slots"
+              else dict(layout="paged", page_size=4, target_cr=1.0))
+    plan = plan_inference(cfg, policy=policy, max_len=max_len, **sizing)
     cache = kvcache.init_cache(plan, batch)
     logits = [np.full((len(r), cfg.vocab_size), np.nan, np.float32) for r in rows]
     done = np.zeros(batch, int)
@@ -85,11 +88,12 @@ def teacher_forced(model, rows, prompt_lens, chunk, policy="dms"):
     return logits, cache
 
 
-def test_teacher_forced_prefill_and_decode_equal_hard_eval(llama_dms):
+@pytest.mark.parametrize("layout", ["slots", "paged"])
+def test_teacher_forced_prefill_and_decode_equal_hard_eval(llama_dms, layout):
     rng = np.random.default_rng(1)
     lengths, prompt_lens = [37, 21, 30], np.array([23, 9, 30])
     rows = [rng.integers(0, 97, n) for n in lengths]
-    got, cache = teacher_forced(llama_dms, rows, prompt_lens, chunk=7)
+    got, cache = teacher_forced(llama_dms, rows, prompt_lens, chunk=7, layout=layout)
     flagged = []
     for b, r in enumerate(rows):
         want, decisions = eval_logits_alone(llama_dms, r)

@@ -38,7 +38,7 @@ def live_extent(pos):
     return jnp.max(jnp.where(pos >= 0, slots, 0))
 
 
-def _block_bias(q_pos, k_pos, k_flags, k_valid, *, window, use_flags, sliding_window):
+def block_bias(q_pos, k_pos, k_flags, k_valid, *, window, use_flags, sliding_window):
     """The visibility bias of the chunk's queries over one key block: f32 [B, Hkv, 1, C, n].
     q_pos [B, C]; k_pos, k_flags, k_valid [B, Hkv, n]."""
     return visibility_bias(
@@ -49,6 +49,44 @@ def _block_bias(q_pos, k_pos, k_flags, k_valid, *, window, use_flags, sliding_wi
         k_valid=k_valid[:, :, None, None, :],
         sliding_window=sliding_window,
     )
+
+
+def group_queries(q, num_kv_heads):
+    """[B, C, H, D] -> [B, Hkv, G, C, D] (query head h reads KV head h // G)."""
+    batch, chunk, num_heads, head_dim = q.shape
+    group = num_heads // num_kv_heads
+    return q.reshape(batch, chunk, num_kv_heads, group, head_dim).transpose(0, 2, 3, 1, 4)
+
+
+def empty_state(qg):
+    """The online softmax's (max, sum, output) and the keys-seen count before any block.
+    qg: [B, Hkv, G, C, D]."""
+    batch, num_kv_heads, group, chunk, head_dim = qg.shape
+    return ((jnp.full((batch, num_kv_heads, group, chunk), -jnp.inf, jnp.float32),
+             jnp.zeros((batch, num_kv_heads, group, chunk), jnp.float32),
+             jnp.zeros((batch, num_kv_heads, group, chunk, head_dim), jnp.float32)),
+            jnp.zeros((batch, num_kv_heads), jnp.float32))
+
+
+def attend_block(carry, qg, k_blk, v_blk, bias, q_valid, scale):
+    """One key block into the running softmax and the count of keys seen by real queries.
+    qg: [B, Hkv, G, C, D]; k_blk, v_blk: [B, Hkv, n, D]; bias: f32 [B, Hkv, 1, C, n]."""
+    state, seen = carry
+    scores = jnp.einsum("bhgqd,bhkd->bhgqk", qg, k_blk,
+                        preferred_element_type=jnp.float32) * scale + bias
+    state = online_softmax_step(state, scores, v_blk)
+    real = q_valid[:, None, :, None]  # [B, 1, C, 1]
+    return state, seen + ((bias[:, :, 0] > MASK_VALUE / 2) & real).sum(axis=(2, 3),
+                                                                       dtype=jnp.float32)
+
+
+def finish(carry, q):
+    """(out [B, C, H, D] in q.dtype, keys seen [B, Hkv]) from the final carry."""
+    state, seen = carry
+    batch, chunk, num_heads, head_dim = q.shape
+    out = online_softmax_finish(state)  # [B, Hkv, G, C, D]
+    out = out.transpose(0, 3, 1, 2, 4).reshape(batch, chunk, num_heads, head_dim)
+    return out.astype(q.dtype), seen
 
 
 def live_attention(q, q_pos, q_valid, slots, tail, extent, *, window, use_flags, sliding_window,
@@ -63,43 +101,33 @@ def live_attention(q, q_pos, q_valid, slots, tail, extent, *, window, use_flags,
       else PREFILL_BLOCK; at most S).
     returns (out [B, C, H, D] in q.dtype, keys seen by real queries [B, Hkv] f32)
     """
-    batch, chunk, num_heads, head_dim = q.shape
+    chunk = q.shape[1]
     keys, values, pos, flags = slots
     num_kv_heads, capacity = keys.shape[1], keys.shape[2]
-    group = num_heads // num_kv_heads
     if block is None:
         block = DECODE_BLOCK if chunk == 1 else PREFILL_BLOCK
     block = min(block, capacity)
-    qg = q.reshape(batch, chunk, num_kv_heads, group, head_dim).transpose(0, 2, 3, 1, 4)
-    real = q_valid[:, None, :, None]  # [B, 1, C, 1]
+    qg = group_queries(q, num_kv_heads)
     rule = dict(window=window, use_flags=use_flags, sliding_window=sliding_window)
 
     def attend(carry, k_blk, v_blk, bias):
-        state, seen = carry
-        scores = jnp.einsum("bhgqd,bhkd->bhgqk", qg, k_blk,
-                            preferred_element_type=jnp.float32) * scale + bias
-        state = online_softmax_step(state, scores, v_blk)
-        return state, seen + ((bias[:, :, 0] > MASK_VALUE / 2) & real).sum(
-            axis=(2, 3), dtype=jnp.float32)
+        return attend_block(carry, qg, k_blk, v_blk, bias, q_valid, scale)
 
     def slot_block(i, carry):  # slots [start, start + block); those below i * block done already
         start = jnp.minimum(i * block, capacity - block)
         take = lambda a: lax.dynamic_slice_in_dim(a, start, block, axis=2)  # noqa: E731
         k_pos = take(pos)
         fresh = start + jnp.arange(block) >= i * block
-        bias = _block_bias(q_pos, k_pos, take(flags), (k_pos >= 0) & fresh, **rule)
+        bias = block_bias(q_pos, k_pos, take(flags), (k_pos >= 0) & fresh, **rule)
         return attend(carry, take(keys), take(values), bias)
 
     def live_blocks(carry):
         return lax.fori_loop(0, (extent + block - 1) // block, slot_block, carry)
 
     def every_slot(carry):  # one block of all S slots, read in place
-        return attend(carry, keys, values, _block_bias(q_pos, pos, flags, pos >= 0, **rule))
+        return attend(carry, keys, values, block_bias(q_pos, pos, flags, pos >= 0, **rule))
 
-    state = (jnp.full((batch, num_kv_heads, group, chunk), -jnp.inf, jnp.float32),
-             jnp.zeros((batch, num_kv_heads, group, chunk), jnp.float32),
-             jnp.zeros((batch, num_kv_heads, group, chunk, head_dim), jnp.float32))
-    carry = (state, jnp.zeros((batch, num_kv_heads), jnp.float32))
+    carry = empty_state(qg)
     with jax.named_scope("slots"):
         if block >= capacity:  # one block holds every slot
             carry = every_slot(carry)
@@ -112,8 +140,5 @@ def live_attention(q, q_pos, q_valid, slots, tail, extent, *, window, use_flags,
         with jax.named_scope("chunk"):
             t_keys, t_values, t_pos, t_flags, t_valid = tail
             carry = attend(carry, t_keys, t_values,
-                           _block_bias(q_pos, t_pos, t_flags, t_valid, **rule))
-    state, seen = carry
-    out = online_softmax_finish(state)  # [B, Hkv, G, C, D]
-    out = out.transpose(0, 3, 1, 2, 4).reshape(batch, chunk, num_heads, head_dim)
-    return out.astype(q.dtype), seen
+                           block_bias(q_pos, t_pos, t_flags, t_valid, **rule))
+    return finish(carry, q)

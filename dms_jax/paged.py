@@ -1,0 +1,384 @@
+"""The paged KV cache: a ring of the window per stream and one pool of pages per layer
+(docs/paged_cache.md).
+
+DMS decides a token's fate once: the decision of its successor flags it, and a token that leaves
+the window `t - w .. t` unflagged is kept for good (docs/dms.md section 5). So per stream (batch
+row, KV head) the cache is
+  * a ring of the last `w + 1` positions (`R` slots, position p in slot p mod R), every token in
+    it visible whatever its flag (the newest token's flag is pending until its successor comes);
+  * an append-only list of retained tokens, stored in fixed-size pages of a pool shared by every
+    stream of the layer, found through the stream's page table. Nothing retained is ever
+    removed, so the list never fragments and needs no compaction.
+`full` is the same layout with a window of 0 and no flags: every token passes through a ring of
+one slot into the pages. The pool is sized for the batch's expected retained tokens (the plan's
+`pool_pages`), not for the worst head, so heads that keep more borrow pages from heads that keep
+less. Attention reads the ring and, in a loop with a dynamic trip count, only the pages some
+stream holds (`dms_jax.ops.live_attention`'s online softmax), so a prefill chunk at position t
+costs about t keys under `full` and about the held tokens under `dms`.
+
+One step (`attend_and_update`, pure and jittable; the model calls it for a plan whose layout is
+"paged"):
+  1. flags: the chunk's first decision flags the ring's newest token; inside the chunk the next
+     real token's decision flags a token (`dms_jax.cache._chunk_flags`, the one rule);
+  2. attention: a prefill chunk attends over the pages, the ring and itself (causally) before it
+     is stored; a decode step stores its token first and attends over the pages and the ring (the
+     donated buffers are then written in place);
+  3. update (`_advance`): of the ring's tokens and the chunk's, those within the window of the
+     newest position go to the ring, the older ones that are unflagged (all of them for `full`)
+     are appended to the stream's pages, the flagged ones are gone.
+Pages are served from a free stack in stream order (row-major over (row, KV head)), each stream
+taking what its appended tokens need. When the pool runs dry, a stream keeps what its pages hold
+and drops its newest tokens to be retained, counted in `overflow` exactly as the slot layout's
+(`strict` raises); the cache stays consistent. `release_rows` returns finished rows' pages to the
+stack (continuous batching, `dms_jax.serve`).
+
+Assumptions on the caller are the slot layout's (`dms_jax.cache`): within a row, real tokens
+arrive in order with consecutive positions across calls; `new_valid` may hold any pattern.
+"""
+from __future__ import annotations
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from dms_jax.ops.live_attention import (attend_block, block_bias, empty_state, finish,
+                                        group_queries)
+
+# tokens per page-block iteration of the attention loop (pages are gathered k at a time)
+DECODE_BLOCK_TOKENS = 1024
+PREFILL_BLOCK_TOKENS = 512
+
+
+@flax.struct.dataclass
+class PagedLayerCache:
+    ring_keys: jax.Array  # [B, Hkv, R, D] (RoPE applied), position p in slot p mod R
+    ring_values: jax.Array  # [B, Hkv, R, D]
+    ring_pos: jax.Array  # int32 [B, Hkv, R], -1 = empty
+    ring_flags: jax.Array  # bool [B, Hkv, R], evict flag of the slot's token (False: pending)
+    pool_keys: jax.Array  # [P, page, D], shared by every stream of the layer
+    pool_values: jax.Array  # [P, page, D]
+    pool_pos: jax.Array  # int32 [P, page], position of each stored token (-1: none)
+    page_table: jax.Array  # int32 [B, Hkv, M], the stream's pages in order (-1: none)
+    retained: jax.Array  # int32 [B, Hkv], tokens in the stream's pages
+    free_pages: jax.Array  # int32 [P], a stack: entries [0, num_free) are free page ids
+    num_free: jax.Array  # int32 scalar
+    last_pos: jax.Array  # int32 [B], position of the row's newest token, -1 none
+    seen: jax.Array  # int32 [B], real tokens processed
+    overflow: jax.Array  # int32 [B, Hkv], tokens dropped because the pool was dry
+    kv_reads: jax.Array  # f32 [B, Hkv], sum over real queries of the keys they saw
+    peak_held: jax.Array  # int32 [B, Hkv], most tokens held after any step
+
+    @property
+    def ring_size(self) -> int:
+        return self.ring_pos.shape[-1]
+
+    @property
+    def page_size(self) -> int:
+        return self.pool_pos.shape[-1]
+
+    @property
+    def num_pages(self) -> int:
+        return self.pool_pos.shape[0]
+
+    @property
+    def held(self):
+        """int32 [B, Hkv] tokens held now: the ring's and the retained ones."""
+        return (self.ring_pos >= 0).sum(axis=-1, dtype=jnp.int32) + self.retained
+
+    @property
+    def token_bytes(self) -> int:
+        """Key + value bytes of one token."""
+        return 2 * self.ring_keys.shape[-1] * self.ring_keys.dtype.itemsize
+
+    @property
+    def kv_nbytes(self) -> int:
+        """Key + value bytes allocated: the rings and the whole pool."""
+        return int(self.ring_keys.nbytes + self.ring_values.nbytes + self.pool_keys.nbytes
+                   + self.pool_values.nbytes)
+
+    @property
+    def capacity(self) -> int:
+        """Tokens allocated per stream on average (ring + the pool's share)."""
+        streams = self.ring_pos.shape[0] * self.ring_pos.shape[1]
+        return self.ring_size + (self.num_pages * self.page_size) // max(streams, 1)
+
+
+def init_paged_layer_cache(batch, num_kv_heads, *, ring, page_size, num_pages, max_pages,
+                           head_dim, dtype=jnp.float32) -> PagedLayerCache:
+    """An empty paged layer cache: rings of `ring` slots, a pool of `num_pages` pages of
+    `page_size` tokens, page tables of `max_pages` entries per stream. The sizing rules belong
+    to the plan (`dms_jax.plan.plan_inference(layout="paged")`)."""
+    streams = (batch, num_kv_heads)
+    return PagedLayerCache(
+        ring_keys=jnp.zeros(streams + (ring, head_dim), dtype),
+        ring_values=jnp.zeros(streams + (ring, head_dim), dtype),
+        ring_pos=jnp.full(streams + (ring,), -1, jnp.int32),
+        ring_flags=jnp.zeros(streams + (ring,), bool),
+        pool_keys=jnp.zeros((num_pages, page_size, head_dim), dtype),
+        pool_values=jnp.zeros((num_pages, page_size, head_dim), dtype),
+        pool_pos=jnp.full((num_pages, page_size), -1, jnp.int32),
+        page_table=jnp.full(streams + (max_pages,), -1, jnp.int32),
+        retained=jnp.zeros(streams, jnp.int32),
+        free_pages=jnp.arange(num_pages - 1, -1, -1, dtype=jnp.int32),  # page 0 on top
+        num_free=jnp.asarray(num_pages, jnp.int32),
+        last_pos=jnp.full((batch,), -1, jnp.int32),
+        seen=jnp.zeros((batch,), jnp.int32),
+        overflow=jnp.zeros(streams, jnp.int32),
+        kv_reads=jnp.zeros(streams, jnp.float32),
+        peak_held=jnp.zeros(streams, jnp.int32),
+    )
+
+
+# ----------------------------------------------------------------------------- attention
+
+
+def page_attention(carry, qg, q_pos, q_valid, cache: PagedLayerCache, *, sliding_window, scale,
+                   block_tokens):
+    """The queries over every stream's retained tokens, `k` pages per loop iteration, for as many
+    iterations as the stream holding the most pages needs (no unallocated page is read beyond
+    the last block). Retained tokens are visible to every later query (they left the window
+    unflagged); only Mistral's sliding window still masks them, by their stored positions."""
+    page, width = cache.page_size, cache.page_table.shape[-1]
+    k = max(1, min(block_tokens // page, width))
+    pages_used = (cache.retained + page - 1) // page  # [B, Hkv]
+    trips = (jnp.max(pages_used) + k - 1) // k
+
+    def one_block(i, carry):
+        start = jnp.minimum(i * k, width - k)
+        ids = lax.dynamic_slice_in_dim(cache.page_table, start, k, axis=2)  # [B, Hkv, k]
+        fresh = start + jnp.arange(k) >= i * k  # pages of an earlier iteration count once
+        safe = jnp.maximum(ids, 0)
+        b, h = ids.shape[:2]
+        k_blk = cache.pool_keys[safe].reshape(b, h, k * page, -1)  # [B, Hkv, k * page, D]
+        v_blk = cache.pool_values[safe].reshape(b, h, k * page, -1)
+        k_pos = cache.pool_pos[safe].reshape(b, h, k * page)
+        index = (start + jnp.arange(k))[:, None] * page + jnp.arange(page)  # [k, page]
+        valid = ((index.reshape(-1) < cache.retained[..., None])
+                 & jnp.repeat(fresh & (ids >= 0), page, axis=-1))
+        bias = block_bias(q_pos, k_pos, None, valid, window=0, use_flags=False,
+                          sliding_window=sliding_window)
+        return attend_block(carry, qg, k_blk, v_blk, bias, q_valid, scale)
+
+    return lax.fori_loop(0, trips, one_block, carry)
+
+
+# ----------------------------------------------------------------------------- the update
+
+
+def _ring_rank(pos, retain):
+    """Per stream, the order by position of the ring's tokens to retain: int32 [..., R]."""
+    older = (pos[..., None, :] < pos[..., :, None]) & retain[..., None, :]  # [..., R, R]
+    return older.sum(axis=-1, dtype=jnp.int32)
+
+
+def _advance(cache: PagedLayerCache, ring_flags, new_keys, new_values, new_pos, new_flags,
+             new_valid, query_pos, *, window, use_flags):
+    """The ring and the pages after the chunk's tokens arrive (see the module docstring).
+
+    ring_flags: bool [B, Hkv, R] (the chunk's first decision applied); new_*: the chunk's
+    [B, Hkv, C(, D)]; query_pos: int32 [B], the newest position after the step.
+    returns (ring_keys, ring_values, ring_pos, ring_flags, pool_keys, pool_values, pool_pos,
+             page_table, retained, free_pages, num_free, dropped [B, Hkv])
+    """
+    ring, page = cache.ring_size, cache.page_size
+    batch, heads = cache.retained.shape
+    width, chunk = cache.page_table.shape[-1], new_pos.shape[-1]
+    old_valid = cache.ring_pos >= 0
+    age = query_pos[:, None, None]  # [B, 1, 1]
+    in_window = lambda pos: age - pos <= window  # noqa: E731
+    keep = (lambda flags: ~flags) if use_flags else (lambda flags: jnp.ones_like(flags))
+
+    with jax.named_scope("ring"):  # tokens within the window: slot pos mod R
+        stay_old = old_valid & in_window(cache.ring_pos)
+        stay_new = new_valid & in_window(new_pos)
+        cand_keys = jnp.concatenate([cache.ring_keys, new_keys], axis=2)  # [B, Hkv, R + C, D]
+        cand_values = jnp.concatenate([cache.ring_values, new_values], axis=2)
+        cand_pos = jnp.concatenate([cache.ring_pos, new_pos], axis=2)
+        cand_flags = jnp.concatenate([ring_flags, new_flags], axis=2)
+        stay = jnp.concatenate([stay_old, stay_new], axis=2)
+        slot = jnp.where(stay, jnp.mod(cand_pos, ring), ring)  # R: not in the ring
+
+        def to_ring(old, new):  # per stream: [R + C, ...] at slot [R + C] -> [R, ...]
+            return jax.vmap(jax.vmap(lambda s, x, o: o.at[s].set(x, mode="drop")))(
+                slot, new, old)
+
+        r_keys = to_ring(jnp.zeros_like(cache.ring_keys), cand_keys)
+        r_values = to_ring(jnp.zeros_like(cache.ring_values), cand_values)
+        r_pos = to_ring(jnp.full_like(cache.ring_pos, -1), cand_pos)
+        r_flags = to_ring(jnp.zeros_like(cache.ring_flags), cand_flags)
+
+    with jax.named_scope("retain"):  # older tokens that stay: appended to the pages
+        ret_old = old_valid & ~stay_old & keep(ring_flags)  # [B, Hkv, R]
+        ret_new = new_valid & ~stay_new & keep(new_flags)  # [B, Hkv, C]
+        n_old = ret_old.sum(-1, dtype=jnp.int32)
+        rank = jnp.concatenate([_ring_rank(cache.ring_pos, ret_old),
+                                n_old[..., None] + jnp.cumsum(ret_new, -1, dtype=jnp.int32) - 1],
+                               axis=2)  # [B, Hkv, R + C], order by position
+        retain = jnp.concatenate([ret_old, ret_new], axis=2)
+        want = cache.retained + retain.sum(-1, dtype=jnp.int32)  # [B, Hkv]
+
+        # pages: each stream needs ceil(want / page) - ceil(retained / page) more, served in
+        # stream order from the top of the free stack while it lasts
+        have_pages = (cache.retained + page - 1) // page
+        need = jnp.minimum((want + page - 1) // page, width) - have_pages  # [B, Hkv]
+        flat_need = need.reshape(-1)
+        before = jnp.cumsum(flat_need) - flat_need  # pages taken by earlier streams
+        granted = jnp.clip(cache.num_free - before, 0, flat_need).reshape(batch, heads)
+        max_new = min(width, -(-(ring + chunk) // page) + 1)  # static bound on new pages
+        j = jnp.arange(max_new)
+        stack_at = cache.num_free - 1 - before.reshape(batch, heads)[..., None] - j  # [B, Hkv, n]
+        new_ids = jnp.where(j < granted[..., None],
+                            cache.free_pages[jnp.clip(stack_at, 0, cache.num_pages - 1)], -1)
+        table_at = jnp.where(j < granted[..., None], have_pages[..., None] + j, width)
+
+        def set_table(table, at, ids):  # per stream: [M], [n], [n]
+            return table.at[at].set(ids, mode="drop")
+
+        table = jax.vmap(jax.vmap(set_table))(cache.page_table, table_at, new_ids)
+        num_free = cache.num_free - granted.sum(dtype=jnp.int32)
+
+        # tokens: the stream's (retained + rank)-th place, if its page was granted
+        place = cache.retained[..., None] + rank  # [B, Hkv, R + C]
+        page_of = jnp.take_along_axis(table, jnp.clip(place // page, 0, width - 1), axis=2)
+        stored = retain & (place // page < width) & (page_of >= 0)
+        dest = jnp.where(stored, page_of * page + place % page, cache.num_pages * page)
+        dest = dest.reshape(-1)
+        head_dim = cache.pool_keys.shape[-1]
+        flat = lambda a: a.reshape(-1, head_dim)  # noqa: E731
+        pool_keys = flat(cache.pool_keys).at[dest].set(flat(cand_keys), mode="drop").reshape(
+            cache.pool_keys.shape)
+        pool_values = flat(cache.pool_values).at[dest].set(flat(cand_values), mode="drop").reshape(
+            cache.pool_values.shape)
+        pool_pos = cache.pool_pos.reshape(-1).at[dest].set(cand_pos.reshape(-1), mode="drop").reshape(
+            cache.pool_pos.shape)
+        kept = stored.sum(-1, dtype=jnp.int32)
+        dropped = retain.sum(-1, dtype=jnp.int32) - kept
+    return (r_keys, r_values, r_pos, r_flags, pool_keys, pool_values, pool_pos, table,
+            cache.retained + kept, cache.free_pages, num_free, dropped)
+
+
+def attend_and_update(cache: PagedLayerCache, q, k_new, v_new, decisions, positions, new_valid,
+                      *, window: int, policy, sliding_window=None, scale=None, key_block=None):
+    """`dms_jax.cache.attend_and_update` on the paged layout (same arguments and result; the
+    policy must be "full" or "dms", whose kept set is the window plus every unflagged token).
+
+    key_block: tokens per page-block iteration (default 1024 for a decode step, 512 for a chunk).
+    returns (out [B, C, H, D] in q.dtype, updated PagedLayerCache)
+    """
+    from dms_jax.cache import _chunk_flags  # the one rule of the shift by one
+
+    batch, chunk, _, head_dim = q.shape
+    num_kv_heads = k_new.shape[2]
+    if window + 1 != cache.ring_size:
+        raise ValueError(f"the cache's ring holds {cache.ring_size} tokens but the plan's window "
+                         f"is {window} (ring = window + 1): build it with init_cache(plan, batch)")
+    scale = head_dim ** -0.5 if scale is None else scale
+    use_flags = policy.uses_decisions
+    positions = positions.astype(jnp.int32)
+    new_valid = new_valid.astype(bool)
+    with jax.named_scope("flags"):
+        if decisions is None:
+            decisions = jnp.zeros((batch, chunk, 1), bool)
+        decisions = jnp.broadcast_to(decisions.astype(bool), (batch, chunk, num_kv_heads))
+        new_flags, d_first = _chunk_flags(decisions, new_valid)  # [B, Hkv, C], [B, Hkv]
+        is_last = cache.ring_pos == cache.last_pos[:, None, None]  # [B, Hkv, R]
+        ring_flags = cache.ring_flags | (is_last & (cache.last_pos >= 0)[:, None, None]
+                                         & d_first[..., None])
+    new_keys = jnp.swapaxes(k_new, 1, 2).astype(cache.ring_keys.dtype)  # [B, Hkv, C, D]
+    new_values = jnp.swapaxes(v_new, 1, 2).astype(cache.ring_values.dtype)
+    new_pos = jnp.broadcast_to(positions[:, None, :], (batch, num_kv_heads, chunk))
+    valid = jnp.broadcast_to(new_valid[:, None, :], new_pos.shape)
+    newest = jnp.max(jnp.where(new_valid, positions, -1), axis=1)
+    query_pos = jnp.maximum(cache.last_pos, newest)  # [B]
+    qg = group_queries(q, num_kv_heads)
+    rule = dict(window=window, use_flags=use_flags, sliding_window=sliding_window)
+    block = key_block or (DECODE_BLOCK_TOKENS if chunk == 1 else PREFILL_BLOCK_TOKENS)
+
+    def attend(c: PagedLayerCache, r_keys, r_values, r_pos, r_flags, tail):
+        carry = empty_state(qg)
+        with jax.named_scope("pages"):
+            carry = page_attention(carry, qg, positions, new_valid, c,
+                                   sliding_window=sliding_window, scale=scale, block_tokens=block)
+        with jax.named_scope("ring"):
+            carry = attend_block(carry, qg, r_keys, r_values,
+                                 block_bias(positions, r_pos, r_flags, r_pos >= 0, **rule),
+                                 new_valid, scale)
+        if tail:
+            with jax.named_scope("chunk"):
+                carry = attend_block(carry, qg, new_keys, new_values,
+                                     block_bias(positions, new_pos, new_flags, valid, **rule),
+                                     new_valid, scale)
+        return finish(carry, q)
+
+    def update():
+        with jax.named_scope("store"):
+            return _advance(cache, ring_flags, new_keys, new_values, new_pos, new_flags, valid,
+                            query_pos, window=window, use_flags=use_flags)
+
+    if chunk == 1:  # decode: store first (in place), then attend over the ring and the pages
+        parts = update()
+        updated = _replace(cache, parts)
+        with jax.named_scope("attend"):
+            out, seen = attend(updated, *parts[:4], tail=False)
+    else:  # a chunk: attend over the pages, the ring and itself, then store
+        with jax.named_scope("attend"):
+            out, seen = attend(cache, cache.ring_keys, cache.ring_values, cache.ring_pos,
+                               ring_flags, tail=True)
+        parts = update()
+        updated = _replace(cache, parts)
+    held = updated.held
+    return out, updated.replace(
+        last_pos=query_pos,
+        seen=cache.seen + new_valid.sum(axis=1, dtype=jnp.int32),
+        overflow=cache.overflow + parts[-1],
+        kv_reads=cache.kv_reads + seen,
+        peak_held=jnp.maximum(cache.peak_held, held),
+    )
+
+
+def _replace(cache, parts):
+    (r_keys, r_values, r_pos, r_flags, pool_keys, pool_values, pool_pos, table, retained,
+     free_pages, num_free, _) = parts
+    return cache.replace(ring_keys=r_keys, ring_values=r_values, ring_pos=r_pos,
+                         ring_flags=r_flags, pool_keys=pool_keys, pool_values=pool_values,
+                         pool_pos=pool_pos, page_table=table, retained=retained,
+                         free_pages=free_pages, num_free=num_free)
+
+
+# ----------------------------------------------------------------------------- rows
+
+
+def release_rows(cache: PagedLayerCache, rows) -> PagedLayerCache:
+    """Empty the rows `rows` (bool [B]) and push their pages back on the free stack (in row-major
+    stream order), so that a new request can take the rows; other rows are untouched."""
+    rows = jnp.asarray(rows, bool)
+    stream_rows = jnp.broadcast_to(rows[:, None], cache.retained.shape)
+    freed = (cache.page_table >= 0) & stream_rows[..., None]  # [B, Hkv, M]
+    ids = cache.page_table.reshape(-1)
+    flat_freed = freed.reshape(-1)
+    at = jnp.where(flat_freed, cache.num_free + jnp.cumsum(flat_freed, dtype=jnp.int32) - 1,
+                   cache.num_pages)
+    free_pages = cache.free_pages.at[at].set(ids, mode="drop")
+    pool_pos = cache.pool_pos.reshape(-1, cache.page_size).at[
+        jnp.where(flat_freed, ids, cache.num_pages)].set(-1, mode="drop").reshape(cache.pool_pos.shape)
+    r3 = stream_rows[..., None]
+    return cache.replace(
+        ring_pos=jnp.where(r3, -1, cache.ring_pos),
+        ring_flags=jnp.where(r3, False, cache.ring_flags),
+        page_table=jnp.where(freed, -1, cache.page_table),
+        retained=jnp.where(stream_rows, 0, cache.retained),
+        pool_pos=pool_pos,
+        free_pages=free_pages,
+        num_free=cache.num_free + flat_freed.sum(dtype=jnp.int32),
+        last_pos=jnp.where(rows, -1, cache.last_pos),
+        seen=jnp.where(rows, 0, cache.seen),
+        overflow=jnp.where(stream_rows, 0, cache.overflow),
+        kv_reads=jnp.where(stream_rows, 0.0, cache.kv_reads),
+        peak_held=jnp.where(stream_rows, 0, cache.peak_held),
+    )
+
+
+def pages_in_use(cache: PagedLayerCache):
+    """int32 scalar: pages held by the streams (pool pages minus the free ones)."""
+    return cache.num_pages - cache.num_free
