@@ -44,9 +44,10 @@ from jax import lax
 
 from dms_jax.ops.live_attention import (attend_block, block_bias, empty_state, finish,
                                         group_queries)
+from dms_jax.ops.mask import MASK_VALUE
 
 # tokens per page-block iteration of the attention loop (pages are gathered k at a time)
-DECODE_BLOCK_TOKENS = 1024
+DECODE_BLOCK_TOKENS = 512
 PREFILL_BLOCK_TOKENS = 512
 
 
@@ -156,8 +157,12 @@ def page_attention(carry, qg, q_pos, q_valid, cache: PagedLayerCache, *, sliding
         index = (start + jnp.arange(k))[:, None] * page + jnp.arange(page)  # [k, page]
         valid = ((index.reshape(-1) < cache.retained[..., None])
                  & jnp.repeat(fresh & (ids >= 0), page, axis=-1))
-        bias = block_bias(q_pos, k_pos, None, valid, window=0, use_flags=False,
-                          sliding_window=sliding_window)
+        if sliding_window is None:  # every retained token is visible to every later query
+            bias = jnp.where(valid, 0.0, MASK_VALUE)[:, :, None, None, :]  # [B, Hkv, 1, 1, n]
+            bias = jnp.broadcast_to(bias, bias.shape[:3] + (q_pos.shape[1], bias.shape[-1]))
+        else:
+            bias = block_bias(q_pos, k_pos, None, valid, window=0, use_flags=False,
+                              sliding_window=sliding_window)
         return attend_block(carry, qg, k_blk, v_blk, bias, q_valid, scale)
 
     return lax.fori_loop(0, trips, one_block, carry)
@@ -166,16 +171,19 @@ def page_attention(carry, qg, q_pos, q_valid, cache: PagedLayerCache, *, sliding
 # ----------------------------------------------------------------------------- the update
 
 
-def _ring_rank(pos, retain):
-    """Per stream, the order by position of the ring's tokens to retain: int32 [..., R]."""
-    older = (pos[..., None, :] < pos[..., :, None]) & retain[..., None, :]  # [..., R, R]
-    return older.sum(axis=-1, dtype=jnp.int32)
+def _take(a, index):
+    """Per stream: a [B, Hkv, R(, D)] at index [B, Hkv, n] -> [B, Hkv, n(, D)]."""
+    index = index.reshape(index.shape + (1,) * (a.ndim - 3))
+    return jnp.take_along_axis(a, index, axis=2)
 
 
 def _advance(cache: PagedLayerCache, ring_flags, new_keys, new_values, new_pos, new_flags,
              new_valid, query_pos, *, window, use_flags):
     """The ring and the pages after the chunk's tokens arrive (see the module docstring).
 
+    Positions are consecutive per row, so a chunk of C tokens moves the newest position by at
+    most C and only the ring's min(R, C) oldest slots can leave it (one in a decode step): only
+    those are read, and the ring's keys and values are written only where a new token lands.
     ring_flags: bool [B, Hkv, R] (the chunk's first decision applied); new_*: the chunk's
     [B, Hkv, C(, D)]; query_pos: int32 [B], the newest position after the step.
     returns (ring_keys, ring_values, ring_pos, ring_flags, pool_keys, pool_values, pool_pos,
@@ -184,38 +192,38 @@ def _advance(cache: PagedLayerCache, ring_flags, new_keys, new_values, new_pos, 
     ring, page = cache.ring_size, cache.page_size
     batch, heads = cache.retained.shape
     width, chunk = cache.page_table.shape[-1], new_pos.shape[-1]
-    old_valid = cache.ring_pos >= 0
     age = query_pos[:, None, None]  # [B, 1, 1]
-    in_window = lambda pos: age - pos <= window  # noqa: E731
     keep = (lambda flags: ~flags) if use_flags else (lambda flags: jnp.ones_like(flags))
 
-    with jax.named_scope("ring"):  # tokens within the window: slot pos mod R
-        stay_old = old_valid & in_window(cache.ring_pos)
-        stay_new = new_valid & in_window(new_pos)
-        cand_keys = jnp.concatenate([cache.ring_keys, new_keys], axis=2)  # [B, Hkv, R + C, D]
-        cand_values = jnp.concatenate([cache.ring_values, new_values], axis=2)
-        cand_pos = jnp.concatenate([cache.ring_pos, new_pos], axis=2)
-        cand_flags = jnp.concatenate([ring_flags, new_flags], axis=2)
-        stay = jnp.concatenate([stay_old, stay_new], axis=2)
-        slot = jnp.where(stay, jnp.mod(cand_pos, ring), ring)  # R: not in the ring
+    with jax.named_scope("ring"):
+        # the ring's oldest min(R, C) slots, oldest first: (last_pos + 1 + j) mod R
+        n_old = min(ring, chunk)
+        start = cache.last_pos[:, None, None] + 1  # [B, 1, 1]
+        old_slot = jnp.broadcast_to(jnp.mod(start + jnp.arange(n_old), ring),
+                                    (batch, heads, n_old))
+        old_pos = _take(cache.ring_pos, old_slot)
+        old_flags = _take(ring_flags, old_slot)
+        leave_old = (old_pos >= 0) & (age - old_pos > window)  # [B, Hkv, n_old]
+        stay_new = new_valid & (age - new_pos <= window)  # [B, Hkv, C]
+        # positions and flags: leavers emptied, staying new tokens at pos mod R
+        gone = jnp.where(leave_old, old_slot, ring)  # R: nothing
 
-        def to_ring(old, new):  # per stream: [R + C, ...] at slot [R + C] -> [R, ...]
-            return jax.vmap(jax.vmap(lambda s, x, o: o.at[s].set(x, mode="drop")))(
-                slot, new, old)
+        def set_at(a, at, x):  # per stream: a [R, ...], at [n], x [n, ...]
+            return a.at[at].set(x, mode="drop")
 
-        r_keys = to_ring(jnp.zeros_like(cache.ring_keys), cand_keys)
-        r_values = to_ring(jnp.zeros_like(cache.ring_values), cand_values)
-        r_pos = to_ring(jnp.full_like(cache.ring_pos, -1), cand_pos)
-        r_flags = to_ring(jnp.zeros_like(cache.ring_flags), cand_flags)
+        per_stream = jax.vmap(jax.vmap(set_at))
+        new_slot = jnp.where(stay_new, jnp.mod(new_pos, ring), ring)
+        r_pos = per_stream(per_stream(cache.ring_pos, gone, jnp.full(gone.shape, -1, jnp.int32)),
+                           new_slot, new_pos)
+        r_flags = per_stream(ring_flags, new_slot, new_flags)
+        r_keys = per_stream(cache.ring_keys, new_slot, new_keys)
+        r_values = per_stream(cache.ring_values, new_slot, new_values)
 
-    with jax.named_scope("retain"):  # older tokens that stay: appended to the pages
-        ret_old = old_valid & ~stay_old & keep(ring_flags)  # [B, Hkv, R]
+    with jax.named_scope("retain"):  # older tokens that stay: appended to the pages in order
+        ret_old = leave_old & keep(old_flags)  # [B, Hkv, n_old]
         ret_new = new_valid & ~stay_new & keep(new_flags)  # [B, Hkv, C]
-        n_old = ret_old.sum(-1, dtype=jnp.int32)
-        rank = jnp.concatenate([_ring_rank(cache.ring_pos, ret_old),
-                                n_old[..., None] + jnp.cumsum(ret_new, -1, dtype=jnp.int32) - 1],
-                               axis=2)  # [B, Hkv, R + C], order by position
-        retain = jnp.concatenate([ret_old, ret_new], axis=2)
+        retain = jnp.concatenate([ret_old, ret_new], axis=2)  # position order
+        rank = jnp.cumsum(retain, -1, dtype=jnp.int32) - 1
         want = cache.retained + retain.sum(-1, dtype=jnp.int32)  # [B, Hkv]
 
         # pages: each stream needs ceil(want / page) - ceil(retained / page) more, served in
@@ -225,33 +233,32 @@ def _advance(cache: PagedLayerCache, ring_flags, new_keys, new_values, new_pos, 
         flat_need = need.reshape(-1)
         before = jnp.cumsum(flat_need) - flat_need  # pages taken by earlier streams
         granted = jnp.clip(cache.num_free - before, 0, flat_need).reshape(batch, heads)
-        max_new = min(width, -(-(ring + chunk) // page) + 1)  # static bound on new pages
+        max_new = min(width, -(-(n_old + chunk) // page) + 1)  # static bound on new pages
         j = jnp.arange(max_new)
         stack_at = cache.num_free - 1 - before.reshape(batch, heads)[..., None] - j  # [B, Hkv, n]
         new_ids = jnp.where(j < granted[..., None],
                             cache.free_pages[jnp.clip(stack_at, 0, cache.num_pages - 1)], -1)
         table_at = jnp.where(j < granted[..., None], have_pages[..., None] + j, width)
-
-        def set_table(table, at, ids):  # per stream: [M], [n], [n]
-            return table.at[at].set(ids, mode="drop")
-
-        table = jax.vmap(jax.vmap(set_table))(cache.page_table, table_at, new_ids)
+        table = jax.vmap(jax.vmap(set_at))(cache.page_table, table_at, new_ids)
         num_free = cache.num_free - granted.sum(dtype=jnp.int32)
 
         # tokens: the stream's (retained + rank)-th place, if its page was granted
-        place = cache.retained[..., None] + rank  # [B, Hkv, R + C]
+        place = cache.retained[..., None] + rank  # [B, Hkv, n_old + C]
         page_of = jnp.take_along_axis(table, jnp.clip(place // page, 0, width - 1), axis=2)
         stored = retain & (place // page < width) & (page_of >= 0)
         dest = jnp.where(stored, page_of * page + place % page, cache.num_pages * page)
-        dest = dest.reshape(-1)
+        d_old, d_new = dest[..., :n_old].reshape(-1), dest[..., n_old:].reshape(-1)
         head_dim = cache.pool_keys.shape[-1]
         flat = lambda a: a.reshape(-1, head_dim)  # noqa: E731
-        pool_keys = flat(cache.pool_keys).at[dest].set(flat(cand_keys), mode="drop").reshape(
-            cache.pool_keys.shape)
-        pool_values = flat(cache.pool_values).at[dest].set(flat(cand_values), mode="drop").reshape(
-            cache.pool_values.shape)
-        pool_pos = cache.pool_pos.reshape(-1).at[dest].set(cand_pos.reshape(-1), mode="drop").reshape(
-            cache.pool_pos.shape)
+
+        def write(pool, old, new):  # the leaving ring tokens, then the chunk's
+            out = flat(pool).at[d_old].set(flat(_take(old, old_slot)), mode="drop")
+            return out.at[d_new].set(flat(new), mode="drop").reshape(pool.shape)
+
+        pool_keys = write(cache.pool_keys, cache.ring_keys, new_keys)
+        pool_values = write(cache.pool_values, cache.ring_values, new_values)
+        pool_pos = (cache.pool_pos.reshape(-1).at[d_old].set(old_pos.reshape(-1), mode="drop")
+                    .at[d_new].set(new_pos.reshape(-1), mode="drop").reshape(cache.pool_pos.shape))
         kept = stored.sum(-1, dtype=jnp.int32)
         dropped = retain.sum(-1, dtype=jnp.int32) - kept
     return (r_keys, r_values, r_pos, r_flags, pool_keys, pool_values, pool_pos, table,
@@ -377,6 +384,23 @@ def release_rows(cache: PagedLayerCache, rows) -> PagedLayerCache:
         kv_reads=jnp.where(stream_rows, 0.0, cache.kv_reads),
         peak_held=jnp.where(stream_rows, 0, cache.peak_held),
     )
+
+
+_ROW_FIELDS = ("ring_keys", "ring_values", "ring_pos", "ring_flags", "page_table", "retained",
+               "last_pos", "seen", "overflow", "kv_reads", "peak_held")
+
+
+def select_rows(cache: PagedLayerCache, rows) -> PagedLayerCache:
+    """The cache of the rows `rows` (int32 [k]) over the same pool: a step on it allocates from
+    and writes to the shared pool, and `merge_rows` puts the rows back (a server prefills the
+    rows it admits without computing the others)."""
+    return cache.replace(**{f: getattr(cache, f)[rows] for f in _ROW_FIELDS})
+
+
+def merge_rows(cache: PagedLayerCache, part: PagedLayerCache, rows) -> PagedLayerCache:
+    """`cache` with the rows `rows` and the whole pool taken from `part` (`select_rows`'s)."""
+    merged = {f: getattr(cache, f).at[rows].set(getattr(part, f)) for f in _ROW_FIELDS}
+    return part.replace(**merged)
 
 
 def pages_in_use(cache: PagedLayerCache):

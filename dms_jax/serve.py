@@ -11,8 +11,9 @@ layout="paged")`). Each `step()`:
      not yet reserved cover what the request is expected to hold (`InferencePlan.request_pages`:
      its retained tokens at the plan's CR and margin; every token for `full`); a request that
      does not fit now waits (never dropped); one that could never fit is refused at `submit`;
-  2. prefills the admitted prompts together (chunks of the plan's chunk_size; the other rows
-     sit out as padding) and samples their first tokens;
+  2. prefills each admitted prompt in its own row over the shared pool (`paged.select_rows`:
+     the other rows are neither computed nor touched; chunks of the plan's chunk_size) and
+     samples the first tokens;
   3. runs one decode step for every active row (the jitted step has the fixed shape [rows]);
   4. retires the rows that hit a stop token or their `max_new_tokens`, returning their pages to
      the pool (`dms_jax.paged.release_rows`) and their `Completion`.
@@ -70,6 +71,17 @@ def _decode_step(graphdef, params, cache, cur, live, pos, key, *, plan, sampling
                                                live[:, None], pos[:, None], plan)
     nxt = sample_logits(model.unembed(hidden[:, 0]), key, sampling)
     return jnp.where(live, nxt, -1), cache
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "plan"), donate_argnames=("cache",))
+def _prefill_row(graphdef, params, cache, row, ids, valid, positions, last_hidden, last_index, *,
+                 plan):
+    """One prefill chunk of one row (row: int32 [1]) over the shared pool: the other rows are
+    neither computed nor touched. returns (last_hidden [1, d], cache)."""
+    part = tuple(paged.select_rows(c, row) for c in cache)
+    _, last_hidden, part = prefill_step.__wrapped__(graphdef, params, part, ids, valid, positions,
+                                                    last_hidden, last_index, plan=plan)
+    return last_hidden, tuple(paged.merge_rows(c, p, row) for c, p in zip(cache, part))
 
 
 @functools.partial(jax.jit, donate_argnames=("cache",))
@@ -227,34 +239,36 @@ class Server:
         return admitted
 
     def _prefill(self, admitted: list[int]) -> list[int]:
-        """The admitted rows' prompts through `prefill_step`, then their first tokens."""
-        batch, chunk = self.rows, self.plan.chunk_size
-        longest = max(len(self.slot[b].prompt) for b in admitted)
-        chunk = min(chunk, max(16, 1 << (longest - 1).bit_length()))
-        n_chunks = -(-longest // chunk)
-        ids = np.zeros((batch, n_chunks * chunk), np.int32)
-        valid = np.zeros_like(ids, bool)
-        last_idx = np.full(batch, -1)
+        """Each admitted prompt through `_prefill_row` (that row alone, chunks of the plan's
+        chunk_size over the shared pool), then the first tokens."""
+        dtype = self.params_dtype
+        hidden = []
         for b in admitted:
-            p = self.slot[b].prompt
-            ids[b, :len(p)], valid[b, :len(p)], last_idx[b] = p, True, len(p) - 1
-        positions = np.broadcast_to(np.arange(n_chunks * chunk, dtype=np.int32), ids.shape)
-        last_hidden = jnp.zeros((batch, self.cfg.hidden_size), self.params_dtype)
-        for c in range(n_chunks):
-            cols = slice(c * chunk, (c + 1) * chunk)
-            in_chunk = (last_idx >= c * chunk) & (last_idx < (c + 1) * chunk)
-            last_index = np.where(in_chunk, last_idx - c * chunk, -1).astype(np.int32)
-            _, last_hidden, self.cache = prefill_step(
-                self.graphdef, self.params, self.cache, ids[:, cols], valid[:, cols],
-                np.ascontiguousarray(positions[:, cols]), last_hidden, last_index, plan=self.plan)
+            prompt = self.slot[b].prompt
+            chunk = min(self.plan.chunk_size, max(16, 1 << (len(prompt) - 1).bit_length()))
+            n_chunks = -(-len(prompt) // chunk)
+            ids = np.zeros((1, n_chunks * chunk), np.int32)
+            ids[0, :len(prompt)] = prompt
+            valid = np.arange(n_chunks * chunk)[None] < len(prompt)
+            positions = np.arange(n_chunks * chunk, dtype=np.int32)[None]
+            last = len(prompt) - 1
+            last_hidden = jnp.zeros((1, self.cfg.hidden_size), dtype)
+            for c in range(n_chunks):
+                cols = slice(c * chunk, (c + 1) * chunk)
+                index = last - c * chunk if c * chunk <= last < (c + 1) * chunk else -1
+                last_hidden, self.cache = _prefill_row(
+                    self.graphdef, self.params, self.cache, jnp.asarray([b], jnp.int32),
+                    ids[:, cols], valid[:, cols], positions[:, cols], last_hidden,
+                    np.asarray([index], np.int32), plan=self.plan)
+            hidden.append(last_hidden)
         self.key, sub = jax.random.split(self.key)
-        first = np.asarray(_sample_hidden(self.graphdef, self.params, last_hidden, sub,
-                                          sampling=self.sampling))
+        first = np.asarray(_sample_hidden(self.graphdef, self.params,
+                                          jnp.concatenate(hidden), sub, sampling=self.sampling))
         finished = []
-        for b in admitted:
+        for b, tok in zip(admitted, first):
             self.pos[b] = len(self.slot[b].prompt)
-            self.cur[b] = first[b]
-            if self._emit(b, int(first[b])):
+            self.cur[b] = tok
+            if self._emit(b, int(tok)):
                 finished.append(b)
         return finished
 

@@ -1,0 +1,62 @@
+"""benchmarks/serve.py and benchmarks/capacity.py at a seconds scale, in this process on the tiny
+shape of benchmarks/vs_transformers.py.
+
+Checks what their tables rest on (never timings): the served stream completes every request
+without overflow on the same pool for both systems, and DMS admits more rows on it; the capacity
+bisection finds the largest batch whose cache fits, and a run at that batch allocates exactly
+the accounted bytes, within the budget, without overflow.
+"""
+import importlib.util
+import os
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load(name):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "benchmarks", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return load("vs_transformers").build_hf_model("tiny", str(tmp_path_factory.mktemp("tiny")))
+
+
+def test_serve_benchmark_completes_the_stream_on_one_pool(model_dir):
+    import dms_jax
+    from dms_jax.plan import plan_inference
+
+    serve = load("serve")
+    job = dict(model_dir=model_dir, context=128, requests=4, new_tokens=4, full_rows=2,
+               max_rows=8, window=8, page_size=8, chunk=16)
+    dms = serve.run_system(dict(job, system="dms4"))
+    assert dms["requests"] == 4 and dms["tokens"] == 16
+    full = plan_inference(dms_jax.from_pretrained(model_dir).config, policy="full",
+                          layout="paged", max_len=128 + 4, page_size=8)
+    assert dms["pool_pages"] == 2 * full.request_pages(128 + 4)  # the pool of two full rows
+    assert dms["rows"] > 2  # DMS admits more requests at once on it
+    assert dms["cr"] > 1.5
+
+
+def test_capacity_bisection_and_a_confirming_run(model_dir):
+    import dms_jax
+
+    capacity = load("capacity")
+    cfg = dms_jax.from_pretrained(model_dir).config
+    budget = 2 ** 20
+    for system in capacity.SYSTEMS:
+        plan = capacity.plan_for(cfg, system, 512, window=16, page_size=16)
+        batch = capacity.largest_batch(plan, budget)
+        assert plan.cache_bytes(batch) <= budget < plan.cache_bytes(batch + 1)
+    plan = capacity.plan_for(cfg, "full-paged", 512, window=16, page_size=16)
+    full = capacity.largest_batch(plan, budget)
+    dms = capacity.largest_batch(capacity.plan_for(cfg, "dms8-paged", 512, window=16,
+                                                   page_size=16), budget)
+    assert dms > 3 * full
+    ran = capacity.confirm(model_dir, "full-paged", 512, full, budget, window=16, page_size=16,
+                           new_tokens=2)
+    assert ran["fits"] and ran["overflow"] == 0 and ran["cache_bytes"] == plan.cache_bytes(full)
