@@ -177,8 +177,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--target-cr", metavar="CR", type=float, default=None,
                    help="compression ratio the dms cache is sized for (>= 1; default: the "
                         "model's recorded dms.target_cr, else 8)")
-    c.add_argument("--margin", metavar="F", type=float, default=0.5,
-                   help="extra fraction of the expected retained tokens in the dms capacity")
+    c.add_argument("--margin", metavar="F", type=float, default=None,
+                   help="extra fraction of the expected retained tokens in the dms capacity "
+                        "(default 0.5 per head for slots, 0.1 of the pool for pages)")
+    c.add_argument("--layout", choices=("slots", "paged"), default="slots",
+                   help="cache layout: fixed slots per head, or a ring of the window per head "
+                        "and one pool of pages per layer (full and dms)")
+    c.add_argument("--page-size", metavar="N", type=int, default=64,
+                   help="tokens per page of the paged layout")
     c.add_argument("--capacity", metavar="N", type=int, default=None,
                    help="slots per (layer, row, KV head), overriding --target-cr")
     c.add_argument("--budget", metavar="N", type=int, default=None,
@@ -255,7 +261,8 @@ def check_flags(args) -> None:
     except ValueError as err:
         raise CLIError(str(err)) from None
     try:
-        check_settings(window=args.window, target_cr=args.target_cr, margin=args.margin,
+        check_settings(window=args.window, target_cr=args.target_cr,
+                       margin=0.5 if args.margin is None else args.margin,
                        capacity=args.capacity, budget=args.budget, max_len=args.max_len,
                        chunk_size=args.chunk_size)
     except PlanError as err:
@@ -318,7 +325,8 @@ def make_plan(args, cfg, prompts, policy):
     try:
         plan = plan_inference(cfg, policy=policy, window=args.window, capacity=args.capacity,
                               budget=args.budget, target_cr=args.target_cr, max_len=max_len,
-                              chunk_size=args.chunk_size, margin=args.margin)
+                              chunk_size=args.chunk_size, margin=args.margin,
+                              layout=args.layout, page_size=args.page_size)
         check_memory(plan, len(prompts))
     except PlanError as err:
         if err.field == "budget" and err.value is None:  # a baseline without its budget
@@ -431,7 +439,7 @@ def _main(args, log) -> int:
             max_new_tokens=per_row if len(set(per_row)) > 1 else per_row[0],
             policy=policy, window=args.window, target_cr=args.target_cr, margin=args.margin,
             capacity=args.capacity, budget=args.budget, max_len=max_len, chunk_size=args.chunk_size,
-            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+            layout=args.layout, page_size=args.page_size, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
             key=jax.random.key(args.seed), stop_tokens=stops, strict=args.strict,
             progress=progress.prefill, on_tokens=progress.on_tokens,
             decode_segment=progress.decode_segment(args.decode_segment))

@@ -20,3 +20,11 @@ def hf_model_dirs(tmp_path_factory):
     """{family: directory} of tiny random HF models saved with save_pretrained (built once)."""
     root = tmp_path_factory.mktemp("hf_models")
     return {name: hf_models.build(name, str(root / name)) for name in hf_models.FAMILIES}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Drop each module's compiled programs when it ends: the suite compiles a few thousand, and a
+    long-lived process holding all of them once crashed inside an XLA compile late in the run."""
+    yield
+    jax.clear_caches()

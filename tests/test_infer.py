@@ -104,6 +104,21 @@ def test_text_prompt_run_prints_text_and_stats_matching_generate(capsys, tmp_pat
     assert written["seen_tokens"] == [len(ids) + len(row["tokens"]) - 1]
 
 
+def test_paged_layout_gives_the_slot_layouts_answer_in_a_smaller_cache(capsys, tmp_path):
+    results = {}
+    for layout in ("slots", "paged"):
+        path, rows = tmp_path / f"{layout}.json", tmp_path / f"{layout}.jsonl"
+        rc, _, err = run(capsys, "--layout", layout, "--page-size", 16, "--quiet",
+                         "--stats-json", path, "--output-jsonl", rows)
+        assert rc == 0, err
+        with open(path) as f, open(rows) as g:
+            results[layout] = json.load(f), json.loads(g.readline())
+    (slots, slots_row), (pages, pages_row) = results["slots"], results["paged"]
+    assert pages_row["tokens"] == slots_row["tokens"]
+    assert pages["held_tokens"] == slots["held_tokens"] and pages["overflow"] == 0
+    assert pages["allocated_kv_bytes"] < slots["allocated_kv_bytes"]
+
+
 def test_policy_full_keeps_every_token_and_dms_compresses(capsys, tmp_path):
     results = {}
     for policy in ("full", "dms"):
@@ -265,6 +280,8 @@ BAD = {
     "negative top-k": (["--top-k", -2], "--top-k -2"),
     "negative max-new-tokens": (["--max-new-tokens", -1], "--max-new-tokens -1"),
     "capacity and budget": (["--capacity", 32, "--budget", 32], "not both"),
+    "paged baseline": (["--prompt", SHORT, "--layout", "paged", "--policy", "h2o", "--budget", 32],
+                       "--layout paged holds --policy full and dms"),
     "token id out of range": (["--prompt-ids", "1,512"], "token id 512 is outside"),
     "token ids not integers": (["--prompt-ids", "1,x"], "not a list of integers"),
     "stop token out of range": (["--stop", 600], "token id 600 is outside"),

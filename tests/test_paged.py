@@ -133,9 +133,8 @@ def test_released_rows_give_their_pages_back_and_the_rows_start_afresh(llama_dms
     np.testing.assert_allclose(again[0], fresh[0], atol=1e-5)
 
 
-@settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(seed=st.integers(0, 10 ** 6), page=st.sampled_from([1, 2, 3, 8]),
-       chunk=st.sampled_from([1, 3, 16]))
+@settings(max_examples=3, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(seed=st.integers(0, 10 ** 6), page=st.sampled_from([1, 3, 8]), chunk=st.sampled_from([3, 16]))
 def test_pool_bookkeeping_holds_for_any_page_and_chunk_size(llama_dms, seed, page, chunk):
     rng = np.random.default_rng(seed)
     prompts = [rng.integers(0, 97, n).tolist() for n in rng.integers(1, 30, 2)]
