@@ -152,14 +152,17 @@ def _fit_capacity(keep, priority, capacity, max_excess):
         lowest = jnp.argmax(jnp.where(keep, -priority, -jnp.inf), axis=-1)  # [B, Hkv]
         drop = (jnp.arange(keep.shape[-1]) == lowest[..., None]) & (excess[..., None] > 0)
         return keep & ~drop, excess
-    _, lowest = jax.lax.top_k(jnp.where(keep, -priority, -jnp.inf), k)  # [B, Hkv, k]
-    drop_lowest = jnp.arange(k) < excess[..., None]  # [B, Hkv, k]
 
-    def drop_mask(idx, drop):  # per stream: [k], [k] -> [N]
-        return jnp.zeros(keep.shape[-1], bool).at[idx].max(drop)
+    def drop_lowest(keep):  # the top-k and its scatter run only when some stream is over
+        _, lowest = jax.lax.top_k(jnp.where(keep, -priority, -jnp.inf), k)  # [B, Hkv, k]
+        drop_it = jnp.arange(k) < excess[..., None]  # [B, Hkv, k]
 
-    drop = jax.vmap(jax.vmap(drop_mask))(lowest, drop_lowest)
-    return keep & ~drop, excess
+        def drop_mask(idx, drop):  # per stream: [k], [k] -> [N]
+            return jnp.zeros(keep.shape[-1], bool).at[idx].max(drop)
+
+        return keep & ~jax.vmap(jax.vmap(drop_mask))(lowest, drop_it)
+
+    return jax.lax.cond(jnp.any(excess > 0), drop_lowest, lambda keep: keep, keep), excess
 
 
 def _destinations(free, keep_new):

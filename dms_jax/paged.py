@@ -48,7 +48,7 @@ from dms_jax.ops.mask import MASK_VALUE
 
 # tokens per page-block iteration of the attention loop (pages are gathered k at a time)
 DECODE_BLOCK_TOKENS = 512
-PREFILL_BLOCK_TOKENS = 512
+PREFILL_BLOCK_TOKENS = 256
 
 
 @flax.struct.dataclass
