@@ -191,9 +191,10 @@ def generate(model: Decoder, prompts, *, max_new_tokens=64, policy=None, window=
       holds `capacity` slots per head, or `budget`, or for dms what `max_len` tokens need at
       `target_cr` with `margin`; default 0.5, 0.1 for a paged pool). layout, page_size,
       pool_pages: the cache layout, "slots" or "paged" (full and dms: a ring of the window per
-      stream and one pool of pages per layer, `dms_jax.paged`; see `plan_inference`). SnapKV prefills the whole prompt before compressing it to the
-      budget (`_snapkv_prefill`; its peak KV bytes say so). max_len: tokens per row the cache
-      must take over all turns (default: longest prompt + max_new_tokens); a cache that would
+      stream and one pool of pages per layer, `dms_jax.paged`; see `plan_inference`).
+      SnapKV prefills the whole prompt before compressing it to the budget
+      (`_snapkv_prefill`; its peak KV bytes say so). max_len: tokens per row the cache must take
+      over all turns (default: longest prompt + max_new_tokens); a cache that would
       not fit in memory is refused before it is allocated. chunk_size: prefill chunk C (memory ~
       cache + C tokens; default 512, or the state's).
     temperature / top_k / top_p: see `Sampling`; key: PRNG key (needed unless greedy).

@@ -28,9 +28,8 @@
               by every stream, `dms_jax.paged`); the pool holds `pages_per_stream` pages of
               `page_size` tokens per stream of the batch (for dms the expected retained tokens
               at target_cr plus `margin` (default 0.1: heads that keep more borrow from heads
-              that keep less) plus half a page (a last page is half full on average); for full every
-              token), or `pool_pages`
-              pages in all when given.
+              that keep less) plus half a page (a last page is half full on average); for full
+              every token), or `pool_pages` pages in all when given.
 
 The plan is frozen and hashable: the jitted prefill and decode steps take it as their static
 argument, `dms_jax.cache.init_cache(plan, batch)` builds the cache from it alone, and `infer.py`
@@ -114,7 +113,7 @@ class InferencePlan:
     page_size: int = 0  # paged: tokens per page
     pages_per_stream: float = 0.0  # paged: pool pages per (row, KV head) of the batch
     pool_pages: int = 0  # paged: pool pages per layer when fixed (0: pages_per_stream x streams)
-    retain_fraction: float = 1.0  # paged: pages reserved per retained-eligible token ((1 + margin) / CR)
+    retain_fraction: float = 1.0  # paged: (1 + margin) / CR of the tokens older than the window
 
     @property
     def max_pages(self) -> int:
@@ -336,9 +335,9 @@ def resolve_capacity(max_len: int, policy: Policy, *, window: int, target_cr: fl
 def resolve_paging(max_len: int, policy: Policy, *, window: int, target_cr: float, margin,
                    page_size, pool_pages, sliding_window, capacity=None, budget=None,
                    asked_len=None):
-    """(page_size, pages_per_stream, pool_pages, retain_fraction) of a paged plan, checked (PlanError names the
-    fix). max_len: the allocated tokens per row; asked_len: the tokens a row must take (default
-    max_len)."""
+    """(page_size, pages_per_stream, pool_pages, retain_fraction) of a paged plan, checked
+    (PlanError names the fix). max_len: the allocated tokens per row; asked_len: the tokens a
+    row must take (default max_len)."""
     if policy.name not in ("full", "dms"):
         raise PlanError(
             f"layout='paged' holds the full and dms policies, whose kept tokens stay for good; "

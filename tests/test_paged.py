@@ -179,6 +179,14 @@ def test_bad_paged_settings_are_refused_before_compute(llama_dms, kwargs, match)
         generate(llama_dms, [[1, 2, 3]], **kw)
 
 
+def test_a_mesh_with_pages_is_refused_before_compute(llama_dms):
+    from dms_jax.sharding import make_mesh
+
+    with pytest.raises(ValueError, match="layout='paged' runs on one device"):
+        generate(llama_dms, [[1, 2, 3]], max_new_tokens=2, layout="paged",
+                 mesh=make_mesh((2, 4, 1)))
+
+
 def test_sliding_window_models_keep_the_slot_layout(hf_model_dirs):
     model = dms_jax.from_pretrained(hf_model_dirs["mistral"])
     assert model.config.sliding_window is not None
