@@ -27,9 +27,9 @@ MiB = 2 ** 20
 SYSTEMS = ("full", "full-paged", "dms8", "dms8-paged")
 
 
-def _vs():
-    spec = importlib.util.spec_from_file_location("vs_transformers",
-                                                  os.path.join(HERE, "vs_transformers.py"))
+def _load(name):
+    """A sibling benchmark script as a module (benchmarks/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(name, os.path.join(HERE, f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -62,24 +62,16 @@ def largest_batch(plan, budget: int, limit: int = 1 << 16) -> int:
 
 
 def confirm(model_dir, system, context, batch, budget, *, window, page_size, new_tokens):
-    """Run `generate` at (batch, context) strictly; returns what it allocated and reached."""
+    """Run `generate` at (batch, context) strictly; returns what it allocated and reached. The
+    model is benchmarks/serve.py's (`load_model`: dms forced to the flag rate 1 - 1/CR)."""
     import dms_jax
-    from dms_jax import DMSConfig
 
-    vs = _vs()
     name, _, layout = system.partition("-")
-    if name == "full":
-        model, kw = dms_jax.from_pretrained(model_dir), dict(policy="full")
-    else:
-        cr = float(name[3:])
-        model = dms_jax.from_pretrained(model_dir, dms=DMSConfig(
-            mode="adapter", window=window, scale=100.0, offset=-1.0))
-        vs.force_flag_rate(model, vs.prompts_for(model.config.vocab_size, 1, min(context, 1024),
-                                                 seed=7), 1.0 - 1.0 / cr)
-        kw = dict(policy="dms", target_cr=cr)
+    model, kw = _load("serve").load_model(dict(system=name, model_dir=model_dir, window=window,
+                                                context=context))
     if layout:
         kw.update(layout=layout, page_size=page_size)
-    ids = vs.prompts_for(model.config.vocab_size, batch, context - new_tokens)
+    ids = _load("vs_transformers").prompts_for(model.config.vocab_size, batch, context - new_tokens)
     tic = time.perf_counter()
     out = dms_jax.generate(model, ids, max_new_tokens=new_tokens, max_len=context, strict=True,
                            **kw)
@@ -109,7 +101,7 @@ def main(argv=None):
     if args.quick:
         args.shape, args.budget_mib, args.contexts, args.confirm = "tiny", 2.0, "512,1024", "512"
         args.window, args.page_size, args.new_tokens = 16, 16, 2
-    vs = _vs()
+    vs = _load("vs_transformers")
     budget = int(args.budget_mib * MiB)
     contexts = [int(c) for c in args.contexts.split(",")]
     confirm_at = {int(c) for c in args.confirm.split(",") if c}

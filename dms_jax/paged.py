@@ -42,9 +42,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from dms_jax.cache import _chunk_flags  # the one rule of the shift by one
 from dms_jax.ops.live_attention import (attend_block, block_bias, empty_state, finish,
                                         group_queries)
-from dms_jax.ops.mask import MASK_VALUE
 
 # tokens per page-block iteration of the attention loop (pages are gathered k at a time)
 DECODE_BLOCK_TOKENS = 512
@@ -157,12 +157,8 @@ def page_attention(carry, qg, q_pos, q_valid, cache: PagedLayerCache, *, sliding
         index = (start + jnp.arange(k))[:, None] * page + jnp.arange(page)  # [k, page]
         valid = ((index.reshape(-1) < cache.retained[..., None])
                  & jnp.repeat(fresh & (ids >= 0), page, axis=-1))
-        if sliding_window is None:  # every retained token is visible to every later query
-            bias = jnp.where(valid, 0.0, MASK_VALUE)[:, :, None, None, :]  # [B, Hkv, 1, 1, n]
-            bias = jnp.broadcast_to(bias, bias.shape[:3] + (q_pos.shape[1], bias.shape[-1]))
-        else:
-            bias = block_bias(q_pos, k_pos, None, valid, window=0, use_flags=False,
-                              sliding_window=sliding_window)
+        bias = block_bias(q_pos, k_pos, None, valid, window=0, use_flags=False,
+                          sliding_window=sliding_window)  # the one rule; no flags: retained
         return attend_block(carry, qg, k_blk, v_blk, bias, q_valid, scale)
 
     return lax.fori_loop(0, trips, one_block, carry)
@@ -273,8 +269,6 @@ def attend_and_update(cache: PagedLayerCache, q, k_new, v_new, decisions, positi
     key_block: tokens per page-block iteration (default 1024 for a decode step, 512 for a chunk).
     returns (out [B, C, H, D] in q.dtype, updated PagedLayerCache)
     """
-    from dms_jax.cache import _chunk_flags  # the one rule of the shift by one
-
     batch, chunk, _, head_dim = q.shape
     num_kv_heads = k_new.shape[2]
     if window + 1 != cache.ring_size:
