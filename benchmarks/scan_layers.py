@@ -33,34 +33,39 @@ def model_config(args, scan_layers: bool) -> ModelConfig:
                        dms=DMSConfig(mode="adapter", window=args.window), scan_layers=scan_layers)
 
 
-def measure(args, scan_layers: bool) -> dict:
-    """Compile the train step of one layout (seconds, HLO text size), then time `args.steps` steps
-    after one warm-up step. Returns the figures and the last step's loss."""
-    mesh = shd.make_mesh((1, 1, 1), devices=jax.devices()[:1])
-    train_cfg = SimpleNamespace(trainable=args.trainable, learning_rate=3e-5, b1=0.9, b2=0.95, eps=1e-8,
-                                weight_decay=0.0, grad_clip=1.0, warmup_steps=0)
-    step_cfg = StepConfig(loss="distill", cr_start=1.0, cr_end=8.0, cr_steps=100,
-                          loss_chunk=args.loss_chunk, remat=args.remat)
-    model = Decoder(model_config(args, scan_layers), rngs=nnx.Rngs(0))  # same draws either layout
-    trainer = build_trainer(model, mesh, step_cfg, train_cfg, seed=0, batch_shape=(args.batch, args.seq))
-    state = trainer.init_fn(trainer.trainable_params)
-    ids = np.random.default_rng(0).integers(0, args.vocab, (args.batch, args.seq)).astype(np.int32)
-    batch = {"input_ids": ids, "attention_mask": np.ones_like(ids), "loss_mask": np.ones_like(ids),
-             "segment_ids": np.zeros_like(ids)}
-    batch = {k: put_global(v, trainer.batch_sharding) for k, v in batch.items()}
-    tic = time.perf_counter()
-    lowered = trainer.step_fn.lower(state, trainer.frozen, trainer.teacher, batch)
-    compiled = lowered.compile()
-    compile_s = time.perf_counter() - tic
-    hlo_chars = len(compiled.as_text())
-    times, loss = [], None
-    for i in range(1 + args.steps):
+class Runner:
+    """One layout's compiled train step (compile seconds and HLO size measured) with its state."""
+
+    def __init__(self, args, scan_layers: bool):
+        mesh = shd.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+        train_cfg = SimpleNamespace(trainable=args.trainable, learning_rate=3e-5, b1=0.9, b2=0.95, eps=1e-8,
+                                    weight_decay=0.0, grad_clip=1.0, warmup_steps=0)
+        step_cfg = StepConfig(loss="distill", cr_start=1.0, cr_end=8.0, cr_steps=100,
+                              loss_chunk=args.loss_chunk, remat=bool(args.remat))
+        model = Decoder(model_config(args, scan_layers), rngs=nnx.Rngs(0))  # same draws either layout
+        trainer = build_trainer(model, mesh, step_cfg, train_cfg, seed=0, batch_shape=(args.batch, args.seq))
+        self.state = trainer.init_fn(trainer.trainable_params)
+        self.frozen, self.teacher = trainer.frozen, trainer.teacher
+        ids = np.random.default_rng(0).integers(0, args.vocab, (args.batch, args.seq)).astype(np.int32)
+        batch = {"input_ids": ids, "attention_mask": np.ones_like(ids), "loss_mask": np.ones_like(ids),
+                 "segment_ids": np.zeros_like(ids)}
+        self.batch = {k: put_global(v, trainer.batch_sharding) for k, v in batch.items()}
         tic = time.perf_counter()
-        state, metrics = compiled(state, trainer.frozen, trainer.teacher, batch)
-        loss = float(jax.block_until_ready(metrics["loss"]))
-        if i:  # the first step warms up
-            times.append(time.perf_counter() - tic)
-    return dict(compile_s=compile_s, hlo_chars=hlo_chars, step_ms=1e3 * statistics.median(times), loss=loss)
+        self.compiled = trainer.step_fn.lower(self.state, self.frozen, self.teacher, self.batch).compile()
+        self.compile_s = time.perf_counter() - tic
+        self.hlo_chars = len(self.compiled.as_text())
+        self.times, self.loss = [], None
+
+    def step(self, record=True):
+        tic = time.perf_counter()
+        self.state, metrics = self.compiled(self.state, self.frozen, self.teacher, self.batch)
+        self.loss = float(jax.block_until_ready(metrics["loss"]))
+        if record:
+            self.times.append(time.perf_counter() - tic)
+
+    def result(self) -> dict:
+        return dict(compile_s=self.compile_s, hlo_chars=self.hlo_chars,
+                    step_ms=1e3 * statistics.median(self.times), loss=self.loss)
 
 
 def table(results: dict) -> str:
@@ -89,7 +94,7 @@ def parse_args(argv=None):
     p.add_argument("--trainable", default="decision", choices=["all", "decision"])
     p.add_argument("--remat", type=int, default=1, help="1: rematerialise each layer (as the recipes)")
     p.add_argument("--dtype", default="float32")
-    p.add_argument("--steps", type=int, default=3, help="timed steps per layout (after one warm-up)")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per layout (after one warm-up; median)")
     return p.parse_args(argv)
 
 
@@ -99,7 +104,13 @@ def main(argv=None) -> dict:
           f"{args.trainable}, remat={bool(args.remat)}); L={args.layers} d={args.hidden} "
           f"H={args.heads}/{args.kv_heads}x{args.head_dim} V={args.vocab}; batch {args.batch} x "
           f"{args.seq} tokens; {args.dtype}", flush=True)
-    results = {name: measure(args, scan) for name, scan in LAYOUTS.items()}
+    runners = {name: Runner(args, scan) for name, scan in LAYOUTS.items()}
+    for r in runners.values():
+        r.step(record=False)  # warm-up
+    for _ in range(args.steps):  # interleaved, so load from other processes hits both alike
+        for r in runners.values():
+            r.step()
+    results = {name: r.result() for name, r in runners.items()}
     print(table(results))
     u, s = results["unrolled"]["loss"], results["scanned"]["loss"]
     print(f"loss after {1 + args.steps} steps: unrolled {u:.6f}, scanned {s:.6f} (same weights)")

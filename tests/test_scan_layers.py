@@ -268,6 +268,20 @@ def test_trainer_with_stacked_layers_equals_unrolled_and_resumes(tmp_path):
         np.testing.assert_array_equal(np.asarray(got.decisions), np.asarray(want.decisions))
 
 
+def test_aot_compiles_the_scanned_train_step_with_the_unrolled_bytes():
+    """`python -m dms_jax.aot train` on simulated devices (FSDP over 8): the scanned step holds the
+    same weights and optimizer bytes per device as the unrolled one."""
+    from dms_jax.aot import TrainSettings, compile_train
+    from dms_jax.train.cli import load_config_file
+
+    config = load_config_file(os.path.join(REPO, "configs", "tiny.py"))
+    reports = {scan: compile_train(config, jax.devices()[:8], TrainSettings(mesh_shape=(1, 8, 1), remat=True,
+                                                                             scan_layers=scan))
+               for scan in (False, True)}
+    assert reports[True].weights == reports[False].weights > 0
+    assert reports[True].optimizer == reports[False].optimizer > 0
+
+
 def test_big_recipes_use_the_scanned_layout():
     from dms_jax.aot.shapes import model_config_for_recipe
     from tests.test_train_loop import load_config_file
