@@ -282,6 +282,19 @@ def test_aot_compiles_the_scanned_train_step_with_the_unrolled_bytes():
     assert reports[True].optimizer == reports[False].optimizer > 0
 
 
+def test_a_checkpoint_of_the_other_layout_is_refused_naming_scan_layers():
+    from dms_jax.train.checkpoint import ResumeError, check_layout
+
+    unrolled = {"params": {"layers.0.attn.dms_proj.kernel": [[32, 2], "float32"]}, "loss": "distill"}
+    stacked = {"params": {"layers.attn.dms_proj.kernel": [[2, 32, 2], "float32"]}, "loss": "distill"}
+    with pytest.raises(ResumeError, match="its layers are stacked, this run's unrolled; set model.scan_layers=True"):
+        check_layout({"layout": stacked}, unrolled, 4, "ckpt", "use a fresh checkpoint.dir")
+    with pytest.raises(ResumeError, match="its layers are unrolled, this run's stacked; set model.scan_layers=False"):
+        check_layout({"layout": unrolled}, stacked, 4, "ckpt", "use a fresh checkpoint.dir")
+    with pytest.raises(ResumeError, match=r"loss differ\); use a fresh"):  # no hint when layouts agree
+        check_layout({"layout": unrolled}, {**unrolled, "loss": "lm"}, 4, "ckpt", "use a fresh checkpoint.dir")
+
+
 def test_big_recipes_use_the_scanned_layout():
     from dms_jax.aot.shapes import model_config_for_recipe
     from tests.test_train_loop import load_config_file
