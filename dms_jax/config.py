@@ -106,6 +106,12 @@ class ModelConfig:
     param_dtype: str = "float32"
     dtype: str = "float32"  # compute dtype
     dms: DMSConfig | None = None
+    # Parameter layout of the decoder layers: False keeps one module per layer ("layers.3.attn...")
+    # and runs them in a Python loop; True stacks them on a leading axis of size num_layers
+    # ("layers.attn..." with shape [L, ...]) and runs one compiled layer body under lax.scan, so
+    # compile time and program size stop growing with depth (dms_jax.stacking converts between
+    # the two). The same weights give the same outputs either way; HF files are identical.
+    scan_layers: bool = False
     # std of the normal init of every projection and the embedding (HF's initializer_range): a
     # model trained from scratch starts as transformers would start it. Only the random init
     # reads it, so it is neither compared nor hashed.
@@ -120,6 +126,9 @@ class ModelConfig:
             )
         resolve_dtype(self.param_dtype)
         resolve_dtype(self.dtype)
+        if not isinstance(self.scan_layers, bool):
+            raise ValueError(f"scan_layers={self.scan_layers!r} must be True (stacked layers under "
+                             "lax.scan) or False (one module per layer)")
         if not self.initializer_range > 0:
             raise ValueError(f"initializer_range={self.initializer_range} must be > 0 (HF's default: 0.02)")
 

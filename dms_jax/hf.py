@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dms_jax import export_target
+from dms_jax import export_target, stacking
 from dms_jax.config import DTYPE_NAMES, DMSConfig, ModelConfig, dtype_name, resolve_dtype
 from dms_jax.export_target import TOKENIZER_FILES
 from dms_jax.hf_checks import (CheckpointError, ConfigError, check_tensor_dtype, count_nonfinite,
@@ -289,11 +289,14 @@ def resolve_model_dir(path_or_hub_id: str) -> str:
 
 
 def from_pretrained(path_or_hub_id: str, *, dtype=None, param_dtype=None, dms: DMSConfig | None = None,
-                    allow_pickle: bool = False, allow_nonfinite: bool = False) -> Decoder:
+                    scan_layers: bool = False, allow_pickle: bool = False,
+                    allow_nonfinite: bool = False) -> Decoder:
     """Load a Hugging Face checkpoint (config.json + safetensors) into a Flax `Decoder`.
 
     dtype: compute dtype (default float32); param_dtype: storage dtype (default: the checkpoint's).
     dms: a DMSConfig to retrofit; default: the `dms` block of config.json if present.
+    scan_layers: stack the layers' parameters [L, ...] and run them under lax.scan
+    (`ModelConfig.scan_layers`: compile time independent of depth); the same files load either way.
     Adapter parameters absent from the checkpoint start at their zero initialisation.
     config.json is validated before anything is built (ConfigError names the field); tensors with
     NaN / Inf values are refused (CheckpointError names them) unless `allow_nonfinite=True`,
@@ -306,7 +309,7 @@ def from_pretrained(path_or_hub_id: str, *, dtype=None, param_dtype=None, dms: D
                                 "(config.json + *.safetensors)")
     hf = read_json(config_path, "config.json")
     cfg = model_config_from_hf(hf, dtype=dtype, param_dtype=param_dtype, dms=dms, source=config_path)
-    cfg = dataclasses.replace(cfg, name_or_path=os.path.abspath(model_dir))
+    cfg = dataclasses.replace(cfg, name_or_path=os.path.abspath(model_dir), scan_layers=scan_layers)
     tensors, sources = _read_tensors(model_dir, allow_pickle)
     model = load_params(cfg, tensors, sources=sources, allow_nonfinite=allow_nonfinite)
     return model
@@ -317,11 +320,14 @@ def load_params(cfg: ModelConfig, tensors: dict[str, np.ndarray], *, sources: di
     """Build a Decoder from HF-named tensors, checking every name, shape, dtype and value.
 
     sources: the file each tensor came from (named in errors). Non-finite values raise
-    CheckpointError unless `allow_nonfinite`, which warns instead."""
+    CheckpointError unless `allow_nonfinite`, which warns instead. Names and shapes are checked in
+    the unrolled layout (one entry per layer, as HF names them); a `cfg.scan_layers` model gets
+    them stacked by `dms_jax.stacking.stack_layers` on the host, then moved to the device once.
+    """
     sources = sources or {}
-    abstract = nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0)))
-    graphdef, state = nnx.split(abstract)
-    expected = dict(_flatten(nnx.to_pure_dict(state)))
+    unrolled = dataclasses.replace(cfg, scan_layers=False)
+    expected = dict(_flatten(nnx.to_pure_dict(nnx.state(
+        nnx.eval_shape(lambda: Decoder(unrolled, rngs=nnx.Rngs(0)))))))
     loaded: dict[str, Any] = {}
     unexpected, nonfinite = [], []
     for name, array in tensors.items():
@@ -344,7 +350,7 @@ def load_params(cfg: ModelConfig, tensors: dict[str, np.ndarray], *, sources: di
         bad = count_nonfinite(value)
         if bad:
             nonfinite.append(f"{name} ({bad} of {value.size} values, in {source})")
-        loaded[path] = jnp.asarray(value, dtype=want.dtype)
+        loaded[path] = value.astype(want.dtype, copy=False)  # numpy: on the device once, below
     if nonfinite:
         listed = "; ".join(nonfinite[:10]) + (" ..." if len(nonfinite) > 10 else "")
         if not allow_nonfinite:
@@ -360,18 +366,21 @@ def load_params(cfg: ModelConfig, tensors: dict[str, np.ndarray], *, sources: di
             f"{' ...' if len(unexpected) > 10 else ''}; check config.json matches the weights"
         )
     missing = []
-    pure = nnx.to_pure_dict(state)
     for path, want in expected.items():
-        if path in loaded:
-            _set_path(pure, path, loaded[path])
-        elif ".attn.dms_" in path:  # a fresh adapter: RMSNorm scale 1, projection 0 (docs/dms.md section 1)
-            fill = jnp.ones if path.endswith(".scale") else jnp.zeros
-            _set_path(pure, path, fill(want.shape, want.dtype))
-        else:
+        if ".attn.dms_" in path and path not in loaded:  # a fresh adapter: RMSNorm scale 1, projection 0 (docs/dms.md section 1)
+            fill = np.ones if path.endswith(".scale") else np.zeros
+            loaded[path] = fill(want.shape, want.dtype)
+        elif path not in loaded:
             missing.append(path)
     if missing:
         names = [param_to_hf_name(p)[0] for p in missing]
         raise CheckpointError(f"missing tensors for {cfg.architecture}: {names[:10]}{' ...' if len(names) > 10 else ''}")
+    if cfg.scan_layers:
+        loaded = stacking.stack_layers(loaded, cfg.num_layers)
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0))))
+    pure = nnx.to_pure_dict(state)
+    for path in list(loaded):
+        _set_path(pure, path, jnp.asarray(loaded.pop(path)))
     nnx.replace_by_pure_dict(state, pure)
     return nnx.merge(graphdef, state)
 
@@ -402,9 +411,12 @@ def save_pretrained(model: Decoder, out_dir: str, *, max_shard_bytes: int = 2 * 
     tmp = export_target.make_temporary(out_dir, "tmp")
     try:
         tensors = {}
-        for path, value in _flatten(nnx.to_pure_dict(nnx.state(model, nnx.Param))):
+        params = {path: np.asarray(jax.device_get(value))
+                  for path, value in _flatten(nnx.to_pure_dict(nnx.state(model, nnx.Param)))}
+        if cfg.scan_layers:  # HF names one tensor per layer: the stacked entries' slices (views)
+            params = stacking.unstack_layers(params, cfg.num_layers)
+        for path, arr in params.items():
             name, transform = param_to_hf_name(path)
-            arr = np.asarray(jax.device_get(value))
             if arr.dtype == jnp.bfloat16:
                 arr = arr.astype(np.float32)  # safetensors.numpy has no bfloat16; widen losslessly
             tensors[name] = transform(arr)

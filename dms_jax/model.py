@@ -7,7 +7,9 @@ One model, three forward modes (see `Decoder.forward`):
 Family differences are ModelConfig fields (biases, q/k norm, sliding window, rope scaling).
 With a KV cache the forward runs as its `InferencePlan` says (`dms_jax.plan`): mode, window,
 policy. Profiler regions (`jax.named_scope`): embed, layer_<i>/attention (kv_cache inside it
-with a cache), layer_<i>/mlp, final_norm, unembed.
+with a cache), layer_<i>/mlp, final_norm, unembed; with `ModelConfig.scan_layers` the layers
+run as one body under `lax.scan`: layers/attention, layers/mlp (a cached forward keeps
+layer_<i>/...).
 """
 from __future__ import annotations
 
@@ -192,7 +194,10 @@ class Decoder(nnx.Module):
             cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
             embedding_init=weight_init(cfg),
         )
-        self.layers = nnx.List([DecoderLayer(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+        layers = [DecoderLayer(cfg, rngs=rngs) for _ in range(cfg.num_layers)]
+        # scan_layers: one DecoderLayer whose Params are stacked [L, ...] (the same draws as the
+        # unrolled layout, so a seed gives the same model either way); else one module per layer
+        self.layers = stack_modules(layers) if cfg.scan_layers else nnx.List(layers)
         self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
         if not cfg.tie_word_embeddings:
             self.lm_head = nnx.Linear(
@@ -272,29 +277,55 @@ class Decoder(nnx.Module):
         with jax.named_scope("embed"):
             x = self.embed(input_ids)
 
+        if cfg.scan_layers and cache is None:
+            x, (decisions, alpha, z) = self._scan_layers(x, ctx, keys if mode == "train" else None,
+                                                         remat)
+            new_caches = None
+        else:
+            x, (decisions, alpha, z), new_caches = self._loop_layers(x, ctx, keys, cache, remat)
+        with jax.named_scope("final_norm"):
+            hidden = self.final_norm(x)
+        logits = self.unembed(hidden) if return_logits else None
+        return ModelOutput(logits, hidden, decisions, alpha, z, new_caches)
+
+    def _loop_layers(self, x, ctx: LayerContext, keys, cache, remat):
+        """The layers in a Python loop, one program region each: the unrolled layout, and any
+        forward with a KV cache (a tuple of per-layer caches; a stacked model hands each
+        iteration its layer i, sliced out of the stacked parameters).
+        Returns (x, (decisions, alpha, z) each [L, ...] or None, the new caches or None)."""
+
         def run_layer(layer, x, key, layer_cache):
             return layer(x, ctx, key=key, cache=layer_cache)
 
         if remat:  # keep only each layer's input; recompute the layer in the backward pass
             run_layer = nnx.remat(run_layer)
         per_layer, new_caches = [], []
-        for i, layer in enumerate(self.layers):
+        for i in range(self.config.num_layers):
+            layer = layer_at(self.layers, i) if self.config.scan_layers else self.layers[i]
             layer_cache = None if cache is None else cache[i]
             with jax.named_scope(f"layer_{i}"):
                 x, aux, layer_cache = run_layer(layer, x, keys[i], layer_cache)
             per_layer.append(aux)
             new_caches.append(layer_cache)
-        with jax.named_scope("final_norm"):
-            hidden = self.final_norm(x)
-        logits = self.unembed(hidden) if return_logits else None
-        decisions = alpha = z = None
-        if mode != "plain":
-            decisions = jnp.stack([a[0] for a in per_layer])
-            z = jnp.stack([a[2] for a in per_layer])
-            if mode == "train":
-                alpha = jnp.stack([a[1] for a in per_layer])
-        return ModelOutput(logits, hidden, decisions, alpha, z,
-                           None if cache is None else new_caches)
+        stacked = tuple(None if aux[0] is None else jnp.stack(aux) for aux in zip(*per_layer))
+        return x, stacked, None if cache is None else new_caches
+
+    def _scan_layers(self, x, ctx: LayerContext, keys, remat):
+        """The stacked layers as one compiled body under `lax.scan` (no KV cache).
+
+        keys: [L] PRNG keys (train) or None. Returns (x, (decisions, alpha, z)), each [L, B, T,
+        Hkv] as the loop stacks them (None where the mode has none)."""
+        graphdef, params = nnx.split(self.layers)  # params: [L, ...] leaves
+
+        def body(x, layer_slice):  # x: [B, T, d]; layer_slice: (layer i's params, its key)
+            layer_params, key = layer_slice
+            x, aux, _ = nnx.merge(graphdef, layer_params)(x, ctx, key=key)
+            return x, aux
+
+        if remat:  # keep only each layer's input; recompute the body in the backward pass
+            body = jax.checkpoint(body, prevent_cse=False)
+        with jax.named_scope("layers"):
+            return jax.lax.scan(body, x, (params, keys))
 
     def __call__(self, input_ids, attention_mask=None):
         return self.forward(input_ids, attention_mask=attention_mask).logits
@@ -315,6 +346,23 @@ class Decoder(nnx.Module):
         return out, compression_ratio_from_decisions(
             out.decisions, attention_mask, full_sequence_window(self.config, kw.get("window")),
             sliding_window=self.config.sliding_window)
+
+
+def stack_modules(modules):
+    """One module of the same structure whose parameters are the modules' stacked on a leading
+    axis ([len(modules), ...]); entry i is modules[i]'s (the layout `Decoder._scan_layers` runs).
+    """
+    graphdef, first = nnx.split(modules[0])
+    pures = [nnx.to_pure_dict(nnx.state(m)) for m in modules]
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *pures)
+    nnx.replace_by_pure_dict(first, stacked)
+    return nnx.merge(graphdef, first)
+
+
+def layer_at(stacked_layers, i: int):
+    """Layer i of a stacked `DecoderLayer` (`stack_modules`) as a module of its own ([...])."""
+    graphdef, params = nnx.split(stacked_layers)
+    return nnx.merge(graphdef, jax.tree.map(lambda a: a[i], params))
 
 
 def full_sequence_window(cfg: ModelConfig, window=None) -> int:

@@ -17,6 +17,8 @@ from typing import Any, Mapping, Sequence
 import jax
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
+from dms_jax import stacking
+
 MESH_AXES = ("data", "fsdp", "tensor")
 
 # logical axis name -> mesh axis (or tuple of mesh axes, or None = replicated)
@@ -37,6 +39,7 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
 )
 
 # parameter path (dots, e.g. "layers.3.attn.q_proj.kernel") -> logical axes of its dimensions
+# (a stacked layer parameter "layers.attn.q_proj.kernel" [L, ...] adds "layers" in front)
 PARAM_LOGICAL_AXES: tuple[tuple[str, tuple[str, ...]], ...] = (
     (r"embed\.embedding$", ("vocab", "embed")),
     (r"attn\.q_proj\.kernel$", ("embed", "heads")),
@@ -138,7 +141,12 @@ def logical_sharding(logical_axes, mesh, shape=None, rules=LOGICAL_RULES) -> Nam
 
 
 def param_logical_axes(path: str, ndim: int) -> tuple[str | None, ...]:
-    """Logical axes of the parameter at `path` (dotted); replicated when no rule matches."""
+    """Logical axes of the parameter at `path` (dotted); replicated when no rule matches.
+
+    A stacked layer parameter ("layers.attn.q_proj.kernel", [L, ...], `ModelConfig.scan_layers`)
+    gets ("layers", *the axes of one layer's parameter)."""
+    if stacking.is_stacked_path(path) and ndim >= 1:
+        return ("layers",) + param_logical_axes(path[len(stacking.PREFIX):], ndim - 1)
     for pattern, axes in PARAM_LOGICAL_AXES:
         if re.search(pattern, path) and len(axes) == ndim:
             return axes

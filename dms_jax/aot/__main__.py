@@ -37,6 +37,9 @@ def parse_args(argv):
     train.add_argument("--batch", type=int, default=None, help="global batch (default: the recipe's)")
     train.add_argument("--seq-len", type=int, default=None, help="tokens per row (default: the recipe's)")
     train.add_argument("--remat", choices=("on", "off"), default=None, help="default: the recipe's")
+    train.add_argument("--scan-layers", choices=("on", "off"), default=None,
+                       help="layers stacked under lax.scan (one compiled layer body) or unrolled; "
+                            "default: the recipe's model.scan_layers (on in the reference recipes)")
     train.add_argument("--suggest", action="store_true",
                        help="search mesh shapes and remat settings (one compile each) for ones that fit")
     train.add_argument("--max-trials", type=int, default=6, help="compiles --suggest may spend")

@@ -47,6 +47,7 @@ def _load_recipe(path: str):
 def _train(args, devices, limit, mesh) -> int:
     config = _load_recipe(args.config)
     settings = TrainSettings(mesh_shape=mesh, remat=None if args.remat is None else args.remat == "on",
+                             scan_layers=None if args.scan_layers is None else args.scan_layers == "on",
                              batch_size=args.batch, seq_len=args.seq_len)
     from dms_jax.aot.programs import _with_overrides
 
@@ -54,14 +55,16 @@ def _train(args, devices, limit, mesh) -> int:
     t = config.train
     cfg = model_config_for_recipe(config)
     _header(f"train step of {args.config} ({cfg.num_layers} layers, d {cfg.hidden_size}; batch "
-            f"{t.batch_size} x {t.seq_len} tokens; trains {t.trainable}; remat {bool(t.remat)})", args, devices, limit)
+            f"{t.batch_size} x {t.seq_len} tokens; trains {t.trainable}; remat {bool(t.remat)}; layers "
+            f"{'scanned' if cfg.scan_layers else 'unrolled'})", args, devices, limit)
     if args.suggest:
         return _suggest(args, config, devices, limit, cfg.num_kv_heads)
     report = compile_train(config, devices, limit=limit, topology=args.topology)
     print(f"mesh {tuple(config.mesh.shape)} (data, fsdp, tensor); bytes per chip:")
     print(report.table())
     _write_json(args.json, {"command": "train", "config": args.config, "topology": args.topology,
-                            "mesh": list(config.mesh.shape), "remat": bool(t.remat), **_report_dict(report)})
+                            "mesh": list(config.mesh.shape), "remat": bool(t.remat),
+                            "scan_layers": cfg.scan_layers, **_report_dict(report)})
     return 0 if report.fits is not False else 1
 
 

@@ -47,6 +47,7 @@ class TrainSettings:
 
     mesh_shape: tuple | None = None
     remat: bool | None = None
+    scan_layers: bool | None = None  # model.scan_layers: layers stacked under lax.scan
     batch_size: int | None = None
     seq_len: int | None = None
 
@@ -81,6 +82,8 @@ def _with_overrides(config, s: TrainSettings):
         config.mesh.shape = tuple(s.mesh_shape)
     if s.remat is not None:
         config.train.remat = bool(s.remat)
+    if s.scan_layers is not None:
+        config.model.scan_layers = bool(s.scan_layers)
     if s.batch_size is not None:
         config.train.batch_size = int(s.batch_size)
     if s.seq_len is not None:

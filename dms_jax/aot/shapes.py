@@ -57,7 +57,8 @@ def model_config_for_recipe(config) -> ModelConfig:
     path = _opt(m, "path")
     if path:
         return model_config_from_file(path, dtype=_opt(m, "dtype"), param_dtype=_opt(m, "param_dtype"),
-                                      dms=dms_config(m))
+                                      dms=dms_config(m)).replace(
+            scan_layers=bool(_opt(m, "scan_layers", False)))
     return random_model_config(m)
 
 

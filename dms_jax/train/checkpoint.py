@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
+from dms_jax import stacking
+
 log = logging.getLogger(__name__)
 
 
@@ -39,10 +41,25 @@ class CorruptCheckpointError(ResumeError):
 def check_layout(meta: dict, layout: dict, step: int, directory: str, fix: str) -> None:
     """The one test that a checkpoint was written by this configuration: the trainable
     parameters' shapes / dtypes, the loss and the trainable set recorded at save time."""
-    if meta.get("layout") != layout:
+    saved = meta.get("layout")
+    if saved != layout:
         raise ResumeError(
             f"the checkpoint at step {step} in {directory} was written by a different configuration "
-            f"(trainable parameters / loss differ); {fix}")
+            f"(trainable parameters / loss differ){_scan_layers_hint(saved, layout)}; {fix}")
+
+
+def _scan_layers_hint(saved, layout: dict) -> str:
+    """Names model.scan_layers when the two layouts differ in how the layers are laid out."""
+
+    def stacked(lay):
+        params = lay.get("params") if isinstance(lay, dict) else None
+        return None if not params else any(stacking.is_stacked_path(k) for k in params)
+
+    written, wanted = stacked(saved), stacked(layout)
+    if written is None or wanted is None or written == wanted:
+        return ""
+    return (f": its layers are {'stacked' if written else 'unrolled'}, this run's "
+            f"{'stacked' if wanted else 'unrolled'}; set model.scan_layers={written} to resume it")
 
 
 def _leaf_checksum(x):

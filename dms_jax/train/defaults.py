@@ -12,6 +12,9 @@ def base_config() -> ml_collections.ConfigDict:
         dtype="float32",  # compute dtype ("bfloat16" on accelerators)
         param_dtype="",  # storage dtype; empty: the checkpoint's
         init=ml_collections.ConfigDict(),  # ModelConfig fields for a random model
+        # layers stacked [L, ...] under lax.scan (ModelConfig.scan_layers): one compiled layer body,
+        # compile time independent of depth; same weights, outputs and exports as unrolled
+        scan_layers=False,
         # DMS settings (mode "" = no DMS, e.g. for language-model pretraining)
         dms=ml_collections.ConfigDict(dict(mode="adapter", per="head", window=512, scale=100.0,
                                            offset=5.0, tau=0.1)),
@@ -66,7 +69,7 @@ def reference_recipe(model_path: str, mesh_shape=(-1, 1, 1), run_name: str = "ru
     (--config.train.cr_end=8 --config.train.cr_steps=700).
     """
     c = base_config()
-    c.model.update(path=model_path, dtype="bfloat16")
+    c.model.update(path=model_path, dtype="bfloat16", scan_layers=True)  # compile one layer body, not L
     c.train.update(loss="distill", trainable="decision", remat=True)  # 32k tokens: keep layer inputs only
     c.mesh.shape = tuple(mesh_shape)
     c.checkpoint.update(dir=f"runs/{run_name}/checkpoints", every=50, keep=3)

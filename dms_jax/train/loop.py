@@ -79,7 +79,8 @@ def load_model(model_cfg, seed: int):
     path = _opt(model_cfg, "path")
     if path:
         return dms_jax.from_pretrained(path, dtype=_opt(model_cfg, "dtype"),
-                                       param_dtype=_opt(model_cfg, "param_dtype"), dms=dms)
+                                       param_dtype=_opt(model_cfg, "param_dtype"), dms=dms,
+                                       scan_layers=bool(_opt(model_cfg, "scan_layers", False)))
     return Decoder(random_model_config(model_cfg), rngs=nnx.Rngs(seed))
 
 
@@ -88,6 +89,7 @@ def random_model_config(model_cfg) -> ModelConfig:
     init = dict(_opt(model_cfg, "init", {}))
     if not init:
         raise ValueError("set model.path (a Hugging Face model directory or hub id) or model.init (a random model)")
+    init.setdefault("scan_layers", bool(_opt(model_cfg, "scan_layers", False)))
     return ModelConfig(**init, dtype=_opt(model_cfg, "dtype", "float32"),
                        param_dtype=_opt(model_cfg, "param_dtype", "float32"), dms=dms_config(model_cfg))
 
