@@ -5,9 +5,11 @@ retrofit at 2x / 4x / 8x, the evaluation against every baseline, and the shipped
     python scripts/build_recall_models.py --stages eval    # one stage (its inputs must exist)
     python scripts/build_recall_models.py --preset tiny --out /tmp/recall   # the CI version
 
-Stages: tokenizer; corpus (the warm-up, short, pretraining and retrofit documents); warmup (the
-induction circuit, from `repeat` documents alone); pretrain_short (every task on 64-token rows);
-pretrain (documents up to 255 tokens); retrofit (one CR schedule, exported at 2x, 4x and 8x);
+Stages: tokenizer; corpus (the warm-up, short, pretraining and retrofit documents); warmup_cwe
+(`cwe` and `repeat` documents 1:1 from a random model: the counting circuit forms first);
+warmup (the induction circuit, `repeat` and `cwe` 3:1); pretrain_short (every task on 64-token rows);
+pretrain (documents up to 255 tokens); pretrain_more (fresh documents, the hardest tasks weighted
+up: the vanilla model); retrofit (one CR schedule, exported at 2x, 4x and 8x);
 eval; ship (the vanilla and 8x models into dms_jax/assets, the results into docs/results).
 
 Each stage writes into --out (default runs/recall) and is skipped when its outputs exist, so a
@@ -29,28 +31,45 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-STAGES = ("tokenizer", "corpus", "warmup", "pretrain_short", "pretrain", "retrofit", "eval", "ship")
+STAGES = ("tokenizer", "corpus", "warmup_cwe", "warmup", "pretrain_short", "pretrain", "pretrain_more", "retrofit",
+          "eval", "ship")
 # pretraining: the evaluation tasks plus the repeat warm-up (it forms the induction circuit that
 # recall needs); the retrofit distils on the evaluation tasks alone
-RETROFIT_MIX = dict(niah_single=1, niah_multikey=2, niah_multivalue=1, niah_multiquery=2, mqar=3, vt=1.5, cwe=1)
+RETROFIT_MIX = dict(niah_single=1, niah_multikey=2, niah_multivalue=2, niah_multiquery=2, mqar=3, vt=1.5, cwe=1.5)
 TASK_MIX = dict(repeat=6, **RETROFIT_MIX)
+# the warm-ups: `cwe` needs a head that reads the whole list; a model whose heads already do
+# induction never learned it (0% after 1,200 more steps), and a model trained on `cwe` alone
+# never learned induction afterwards (loss at chance for 700 steps), so both start together:
+# 1:1 from the random model (cwe is learned, induction not yet), then 3:1 (induction forms)
+WARMUP_CWE_MIX = dict(cwe=1, repeat=1)
+# the last pretraining phase: fresh documents, the two tasks furthest from solved weighted up
+PRETRAIN_MORE_MIX = dict(TASK_MIX, niah_multivalue=3, cwe=3)
+WARMUP_MIX = dict(cwe=1, repeat=3)
 
 # sizes per preset; "full" is what ships, "tiny" runs in about a minute (CI)
 PRESETS = {
     "full": dict(
         pretrain_docs=60000, doc_lengths=(63, 127, 255), retrofit_docs=8000, retrofit_length=255,
         short_docs=60000, short_length=63, warmup_docs=40000,
-        warmup={"train.seq_len": 64, "train.batch_size": 32, "train.warmup_steps": 100,
+        warmup_cwe={"train.seq_len": 64, "train.batch_size": 32, "train.warmup_steps": 50,
+                    "train.steps": 1000, "eval.every": 0},
+        warmup={"train.seq_len": 64, "train.batch_size": 32, "train.warmup_steps": 50,
                 "train.steps": 1000, "eval.every": 0},
         pretrain_short={"train.seq_len": 64, "train.batch_size": 32, "train.warmup_steps": 100,
                         "train.steps": 1800},
-        pretrain={"train.steps": 600, "train.warmup_steps": 20}, retrofit={},
+        pretrain={"train.steps": 900, "train.warmup_steps": 20}, more_docs=30000,
+        pretrain_more={"train.steps": 600, "train.warmup_steps": 20, "train.learning_rate": 5e-4},
+        retrofit={},
         legs=((2, 70), (4, 250), (8, 800)),
         eval_args=["--length", "255", "--examples", "50"],
     ),
     "tiny": dict(
         pretrain_docs=300, doc_lengths=(31, 63), retrofit_docs=100, retrofit_length=63,
         short_docs=200, short_length=31, warmup_docs=100,
+        warmup_cwe={"model.init.hidden_size": 32, "model.init.intermediate_size": 64,
+                     "model.init.num_layers": 2, "model.init.num_heads": 4, "model.init.num_kv_heads": 2,
+                     "model.init.head_dim": 8, "train.steps": 2, "train.batch_size": 8,
+                     "train.seq_len": 32, "train.warmup_steps": 1, "eval.every": 0, "checkpoint.every": 2},
         warmup={"model.init.hidden_size": 32, "model.init.intermediate_size": 64,
                 "model.init.num_layers": 2, "model.init.num_heads": 4, "model.init.num_kv_heads": 2,
                 "model.init.head_dim": 8, "train.steps": 2, "train.batch_size": 8,
@@ -64,6 +83,11 @@ PRESETS = {
                   "model.init.num_heads": 4, "model.init.num_kv_heads": 2, "model.init.head_dim": 8,
                   "train.steps": 6, "train.batch_size": 8, "train.seq_len": 64, "train.warmup_steps": 1,
                   "eval.every": 3, "eval.examples": 2, "checkpoint.every": 3},
+        more_docs=100,
+        pretrain_more={"model.init.hidden_size": 32, "model.init.intermediate_size": 64, "model.init.num_layers": 2,
+                       "model.init.num_heads": 4, "model.init.num_kv_heads": 2, "model.init.head_dim": 8,
+                       "train.steps": 2, "train.batch_size": 8, "train.seq_len": 64, "train.warmup_steps": 1,
+                       "eval.every": 0, "checkpoint.every": 2},
         retrofit={"model.dms.window": 4, "train.batch_size": 8, "train.seq_len": 64, "train.cr_end": 9.0,
                   "train.cr_steps": 8, "train.warmup_steps": 1, "eval.every": 2, "eval.examples": 2,
                   "checkpoint.every": 2},
@@ -122,10 +146,15 @@ def stage_corpus(out, preset):
     if not os.path.exists(short):  # the first pretraining phase: one short length
         write_corpus(short, tokenizer, num_docs=preset["short_docs"], lengths=(preset["short_length"],),
                      mix=TASK_MIX, seed=4)
-    warm = os.path.join(data, "warmup.jsonl")
-    if not os.path.exists(warm):  # the induction warm-up: `repeat` alone, the short length
-        write_corpus(warm, tokenizer, num_docs=preset["warmup_docs"], lengths=(preset["short_length"],),
-                     mix={"repeat": 1}, seed=5)
+    for name, mix, seed in (("warmup_cwe", WARMUP_CWE_MIX, 6), ("warmup", WARMUP_MIX, 5)):
+        warm = os.path.join(data, f"{name}.jsonl")
+        if not os.path.exists(warm):  # the warm-ups: the short length
+            write_corpus(warm, tokenizer, num_docs=preset["warmup_docs"], lengths=(preset["short_length"],),
+                         mix=mix, seed=seed)
+    more = os.path.join(data, "pretrain_more.jsonl")
+    if not os.path.exists(more):  # the last pretraining phase: its own seed
+        write_corpus(more, tokenizer, num_docs=preset["more_docs"], lengths=preset["doc_lengths"],
+                     mix=PRETRAIN_MORE_MIX, seed=7)
     if not os.path.exists(ret):  # its own seed, one length: the retrofit's
         write_corpus(ret, tokenizer, num_docs=preset["retrofit_docs"], lengths=(preset["retrofit_length"],),
                      mix=RETROFIT_MIX, seed=3)
@@ -175,9 +204,14 @@ def _pretrain_phase(out, preset, stage: str, data: str, export: str, previous: t
     _train(stage, _config("recall_pretrain", out, stage, {**overrides, **preset[stage]}))
 
 
+def stage_warmup_cwe(out, preset):
+    """Phase 0a: `cwe` and `repeat` 1:1 from a random model (short rows)."""
+    _pretrain_phase(out, preset, "warmup_cwe", "warmup_cwe.jsonl", "vanilla_warmup_cwe", None)
+
+
 def stage_warmup(out, preset):
-    """Phase 0: the induction circuit, from `repeat` documents alone (short rows)."""
-    _pretrain_phase(out, preset, "warmup", "warmup.jsonl", "vanilla_warmup", None)
+    """Phase 0b: the induction circuit, `repeat` and `cwe` 3:1 (short rows)."""
+    _pretrain_phase(out, preset, "warmup", "warmup.jsonl", "vanilla_warmup", ("warmup_cwe", "vanilla_warmup_cwe"))
 
 
 def stage_pretrain_short(out, preset):
@@ -187,7 +221,14 @@ def stage_pretrain_short(out, preset):
 
 def stage_pretrain(out, preset):
     """Phase 2: the phase-1 model continues on documents up to the full length."""
-    _pretrain_phase(out, preset, "pretrain", "pretrain.jsonl", "vanilla", ("pretrain_short", "vanilla_short"))
+    _pretrain_phase(out, preset, "pretrain", "pretrain.jsonl", "vanilla_pretrain", ("pretrain_short", "vanilla_short"))
+
+
+def stage_pretrain_more(out, preset):
+    """Phase 3: fresh documents up to the full length, `niah_multivalue` and `cwe` weighted up,
+    at half the learning rate: the vanilla model."""
+    _pretrain_phase(out, preset, "pretrain_more", "pretrain_more.jsonl", "vanilla",
+                    ("pretrain", "vanilla_pretrain"))
 
 
 def stage_retrofit(out, preset):
