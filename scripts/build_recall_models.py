@@ -42,9 +42,9 @@ TASK_MIX = dict(repeat=6, **RETROFIT_MIX)
 # never learned induction afterwards (loss at chance for 700 steps), so both start together:
 # 1:1 from the random model (cwe is learned, induction not yet), then 3:1 (induction forms)
 WARMUP_CWE_MIX = dict(cwe=1, repeat=1)
+WARMUP_MIX = dict(cwe=1, repeat=3)
 # the last pretraining phase: fresh documents, the two tasks furthest from solved weighted up
 PRETRAIN_MORE_MIX = dict(TASK_MIX, niah_multivalue=3, cwe=3)
-WARMUP_MIX = dict(cwe=1, repeat=3)
 
 # sizes per preset; "full" is what ships, "tiny" runs in about a minute (CI)
 PRESETS = {
