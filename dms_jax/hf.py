@@ -326,8 +326,8 @@ def load_params(cfg: ModelConfig, tensors: dict[str, np.ndarray], *, sources: di
     """
     sources = sources or {}
     unrolled = dataclasses.replace(cfg, scan_layers=False)
-    expected = dict(_flatten(nnx.to_pure_dict(nnx.state(
-        nnx.eval_shape(lambda: Decoder(unrolled, rngs=nnx.Rngs(0)))))))
+    abstract = nnx.eval_shape(lambda: Decoder(unrolled, rngs=nnx.Rngs(0)))
+    expected = dict(_flatten(nnx.to_pure_dict(nnx.state(abstract))))
     loaded: dict[str, Any] = {}
     unexpected, nonfinite = [], []
     for name, array in tensors.items():
@@ -375,9 +375,10 @@ def load_params(cfg: ModelConfig, tensors: dict[str, np.ndarray], *, sources: di
     if missing:
         names = [param_to_hf_name(p)[0] for p in missing]
         raise CheckpointError(f"missing tensors for {cfg.architecture}: {names[:10]}{' ...' if len(names) > 10 else ''}")
-    if cfg.scan_layers:
+    if cfg.scan_layers:  # the stacked model's abstract layout (the unrolled one serves as is)
         loaded = stacking.stack_layers(loaded, cfg.num_layers)
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0))))
+        abstract = nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract)
     pure = nnx.to_pure_dict(state)
     for path in list(loaded):
         _set_path(pure, path, jnp.asarray(loaded.pop(path)))

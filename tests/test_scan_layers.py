@@ -26,6 +26,7 @@ from dms_jax.generate import generate
 from dms_jax.model import Decoder
 from dms_jax.train import train
 from dms_jax.train.optim import merge_model, split_model
+from tests.crash import Killed, kill_at
 from tests.test_train_loop import REPO, losses_of, tiny_config
 
 NEURON = DMSConfig(mode="neuron", window=4, offset=-2.0)  # decisions from q: many evictions
@@ -244,19 +245,12 @@ def test_trainer_with_stacked_layers_equals_unrolled_and_resumes(tmp_path):
     np.testing.assert_allclose(losses_of(sharded), losses_of(ref), rtol=1e-5, atol=1e-8)
     np.testing.assert_allclose(losses_of(sharded, "achieved_cr"), losses_of(ref, "achieved_cr"), rtol=1e-6)
 
-    class Killed(Exception):
-        pass
-
-    def kill_at_3(step, record):
-        if step == 3:
-            raise Killed
-
     run = copy.deepcopy(cfg)
     run.model.scan_layers = True
     run.checkpoint.update(dir=str(tmp_path / "ckpt"), every=2, keep=3)
     run.output.update(dir=str(tmp_path / "run"), export_dir=str(tmp_path / "export"))
     with pytest.raises(Killed):
-        train(run, on_step=kill_at_3)
+        train(run, on_step=kill_at(3))
     resumed = train(run)
     assert resumed.resumed_from == 2
     np.testing.assert_allclose(losses_of(resumed), losses_of(ref)[2:], rtol=1e-5, atol=1e-8)

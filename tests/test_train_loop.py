@@ -22,6 +22,7 @@ from dms_jax import sharding as shd
 from dms_jax.train import NonFiniteLossError, train
 from dms_jax.train.data import DataError
 from dms_jax.train.optim import split_model
+from tests.crash import Killed, kill_at
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -105,18 +106,11 @@ def test_kill_and_resume_reproduces_the_uninterrupted_run(tmp_path):
     straight.checkpoint.dir = str(tmp_path / "straight")
     ref = train(straight)
 
-    class Killed(Exception):
-        pass
-
-    def kill_at_5(step, record):
-        if step == 5:
-            raise Killed
-
     crashed = copy.deepcopy(cfg)
     crashed.checkpoint.dir = str(tmp_path / "crashed")
     crashed.output.dir = str(tmp_path / "run")
     with pytest.raises(Killed):
-        train(crashed, on_step=kill_at_5)
+        train(crashed, on_step=kill_at(5))
     steps_dir = tmp_path / "crashed"
     assert sorted(int(p) for p in os.listdir(steps_dir) if p.isdigit()) == [2, 4]
     # a checkpoint half-written when the process died must never be picked up
