@@ -1,7 +1,11 @@
-"""Compile time, program size and step time of the retrofit train step: layers unrolled (a Python
-loop, one program region per layer) vs stacked under `lax.scan` (ModelConfig.scan_layers: one
-compiled layer body). Same model, weights, batch and step; both measured in this run, printed as
-scanned / unrolled ratios.
+"""Layers unrolled (a Python loop, one program region per layer) vs stacked under `lax.scan`
+(ModelConfig.scan_layers: one compiled layer body), both measured in this run and printed as
+scanned / unrolled ratios, for two programs:
+  * train: the retrofit train step's compile time, program size and step time;
+  * generate: `dms_jax.generate` over the KV cache (the scanned model's cache is one
+    `StackedCache`, updated in place layer by layer): compile time (prefill chunk + decode loop),
+    prefill time and decode ms per token, and the same tokens from both layouts.
+Same model and weights in both layouts.
 
     python benchmarks/scan_layers.py                    # 32 layers, d 256, CPU-sized
     python benchmarks/scan_layers.py --layers 2 --seq 64 --steps 1   # seconds (the test runs this)
@@ -68,15 +72,35 @@ class Runner:
                     step_ms=1e3 * statistics.median(self.times), loss=self.loss)
 
 
-def table(results: dict) -> str:
-    """A markdown table of the layouts' figures and the scanned / unrolled ratios."""
-    rows = ["| layout | compile (s) | compiled HLO (k chars) | step (ms) |", "|---|---:|---:|---:|"]
+def run_generate(args, scan_layers: bool) -> dict:
+    """`generate` of `--decode-tokens` tokens after a `--context`-token prompt per row."""
+    from dms_jax.generate import generate
+
+    model = Decoder(model_config(args, scan_layers), rngs=nnx.Rngs(0))  # same draws either layout
+    prompts = np.random.default_rng(1).integers(0, args.vocab, (args.batch, args.context)).astype(np.int32)
+    kw = dict(max_new_tokens=args.decode_tokens, policy=args.policy, chunk_size=min(512, args.context))
+    out = generate(model, prompts, **kw)
+    st = out.stats
+    return dict(compile_s=st.compile_seconds, prefill_s=st.prefill_seconds,
+                decode_ms=1e3 * st.decode_seconds / max(args.decode_tokens - 1, 1),
+                tokens=out.sequences(), cr=st.compression_ratio)
+
+
+def table(results: dict, columns) -> str:
+    """A markdown table of the layouts' figures and the scanned / unrolled ratios; columns:
+    (title, key, format) per figure."""
+    rows = ["| layout | " + " | ".join(t for t, _, _ in columns) + " |", "|---|" + "---:|" * len(columns)]
     for name, r in results.items():
-        rows.append(f"| {name} | {r['compile_s']:.1f} | {r['hlo_chars'] / 1e3:.0f} | {r['step_ms']:.0f} |")
+        rows.append(f"| {name} | " + " | ".join(fmt(r[k]) for _, k, fmt in columns) + " |")
     u, s = results["unrolled"], results["scanned"]
-    rows.append(f"| scanned / unrolled | {s['compile_s'] / u['compile_s']:.2f}x | "
-                f"{s['hlo_chars'] / u['hlo_chars']:.2f}x | {s['step_ms'] / u['step_ms']:.2f}x |")
+    rows.append("| scanned / unrolled | " + " | ".join(f"{s[k] / u[k]:.2f}x" for _, k, _ in columns) + " |")
     return "\n".join(rows)
+
+
+TRAIN_COLUMNS = (("compile (s)", "compile_s", "{:.1f}".format), ("compiled HLO (k chars)", "hlo_chars",
+                 lambda v: f"{v / 1e3:.0f}"), ("step (ms)", "step_ms", "{:.0f}".format))
+GENERATE_COLUMNS = (("compile (s)", "compile_s", "{:.1f}".format), ("prefill (s)", "prefill_s", "{:.2f}".format),
+                    ("decode (ms/token)", "decode_ms", "{:.1f}".format))
 
 
 def parse_args(argv=None):
@@ -95,25 +119,45 @@ def parse_args(argv=None):
     p.add_argument("--remat", type=int, default=1, help="1: rematerialise each layer (as the recipes)")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--steps", type=int, default=5, help="timed steps per layout (after one warm-up; median)")
+    p.add_argument("--programs", default="train,generate", help="train, generate, or both")
+    p.add_argument("--context", type=int, default=2048, help="generate: prompt tokens per row")
+    p.add_argument("--decode-tokens", type=int, default=32, help="generate: tokens generated per row")
+    p.add_argument("--policy", default="full", help="generate: the cache policy (full, dms, ...)")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    print(f"device: {jax.devices()[0].device_kind}; retrofit train step (distill, trainable="
-          f"{args.trainable}, remat={bool(args.remat)}); L={args.layers} d={args.hidden} "
-          f"H={args.heads}/{args.kv_heads}x{args.head_dim} V={args.vocab}; batch {args.batch} x "
-          f"{args.seq} tokens; {args.dtype}", flush=True)
-    runners = {name: Runner(args, scan) for name, scan in LAYOUTS.items()}
-    for r in runners.values():
-        r.step(record=False)  # warm-up
-    for _ in range(args.steps):  # interleaved, so load from other processes hits both alike
+    programs = [p.strip() for p in args.programs.split(",") if p.strip()]
+    unknown = set(programs) - {"train", "generate"}
+    if unknown or not programs:
+        raise SystemExit(f"--programs {args.programs!r}: use train, generate or train,generate")
+    shape = (f"L={args.layers} d={args.hidden} H={args.heads}/{args.kv_heads}x{args.head_dim} V={args.vocab}; "
+             f"{args.dtype}")
+    results = {}
+    if "train" in programs:
+        print(f"device: {jax.devices()[0].device_kind}; retrofit train step (distill, trainable="
+              f"{args.trainable}, remat={bool(args.remat)}); {shape}; batch {args.batch} x {args.seq} tokens",
+              flush=True)
+        runners = {name: Runner(args, scan) for name, scan in LAYOUTS.items()}
         for r in runners.values():
-            r.step()
-    results = {name: r.result() for name, r in runners.items()}
-    print(table(results))
-    u, s = results["unrolled"]["loss"], results["scanned"]["loss"]
-    print(f"loss after {1 + args.steps} steps: unrolled {u:.6f}, scanned {s:.6f} (same weights)")
+            r.step(record=False)  # warm-up
+        for _ in range(args.steps):  # interleaved, so load from other processes hits both alike
+            for r in runners.values():
+                r.step()
+        train = {name: r.result() for name, r in runners.items()}
+        print(table(train, TRAIN_COLUMNS))
+        u, s = train["unrolled"]["loss"], train["scanned"]["loss"]
+        print(f"loss after {1 + args.steps} steps: unrolled {u:.6f}, scanned {s:.6f} (same weights)")
+        results["train"] = train
+    if "generate" in programs:
+        print(f"generate (policy {args.policy}): {shape}; batch {args.batch}, prompt {args.context} tokens, "
+              f"{args.decode_tokens} generated", flush=True)
+        gen = {name: run_generate(args, scan) for name, scan in LAYOUTS.items()}
+        print(table(gen, GENERATE_COLUMNS))
+        same = gen["unrolled"]["tokens"] == gen["scanned"]["tokens"]
+        print(f"same tokens from both layouts: {same}; CR {gen['scanned']['cr']:.2f}")
+        results["generate"] = gen
     return results
 
 

@@ -102,20 +102,58 @@ def init_layer_cache(batch, num_kv_heads, capacity, head_dim, dtype=jnp.float32)
     )
 
 
-def init_cache(plan, batch: int) -> tuple:
+@flax.struct.dataclass
+class StackedCache:
+    """The per-layer caches of a scanned model (`ModelConfig.scan_layers`, a plan with
+    `stacked=True`) as one cache whose every array leads with the layer axis: `layers` is a
+    `LayerCache` or `dms_jax.paged.PagedLayerCache` of [L, ...] arrays, so the model's layer
+    body runs once under `lax.scan` and updates layer i in place (`Decoder.forward`).
+
+    For readers it is a sequence of per-layer caches: `len(cache)`, `cache[i]` (layer i's own
+    cache, sliced), iteration; `map_layers` maps a per-layer function over either form.
+    """
+
+    layers: Any  # LayerCache | PagedLayerCache, every array [L, ...]
+
+    def __len__(self) -> int:
+        return self.layers.seen.shape[0]
+
+    def __getitem__(self, i: int):
+        if not isinstance(i, (int, np.integer)):
+            raise TypeError(f"a StackedCache is indexed by layer (an int), not {type(i).__name__}")
+        return jax.tree.map(lambda a: a[i], self.layers)
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+
+def map_layers(fn, cache):
+    """fn (one layer's cache -> one layer's cache) over every layer of a cache, keeping its form:
+    a tuple stays a tuple, a StackedCache is mapped under vmap (fn must be jax-traceable)."""
+    if isinstance(cache, StackedCache):
+        return StackedCache(jax.vmap(fn)(cache.layers))
+    return tuple(fn(c) for c in cache)
+
+
+def init_cache(plan, batch: int):
     """The cache of an `InferencePlan` (`dms_jax.plan.plan_inference`) for `batch` rows: one
     LayerCache per layer (a tuple; the model indexes it by layer), `plan.capacity` slots each,
-    or for a paged plan one `dms_jax.paged.PagedLayerCache` per layer."""
+    or for a paged plan one `dms_jax.paged.PagedLayerCache` per layer; a stacked plan (a model
+    with `scan_layers`) gets the same layers as one `StackedCache`."""
     if plan.layout == "paged":
         from dms_jax.paged import init_paged_layer_cache
 
-        return tuple(init_paged_layer_cache(
+        layer = init_paged_layer_cache(
             batch, plan.num_kv_heads, ring=plan.window + 1, page_size=plan.page_size,
             num_pages=plan.num_pages(batch), max_pages=plan.max_pages, head_dim=plan.head_dim,
-            dtype=resolve_dtype(plan.dtype)) for _ in range(plan.num_layers))
-    return tuple(init_layer_cache(batch, plan.num_kv_heads, plan.capacity, plan.head_dim,
-                                  resolve_dtype(plan.dtype))
-                 for _ in range(plan.num_layers))
+            dtype=resolve_dtype(plan.dtype))
+    else:
+        layer = init_layer_cache(batch, plan.num_kv_heads, plan.capacity, plan.head_dim,
+                                 resolve_dtype(plan.dtype))
+    if plan.stacked:
+        return StackedCache(jax.tree.map(
+            lambda a: jnp.broadcast_to(a, (plan.num_layers,) + a.shape), layer))
+    return (layer,) + tuple(jax.tree.map(jnp.copy, layer) for _ in range(plan.num_layers - 1))
 
 
 # ----------------------------------------------------------------------------- the step

@@ -56,7 +56,7 @@ def _forward_over_cache(graphdef, params, cache, ids, valid, positions, plan: In
     model = nnx.merge(graphdef, params)
     out = model.forward(ids, attention_mask=valid, positions=positions, return_logits=False,
                         cache=cache, plan=plan)
-    return model, out.hidden, tuple(out.cache)
+    return model, out.hidden, out.cache
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "plan"),
@@ -473,8 +473,9 @@ def _snapkv_prefill(graphdef, params, cache, rows, start, plan: InferencePlan, l
 @functools.partial(jax.jit, static_argnames=("policy", "capacity"))
 def _snapkv_compress(cache, *, policy: SnapKVPolicy, capacity: int):
     """Each layer's prefilled prompt compacted to `capacity` slots by SnapKV's pooled scores."""
-    return tuple(kvcache.compact(c, *policy.prompt_priority(c.pos, c.scores, c.last_pos),
-                                 capacity) for c in cache)
+    return kvcache.map_layers(
+        lambda c: kvcache.compact(c, *policy.prompt_priority(c.pos, c.scores, c.last_pos), capacity),
+        cache)
 
 
 # ----------------------------------------------------------------------------- decode

@@ -8,8 +8,8 @@ Family differences are ModelConfig fields (biases, q/k norm, sliding window, rop
 With a KV cache the forward runs as its `InferencePlan` says (`dms_jax.plan`): mode, window,
 policy. Profiler regions (`jax.named_scope`): embed, layer_<i>/attention (kv_cache inside it
 with a cache), layer_<i>/mlp, final_norm, unembed; with `ModelConfig.scan_layers` the layers
-run as one body under `lax.scan`: layers/attention, layers/mlp (a cached forward keeps
-layer_<i>/...).
+run as one body under `lax.scan`: layers/attention, layers/mlp, with a cache too (its plan is
+stacked and its cache a `StackedCache`, updated in place layer by layer).
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ import numpy as np
 from flax import nnx
 
 from dms_jax import paged
-from dms_jax.cache import attend_and_update, compression_ratio
+from dms_jax.cache import StackedCache, attend_and_update, compression_ratio
 from dms_jax.config import ModelConfig, resolve_dtype
 from dms_jax.layers import MLP, RMSNorm, apply_rope, rope_inv_freq
 from dms_jax.ops import gating
@@ -224,11 +224,11 @@ class Decoder(nnx.Module):
         mode: "plain" (default) | "train" (needs `key`) | "eval"; attention_impl: "auto"
         (default) | "dense" | "blockwise"; window: the DMS window of mode "eval" (default: the
         config's).
-        cache: a tuple of per-layer `dms_jax.cache.LayerCache` built by
-        `dms_jax.cache.init_cache(plan, batch)`, with `plan` its `dms_jax.plan.InferencePlan`:
-        the tokens attend over the cache and are stored in it as the plan says (its mode,
-        window and policy; give no mode, attention_impl or window of your own); the updated
-        cache is in the output. With a cache, `positions` must continue each row's previous
+        cache: the KV cache built by `dms_jax.cache.init_cache(plan, batch)` (a tuple of
+        per-layer caches, or for a model with scan_layers one `StackedCache`), with `plan` its
+        `dms_jax.plan.InferencePlan`: the tokens attend over the cache and are stored in it as
+        the plan says (its mode, window and policy; give no mode, attention_impl or window of
+        your own); the updated cache is in the output. With a cache, `positions` must continue each row's previous
         positions.
         remat: rematerialise each layer in the backward pass (training memory ~ one layer's
         activations plus every layer's input, for ~1/3 more compute).
@@ -238,7 +238,7 @@ class Decoder(nnx.Module):
         cfg = self.config
         validate_input_ids(input_ids, cfg.vocab_size)
         if cache is not None:
-            mode, attention_impl, window = _cache_settings(plan, cfg, len(cache), mode,
+            mode, attention_impl, window = _cache_settings(plan, cfg, cache, mode,
                                                            attention_impl, window)
         elif plan is not None:
             raise ValueError("plan= describes a KV cache forward: pass cache=init_cache(plan, "
@@ -277,7 +277,9 @@ class Decoder(nnx.Module):
         with jax.named_scope("embed"):
             x = self.embed(input_ids)
 
-        if cfg.scan_layers and cache is None:
+        if isinstance(cache, StackedCache):
+            x, (decisions, alpha, z), new_caches = self._scan_cached_layers(x, ctx, cache)
+        elif cfg.scan_layers and cache is None:
             x, (decisions, alpha, z) = self._scan_layers(x, ctx, keys if mode == "train" else None,
                                                          remat)
             new_caches = None
@@ -308,7 +310,7 @@ class Decoder(nnx.Module):
             per_layer.append(aux)
             new_caches.append(layer_cache)
         stacked = tuple(None if aux[0] is None else jnp.stack(aux) for aux in zip(*per_layer))
-        return x, stacked, None if cache is None else new_caches
+        return x, stacked, None if cache is None else tuple(new_caches)
 
     def _scan_layers(self, x, ctx: LayerContext, keys, remat):
         """The stacked layers as one compiled body under `lax.scan` (no KV cache).
@@ -326,6 +328,27 @@ class Decoder(nnx.Module):
             body = jax.checkpoint(body, prevent_cse=False)
         with jax.named_scope("layers"):
             return jax.lax.scan(body, x, (params, keys))
+
+    def _scan_cached_layers(self, x, ctx: LayerContext, cache: StackedCache):
+        """The stacked layers under `lax.scan` over a StackedCache: one compiled body for every
+        layer. The stacked cache rides in the carry and the body reads layer i's cache and
+        writes it back with dynamic_update_slice, so a donated cache is updated in place (as
+        the scan's output it would need a second buffer of the whole cache).
+        Returns (x, (decisions, alpha, z) each [L, ...] or None, the new StackedCache)."""
+        graphdef, params = nnx.split(self.layers)  # params: [L, ...] leaves
+
+        def body(carry, layer_params):
+            x, stacked, i = carry
+            layer_cache = jax.tree.map(
+                lambda a: jax.lax.dynamic_index_in_dim(a, i, keepdims=False), stacked)
+            x, aux, layer_cache = nnx.merge(graphdef, layer_params)(x, ctx, cache=layer_cache)
+            stacked = jax.tree.map(lambda a, u: jax.lax.dynamic_update_index_in_dim(a, u, i, 0),
+                                   stacked, layer_cache)
+            return (x, stacked, i + 1), aux
+
+        with jax.named_scope("layers"):
+            (x, stacked, _), aux = jax.lax.scan(body, (x, cache.layers, jnp.int32(0)), params)
+        return x, aux, StackedCache(stacked)
 
     def __call__(self, input_ids, attention_mask=None):
         return self.forward(input_ids, attention_mask=attention_mask).logits
@@ -373,9 +396,9 @@ def full_sequence_window(cfg: ModelConfig, window=None) -> int:
     return cfg.dms.window if cfg.dms is not None else 0
 
 
-def _cache_settings(plan, cfg, num_cache_layers, mode, attention_impl, window):
+def _cache_settings(plan, cfg, cache, mode, attention_impl, window):
     """(mode, attention_impl, window) of a cached forward: the plan's, checked against the
-    model and against anything the caller gave."""
+    model, the cache and anything the caller gave."""
     if plan is None:
         raise ValueError("a KV cache needs the plan it was built for: "
                          "plan = dms_jax.plan_inference(model.config, ...), "
@@ -383,7 +406,8 @@ def _cache_settings(plan, cfg, num_cache_layers, mode, attention_impl, window):
     if not plan.matches(cfg):
         raise ValueError(f"this plan was made for another model ({plan.num_layers} layers, "
                          f"{plan.num_kv_heads} KV heads of {plan.head_dim}, sliding window "
-                         f"{plan.sliding_window}, mode {plan.mode!r}); make it with "
+                         f"{plan.sliding_window}, mode {plan.mode!r}, layers "
+                         f"{'stacked' if plan.stacked else 'unrolled'}); make it with "
                          "plan_inference(model.config, ...)")
     for name, given, planned in (("mode", mode, plan.mode),
                                  ("attention_impl", attention_impl, plan.attention_impl),
@@ -391,8 +415,12 @@ def _cache_settings(plan, cfg, num_cache_layers, mode, attention_impl, window):
         if given is not None and given != planned:
             raise ValueError(f"{name}={given!r}: with a KV cache the plan decides ({name} "
                              f"{planned!r}); leave it unset or make another plan")
-    if num_cache_layers != cfg.num_layers:
-        raise ValueError(f"cache has {num_cache_layers} layers, the model {cfg.num_layers}")
+    if len(cache) != cfg.num_layers:
+        raise ValueError(f"cache has {len(cache)} layers, the model {cfg.num_layers}")
+    if isinstance(cache, StackedCache) != plan.stacked:
+        raise ValueError(f"the plan's layers are {'stacked' if plan.stacked else 'unrolled'} but "
+                         f"the cache is {'not ' if plan.stacked else ''}a StackedCache: build the "
+                         "cache from the plan, init_cache(plan, batch)")
     return plan.mode, plan.attention_impl, plan.window
 
 

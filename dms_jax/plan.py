@@ -23,6 +23,9 @@
   * capacity: slots per (layer, row, KV head): `capacity`, or `budget`, or for dms
               `capacity_for(max_len, w, target_cr, margin)`, else max_len; never more than
               max_len; a dms capacity holds the window (>= w + 1) unless it holds every token.
+  * stacked:  a model whose layers run under scan (`ModelConfig.scan_layers`) gets its
+              layers' caches as one `StackedCache` ([L, ...] arrays, layer i updated in place
+              by the scanned layer body); else a tuple of per-layer caches;
   * layout:   "slots" (every stream its own `capacity` slots, `dms_jax.cache`) or "paged" (for
               full and dms: a ring of w + 1 per stream and one pool of pages per layer shared
               by every stream, `dms_jax.paged`); the pool holds `pages_per_stream` pages of
@@ -114,6 +117,7 @@ class InferencePlan:
     pages_per_stream: float = 0.0  # paged: pool pages per (row, KV head) of the batch
     pool_pages: int = 0  # paged: pool pages per layer when fixed (0: pages_per_stream x streams)
     retain_fraction: float = 1.0  # paged: (1 + margin) / CR of the tokens older than the window
+    stacked: bool = False  # the layers' caches as one StackedCache (a model with scan_layers)
 
     @property
     def max_pages(self) -> int:
@@ -149,7 +153,7 @@ class InferencePlan:
         return (self.num_layers, self.num_heads, self.num_kv_heads, self.head_dim,
                 self.sliding_window) == (cfg.num_layers, cfg.num_heads, cfg.num_kv_heads,
                                          cfg.head_dim, cfg.sliding_window) and (
-            self.mode == "plain" or cfg.dms is not None)
+            self.mode == "plain" or cfg.dms is not None) and self.stacked == cfg.scan_layers
 
     def derive(self, policy: Policy, *, capacity: int | None = None,
                chunk_size: int | None = None) -> "InferencePlan":
@@ -428,7 +432,8 @@ def plan_inference(model_config: ModelConfig, *, policy=None, window=None, capac
         policy=pol, window=eff_window, mode=forward_mode(pol, neuron), neuron=neuron,
         attention_impl=impl, sliding_window=cfg.sliding_window, max_len=alloc, capacity=cap,
         chunk_size=int(chunk_size), num_layers=cfg.num_layers, num_heads=cfg.num_heads,
-        num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, dtype=dtype_name(cfg.dtype))
+        num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, dtype=dtype_name(cfg.dtype),
+        stacked=cfg.scan_layers)
     return dataclasses.replace(plan, **paging) if paging else plan
 
 

@@ -86,7 +86,7 @@ def _prefill_row(graphdef, params, cache, row, ids, valid, positions, last_hidde
 
 @functools.partial(jax.jit, donate_argnames=("cache",))
 def _release(cache, rows):
-    return tuple(paged.release_rows(c, rows) for c in cache)
+    return kvcache.map_layers(lambda c: paged.release_rows(c, rows), cache)
 
 
 @jax.jit

@@ -206,11 +206,24 @@ def cache_logical_axes(ndim: int) -> tuple[str | None, ...]:
     return ("cache_batch",) if ndim == 1 else ("cache_batch", "cache_heads") + (None,) * (ndim - 2)
 
 
+def cache_shardings(cache, mesh, rules=LOGICAL_RULES):
+    """The NamedSharding of every array of a KV cache pytree (arrays or ShapeDtypeStructs): a
+    tuple of per-layer caches by `cache_logical_axes`, a `dms_jax.cache.StackedCache` the same
+    behind its leading layer axis ("layers", replicated)."""
+    from dms_jax.cache import StackedCache
+
+    def one(x, stacked):
+        axes = cache_logical_axes(x.ndim - stacked)
+        return logical_sharding(("layers",) * stacked + axes, mesh, x.shape, rules)
+
+    if isinstance(cache, StackedCache):
+        return StackedCache(jax.tree.map(lambda x: one(x, 1), cache.layers))
+    return jax.tree.map(lambda x: one(x, 0), cache)
+
+
 def shard_cache(cache, mesh, rules=LOGICAL_RULES):
-    """A KV cache pytree (`dms_jax.cache.LayerCache` per layer) placed on `mesh`."""
-    return jax.tree.map(
-        lambda x: jax.device_put(x, logical_sharding(cache_logical_axes(x.ndim), mesh, x.shape,
-                                                     rules)), cache)
+    """A KV cache (`dms_jax.cache.init_cache`) placed on `mesh`."""
+    return jax.device_put(cache, cache_shardings(cache, mesh, rules))
 
 
 def constrain(x, logical_axes, mesh, rules=LOGICAL_RULES):

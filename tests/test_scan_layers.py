@@ -21,9 +21,11 @@ from jax.sharding import PartitionSpec as P
 
 import dms_jax
 from dms_jax import DMSConfig, stacking
+from dms_jax import cache as kvcache
 from dms_jax import sharding as shd
 from dms_jax.generate import generate
 from dms_jax.model import Decoder
+from dms_jax.policies import get_policy
 from dms_jax.train import train
 from dms_jax.train.optim import merge_model, split_model
 from tests.crash import Killed, kill_at
@@ -185,16 +187,7 @@ def test_hf_export_is_byte_identical_and_loads_either_way(hf_model_dirs, tmp_pat
 # the KV-cache path
 
 
-@pytest.mark.parametrize("policy,layout", [("full", "slots"), ("dms", "slots"), ("dms", "paged")])
-def test_generate_equals_unrolled(hf_model_dirs, policy, layout):
-    from tests.test_generate import randomised_dms_model
-
-    unrolled = randomised_dms_model(hf_model_dirs["llama"])
-    scanned = scanned_copy(unrolled)
-    prompts = [_ids(4 + n, (1, n))[0].tolist() for n in (17, 6, 25)]
-    sizing = dict(capacity=64) if layout == "slots" else dict(page_size=4, target_cr=1.0)
-    kw = dict(max_new_tokens=9, chunk_size=8, max_len=64, policy=policy, layout=layout, **sizing)
-    want, got = generate(unrolled, prompts, **kw), generate(scanned, prompts, **kw)
+def assert_same_generation(got, want):
     assert got.sequences() == want.sequences()
     for field in dataclasses.fields(want.stats):
         if field.name.endswith("seconds"):
@@ -204,8 +197,63 @@ def test_generate_equals_unrolled(hf_model_dirs, policy, layout):
             assert g == w, field.name
         else:
             np.testing.assert_allclose(np.asarray(g, float), np.asarray(w, float), rtol=1e-6, err_msg=field.name)
+
+
+@pytest.mark.parametrize("policy,layout", [("full", "slots"), ("dms", "slots"), ("dms", "paged"),
+                                           ("snapkv", "slots")])
+def test_generate_equals_unrolled(hf_model_dirs, policy, layout):
+    """The scanned model runs the cache path under scan too: its cache is one StackedCache whose
+    layer i is the unrolled model's cache i, token for token, and a continuation from it (dms)
+    matches the unrolled one's."""
+    from tests.test_generate import randomised_dms_model
+
+    unrolled = randomised_dms_model(hf_model_dirs["llama"])
+    scanned = scanned_copy(unrolled)
+    prompts = [_ids(4 + n, (1, n))[0].tolist() for n in (17, 6, 25)]
+    sizing = dict(capacity=64) if layout == "slots" else dict(page_size=4, target_cr=1.0)
+    if policy == "snapkv":
+        policy, sizing = get_policy("snapkv", obs_window=4), dict(budget=12)
+    kw = dict(max_new_tokens=9, chunk_size=8, max_len=64, policy=policy, layout=layout, **sizing)
+    want, got = generate(unrolled, prompts, **kw), generate(scanned, prompts, **kw)
+    assert_same_generation(got, want)
+    assert isinstance(got.state.cache, kvcache.StackedCache) and len(got.state.cache) == unrolled.config.num_layers
+    for i, layer in enumerate(got.state.cache):
+        jax.tree.map(np.testing.assert_array_equal, layer, want.state.cache[i])
     if policy == "dms":
         assert want.stats.compression_ratio > 1.5
+        turn = [_ids(40 + n, (1, n))[0].tolist() for n in (3, 5, 1)]
+        assert_same_generation(generate(scanned, turn, state=got.state, max_new_tokens=4),
+                               generate(unrolled, turn, state=want.state, max_new_tokens=4))
+
+
+def test_stacked_cache_reads_as_layers_and_refuses_the_other_form(hf_model_dirs):
+    """A stacked plan builds a StackedCache whose layers are the tuple form's, it shards with the
+    layer axis replicated in front, maps per layer under vmap, and a forward given the other form
+    of cache (or a plan of the other layout) names the fix."""
+    from dms_jax.plan import plan_inference
+    from tests.test_generate import randomised_dms_model
+
+    unrolled = randomised_dms_model(hf_model_dirs["llama"])
+    scanned = scanned_copy(unrolled)
+    plan = plan_inference(scanned.config, max_len=32, capacity=16)
+    assert plan.stacked and not plan_inference(unrolled.config, max_len=32, capacity=16).stacked
+    stacked = kvcache.init_cache(plan, 2)
+    layers = unrolled.config.num_layers
+    assert stacked.layers.keys.shape == (layers, 2, unrolled.config.num_kv_heads, 16, unrolled.config.head_dim)
+    flat = kvcache.init_cache(dataclasses.replace(plan, stacked=False), 2)
+    for got, want in zip(stacked, flat):
+        jax.tree.map(np.testing.assert_array_equal, got, want)
+    mapped = kvcache.map_layers(lambda c: c.replace(seen=c.seen + 1), stacked)
+    assert isinstance(mapped, kvcache.StackedCache) and np.asarray(mapped.layers.seen).tolist() == [[1, 1]] * layers
+    mesh = shd.make_mesh((2, 2, 2))
+    placed = shd.shard_cache(kvcache.init_cache(plan, 4), mesh)  # 4 rows over data x fsdp
+    assert placed.layers.keys.sharding.spec == P(None, ("data", "fsdp"), "tensor", None, None)
+    assert placed.layers.seen.sharding.spec == P(None, ("data", "fsdp"))
+    ids = jnp.asarray(_ids(1, (2, 4)))
+    with pytest.raises(ValueError, match=r"not a StackedCache.*init_cache\(plan, batch\)"):
+        scanned.forward(ids, cache=flat, plan=plan)
+    with pytest.raises(ValueError, match="another model.*layers stacked"):
+        unrolled.forward(ids, cache=stacked, plan=plan)
 
 
 # --------------------------------------------------------------------------------------------
@@ -242,7 +290,9 @@ def test_trainer_with_stacked_layers_equals_unrolled_and_resumes(tmp_path):
     scan.mesh.shape, scan.train.remat = (2, 2, 2), True
     sharded = train(scan)
     assert sharded.model.config.scan_layers
-    np.testing.assert_allclose(losses_of(sharded), losses_of(ref), rtol=1e-5, atol=1e-8)
+    # the first loss is a KL of ~6e-7 between nearly equal distributions: rounding noise, which
+    # moves with the reduction order (the thread count of the host), hence the absolute tolerance
+    np.testing.assert_allclose(losses_of(sharded), losses_of(ref), rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(losses_of(sharded, "achieved_cr"), losses_of(ref, "achieved_cr"), rtol=1e-6)
 
     run = copy.deepcopy(cfg)
@@ -253,7 +303,7 @@ def test_trainer_with_stacked_layers_equals_unrolled_and_resumes(tmp_path):
         train(run, on_step=kill_at(3))
     resumed = train(run)
     assert resumed.resumed_from == 2
-    np.testing.assert_allclose(losses_of(resumed), losses_of(ref)[2:], rtol=1e-5, atol=1e-8)
+    np.testing.assert_allclose(losses_of(resumed), losses_of(ref)[2:], rtol=1e-5, atol=1e-7)
     ids = _ids(6, (2, 32), vocab=512)
     want = resumed.model.eval_forward(ids)[0]
     for scan_layers in (False, True):
@@ -274,6 +324,22 @@ def test_aot_compiles_the_scanned_train_step_with_the_unrolled_bytes():
                for scan in (False, True)}
     assert reports[True].weights == reports[False].weights > 0
     assert reports[True].optimizer == reports[False].optimizer > 0
+
+
+def test_aot_compiles_the_scanned_decode_with_the_unrolled_cache_bytes():
+    """`python -m dms_jax.aot decode` on 8 simulated devices: the scanned prefill chunk and decode
+    loop (a StackedCache) hold the same weight and cache bytes per device as the unrolled ones."""
+    from dms_jax.aot import DecodeSettings, compile_decode
+    from dms_jax.aot.shapes import model_config_for_recipe
+    from dms_jax.train.cli import load_config_file
+
+    cfg = model_config_for_recipe(load_config_file(os.path.join(REPO, "configs", "tiny.py")))
+    settings = DecodeSettings(batch=8, context=256, policy="dms", chunk_size=64)
+    got = {scan: compile_decode(cfg.replace(scan_layers=scan), jax.devices()[:8], settings) for scan in (False, True)}
+    assert got[True]["capacity"] == got[False]["capacity"]
+    for name in ("prefill", "decode"):
+        assert got[True][name].cache == got[False][name].cache > 0
+        assert got[True][name].weights == got[False][name].weights > 0
 
 
 def test_a_checkpoint_of_the_other_layout_is_refused_naming_scan_layers():
@@ -307,7 +373,10 @@ def test_benchmark_runs_at_a_seconds_scale(capsys):
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     results = bench.main(["--layers", "2", "--hidden", "32", "--head-dim", "8", "--heads", "4",
-                          "--seq", "32", "--loss-chunk", "16", "--window", "4", "--steps", "1"])
-    assert set(results) == {"unrolled", "scanned"}
-    assert results["scanned"]["loss"] == pytest.approx(results["unrolled"]["loss"], rel=1e-5)
-    assert "| scanned / unrolled |" in capsys.readouterr().out
+                          "--seq", "32", "--loss-chunk", "16", "--window", "4", "--steps", "1",
+                          "--context", "40", "--decode-tokens", "4", "--policy", "dms"])
+    train, gen = results["train"], results["generate"]
+    assert train["scanned"]["loss"] == pytest.approx(train["unrolled"]["loss"], rel=1e-5)
+    assert gen["scanned"]["tokens"] == gen["unrolled"]["tokens"]
+    out = capsys.readouterr().out
+    assert out.count("| scanned / unrolled |") == 2 and "same tokens from both layouts: True" in out

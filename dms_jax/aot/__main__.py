@@ -37,9 +37,13 @@ def parse_args(argv):
     train.add_argument("--batch", type=int, default=None, help="global batch (default: the recipe's)")
     train.add_argument("--seq-len", type=int, default=None, help="tokens per row (default: the recipe's)")
     train.add_argument("--remat", choices=("on", "off"), default=None, help="default: the recipe's")
-    train.add_argument("--scan-layers", choices=("on", "off"), default=None,
-                       help="layers stacked under lax.scan (one compiled layer body) or unrolled; "
-                            "default: the recipe's model.scan_layers (on in the reference recipes)")
+
+    def scan_flag(p):
+        p.add_argument("--scan-layers", choices=("on", "off"), default=None,
+                       help="layers stacked under lax.scan (one compiled layer body) or unrolled; default: "
+                            "the recipe's model.scan_layers (on in the reference recipes), off for --model-config")
+
+    scan_flag(train)
     train.add_argument("--suggest", action="store_true",
                        help="search mesh shapes and remat settings (one compile each) for ones that fit")
     train.add_argument("--max-trials", type=int, default=6, help="compiles --suggest may spend")
@@ -57,6 +61,7 @@ def parse_args(argv):
     decode.add_argument("--chunk-size", type=int, default=512, help="prefill chunk")
     decode.add_argument("--batch", type=int, default=None, help="rows (default: data x fsdp shards)")
     decode.add_argument("--dtype", default="bfloat16", help="compute and weight dtype")
+    scan_flag(decode)
     decode.add_argument("--no-search", action="store_true", help="only the given batch, no largest-batch search")
     decode.add_argument("--max-compiles", type=int, default=8, help="compiles the batch search may spend")
     return parser.parse_args(argv)

@@ -100,12 +100,15 @@ def _decode(args, devices, limit, mesh) -> int:
     else:
         cfg = model_config_from_file(args.model_config, dtype=args.dtype, param_dtype=args.dtype)
         mesh = mesh or (1, -1, 1)
+    if args.scan_layers is not None:
+        cfg = cfg.replace(scan_layers=args.scan_layers == "on")
     policies = [p.strip() for p in args.policy.split(",") if p.strip()]
     for p in policies:
         if p not in ("full", "dms"):
             raise PlanError(f"--policy {p}: use full, dms or full,dms")
-    _header(f"decode of {args.config or args.model_config} ({cfg.num_layers} layers, {cfg.num_kv_heads} KV heads "
-            f"of {cfg.head_dim}, {args.dtype}) at {args.context} tokens per row", args, devices, limit)
+    _header(f"decode of {args.config or args.model_config} ({cfg.num_layers} layers "
+            f"{'scanned' if cfg.scan_layers else 'unrolled'}, {cfg.num_kv_heads} KV heads of {cfg.head_dim}, "
+            f"{args.dtype}) at {args.context} tokens per row", args, devices, limit)
     from dms_jax.aot.search import _row_granularity
 
     base = DecodeSettings(batch=1, context=args.context, target_cr=args.target_cr, margin=args.margin,
@@ -127,25 +130,32 @@ def _decode(args, devices, limit, mesh) -> int:
             found = largest_batch(cfg, devices, settings, limit=limit, topology=args.topology,
                                   max_compiles=args.max_compiles,
                                   known=[BatchPoint(batch, out["prefill"], out["decode"])],
-                                  on_point=lambda p: print(
-                                      f"  batch {p.batch}: prefill {format_bytes(p.prefill.total)}, decode "
-                                      f"{format_bytes(p.decode.total)} per chip (compile "
-                                      f"{p.prefill.compile_s + p.decode.compile_s:.0f} s)", flush=True))
-            measured = ", ".join(f"{p.batch}: {format_bytes(p.total)}" for p in found.points)
+                                  on_point=lambda p: print(f"  batch {p.batch}: {_point_text(p)}", flush=True))
+            measured = ", ".join(f"{p.batch}: {format_bytes(p.total) if p.error == '' else 'compiler out of memory'}"
+                                 for p in found.points)
             how = ("its next step does not" if found.exact else
                    f"not bracketed within --max-compiles {args.max_compiles}; the line through the compiles "
                    f"predicts {found.predicted}")
             print(f" largest batch that fits: {found.best} ({how}; bytes per chip by batch: {measured})")
             entry.update(largest_batch=found.best, predicted_batch=found.predicted, exact=found.exact,
-                         points={p.batch: p.total for p in found.points})
+                         points={p.batch: None if p.error else p.total for p in found.points},
+                         refused={p.batch: p.error for p in found.points if p.error})
         results[policy] = entry
     if {"full", "dms"} <= set(results) and "largest_batch" in results["full"]:
         full, dms = results["full"]["largest_batch"], results["dms"]["largest_batch"]
         print(f"largest batch dms / full: {dms} / {full}" + (f" = {dms / full:.2f}x" if full else ""))
     _write_json(args.json, {"command": "decode", "model": args.config or args.model_config,
+                            "scan_layers": cfg.scan_layers,
                             "topology": args.topology, "mesh": list(mesh), "context": args.context,
                             "target_cr": args.target_cr, "margin": args.margin, "policies": results})
     return 0 if ok else 1
+
+
+def _point_text(p) -> str:
+    if p.error:
+        return f"does not fit: the compiler ran out of memory ({p.error})"
+    return (f"prefill {format_bytes(p.prefill.total)}, decode {format_bytes(p.decode.total)} per chip (compile "
+            f"{p.prefill.compile_s + p.decode.compile_s:.0f} s)")
 
 
 def _report_dict(report: MemoryReport) -> dict:

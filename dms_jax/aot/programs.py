@@ -139,10 +139,9 @@ def compile_decode(cfg: ModelConfig, devices: Sequence, s: DecodeSettings, *, li
     params = jax.tree_util.tree_map_with_path(
         lambda path, x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=shd.logical_sharding(
             shd.param_logical_axes(shd.param_path(path), len(x.shape)), mesh, x.shape)), state)
-    cache = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=shd.logical_sharding(
-            shd.cache_logical_axes(len(x.shape)), mesh, x.shape)),
-        jax.eval_shape(lambda: kvcache.init_cache(plan, s.batch)))
+    shapes = jax.eval_shape(lambda: kvcache.init_cache(plan, s.batch))
+    cache = jax.tree.map(lambda x, sharding: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+                         shapes, shd.cache_shardings(shapes, mesh))
     rows = shd.logical_sharding(("cache_batch",), mesh, (s.batch,))
     row_major = shd.logical_sharding(("cache_batch", None), mesh, (s.batch, 1))
 

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 from typing import Callable, Sequence
+
+import jax
 
 from dms_jax import sharding as shd
 from dms_jax.aot.memory import MemoryReport
@@ -58,13 +61,24 @@ def suggest_train(config, devices: Sequence, *, kv_heads: int, limit: int | None
 @dataclasses.dataclass(frozen=True)
 class BatchPoint:
     batch: int
-    prefill: MemoryReport
-    decode: MemoryReport
+    prefill: MemoryReport | None  # None when the compiler refused the batch (`error`)
+    decode: MemoryReport | None
+    error: str = ""  # the compiler's out-of-memory message when it refused to compile
 
     @property
-    def total(self) -> int:
-        """Bytes per device of the larger program (they run one after the other)."""
+    def total(self) -> float:
+        """Bytes per device of the larger program (they run one after the other); infinite when
+        the compiler itself ran out of memory."""
+        if self.prefill is None or self.decode is None:
+            return math.inf
         return max(self.prefill.total, self.decode.total)
+
+
+def is_compile_oom(err: Exception) -> bool:
+    """Whether a compile failed because the program cannot fit the device (XLA's
+    RESOURCE_EXHAUSTED, e.g. TPU temporaries larger than the HBM): a batch that does not fit,
+    not an error of the search."""
+    return isinstance(err, jax.errors.JaxRuntimeError) and "RESOURCE_EXHAUSTED" in str(err)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,9 +105,14 @@ def largest_batch(cfg, devices: Sequence, settings: DecodeSettings, *, limit: in
 
     def measure(batch):
         if batch not in points:
-            out = compile_decode(cfg, devices, dataclasses.replace(settings, batch=batch), limit=limit,
-                                 topology=topology)
-            points[batch] = BatchPoint(batch, out["prefill"], out["decode"])
+            try:
+                out = compile_decode(cfg, devices, dataclasses.replace(settings, batch=batch), limit=limit,
+                                     topology=topology)
+                points[batch] = BatchPoint(batch, out["prefill"], out["decode"])
+            except Exception as err:  # noqa: BLE001 - only the compiler's out-of-memory is a result
+                if not is_compile_oom(err):
+                    raise
+                points[batch] = BatchPoint(batch, None, None, error=str(err).strip().splitlines()[-1])
             if on_point is not None:
                 on_point(points[batch])
         return points[batch].total <= limit
@@ -106,22 +125,34 @@ def largest_batch(cfg, devices: Sequence, settings: DecodeSettings, *, limit: in
 
     if not measure(mesh_step):
         return result(0)
-    measure(2 * mesh_step)
+    if not measure(2 * mesh_step):
+        return result(mesh_step)
     per_row = max((points[2 * mesh_step].total - points[mesh_step].total) / mesh_step, 1.0)
     fixed = points[mesh_step].total - per_row * mesh_step
     guess = max(mesh_step, int((limit - fixed) / per_row) // mesh_step * mesh_step)
     best = max(b for b, p in points.items() if p.total <= limit)
     failing = [b for b, p in points.items() if p.total > limit]
     fail = min(failing) if failing else None
-    candidate = guess
-    while len(points) < max_compiles and (fail is None or fail - best > mesh_step):
-        if candidate <= best or candidate in points or (fail is not None and candidate >= fail):
-            candidate = best + mesh_step if fail is None else max((best + fail) // 2 // mesh_step * mesh_step,
-                                                                  best + mesh_step)
-        if measure(candidate):
-            best, candidate = candidate, candidate + mesh_step
+
+    def bracketed():
+        return fail is not None and fail - best <= mesh_step
+
+    # the line's guess and its neighbour (exact when memory is affine), then bisection between
+    # the largest fitting and the smallest failing batch (above the fits: doubling steps)
+    order = [guess, guess + mesh_step, guess - mesh_step]
+    gap = mesh_step
+    while len(points) < max_compiles and not bracketed():
+        fresh = [b for b in order if best < b and (fail is None or b < fail) and b not in points]
+        if fresh:
+            candidate = fresh[0]
+        elif fail is None:
+            candidate, gap = best + gap, 2 * gap
         else:
-            fail, candidate = candidate, candidate - mesh_step
+            candidate = max((best + fail) // 2 // mesh_step * mesh_step, best + mesh_step)
+        if measure(candidate):
+            best = candidate
+        else:
+            fail = candidate
     return result(guess)
 
 
