@@ -23,6 +23,7 @@ import argparse
 import concurrent.futures
 import importlib.util
 import json
+import multiprocessing
 import os
 import shutil
 import sys
@@ -130,7 +131,8 @@ def stage_corpus(out, preset):
     if not os.path.exists(pre):  # two shards (seeds 1 and 2) written in parallel, then joined
         half = preset["pretrain_docs"] // 2
         shards = [f"{pre}.shard{seed}" for seed in (1, 2)]
-        with concurrent.futures.ProcessPoolExecutor(2) as pool:
+        # spawned, not forked: this process has JAX's threads running, and a fork copies their locks
+        with concurrent.futures.ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
             jobs = [pool.submit(write_corpus, shard, tokenizer, num_docs=half, lengths=preset["doc_lengths"],
                                 mix=TASK_MIX, seed=seed) for seed, shard in zip((1, 2), shards)]
             for job in jobs:

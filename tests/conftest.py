@@ -1,9 +1,20 @@
 """Test set-up: 8 simulated CPU devices and full float32 matmul precision, set before JAX starts;
-tiny random Hugging Face models (built with transformers, saved locally) as session fixtures."""
+a persistent compilation cache for the session; tiny random Hugging Face models (built with
+transformers, saved locally) as session fixtures."""
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Many tests compile the same programs (the same tiny shapes through the trainer, generate and the
+# CLIs, in this process and in the subprocesses the CLI tests start, which inherit these): one
+# on-disk cache for the session lets each compile once. A fresh directory per session, so a run
+# never reads another run's programs.
+_OWN_CACHE_DIR = None
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _OWN_CACHE_DIR = os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="dms_jax_tests_xla_")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 
 import jax  # noqa: E402
 
@@ -28,3 +39,9 @@ def _release_compiled_programs():
     long-lived process holding all of them once crashed inside an XLA compile late in the run."""
     yield
     jax.clear_caches()
+
+
+def pytest_unconfigure(config):
+    """The session's compilation cache goes with it (only the process that made it removes it)."""
+    if _OWN_CACHE_DIR is not None:
+        shutil.rmtree(_OWN_CACHE_DIR, ignore_errors=True)

@@ -127,7 +127,10 @@ def largest_batch(cfg, devices: Sequence, settings: DecodeSettings, *, limit: in
         return result(0)
     if not measure(2 * mesh_step):
         return result(mesh_step)
-    per_row = max((points[2 * mesh_step].total - points[mesh_step].total) / mesh_step, 1.0)
+    # bytes per device per row: the slope of the two compiles, but never below the row's own cache
+    # (two totals within XLA's padding of each other would put the guess at billions of rows)
+    per_row = max((points[2 * mesh_step].total - points[mesh_step].total) / mesh_step,
+                  points[mesh_step].decode.cache / mesh_step, 1.0)
     fixed = points[mesh_step].total - per_row * mesh_step
     guess = max(mesh_step, int((limit - fixed) / per_row) // mesh_step * mesh_step)
     best = max(b for b, p in points.items() if p.total <= limit)
