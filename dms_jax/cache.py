@@ -127,12 +127,13 @@ class StackedCache:
         return (self[i] for i in range(len(self)))
 
 
-def map_layers(fn, cache):
-    """fn (one layer's cache -> one layer's cache) over every layer of a cache, keeping its form:
-    a tuple stays a tuple, a StackedCache is mapped under vmap (fn must be jax-traceable)."""
+def map_layers(fn, cache, *others):
+    """fn (one layer's cache, and that layer of each of `others` -> one layer's cache) over every
+    layer, keeping the form: tuples give a tuple, StackedCaches a StackedCache mapped under vmap
+    (fn must be jax-traceable)."""
     if isinstance(cache, StackedCache):
-        return StackedCache(jax.vmap(fn)(cache.layers))
-    return tuple(fn(c) for c in cache)
+        return StackedCache(jax.vmap(fn)(cache.layers, *(o.layers for o in others)))
+    return tuple(fn(*layers) for layers in zip(cache, *others))
 
 
 def init_cache(plan, batch: int):

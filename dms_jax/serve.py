@@ -78,10 +78,10 @@ def _prefill_row(graphdef, params, cache, row, ids, valid, positions, last_hidde
                  plan):
     """One prefill chunk of one row (row: int32 [1]) over the shared pool: the other rows are
     neither computed nor touched. returns (last_hidden [1, d], cache)."""
-    part = tuple(paged.select_rows(c, row) for c in cache)
+    part = kvcache.map_layers(lambda c: paged.select_rows(c, row), cache)
     _, last_hidden, part = prefill_step.__wrapped__(graphdef, params, part, ids, valid, positions,
                                                     last_hidden, last_index, plan=plan)
-    return last_hidden, tuple(paged.merge_rows(c, p, row) for c, p in zip(cache, part))
+    return last_hidden, kvcache.map_layers(lambda c, p: paged.merge_rows(c, p, row), cache, part)
 
 
 @functools.partial(jax.jit, donate_argnames=("cache",))

@@ -226,6 +226,27 @@ def test_generate_equals_unrolled(hf_model_dirs, policy, layout):
                                generate(unrolled, turn, state=want.state, max_new_tokens=4))
 
 
+def test_server_of_the_scanned_model_equals_the_unrolled_one(hf_model_dirs):
+    """Continuous batching over a stacked paged pool: the same completions as the unrolled
+    model's server (requests wait for pages, finished rows give them back, per layer under vmap)."""
+    from dms_jax.serve import Server
+    from tests.test_generate import randomised_dms_model
+
+    unrolled = randomised_dms_model(hf_model_dirs["llama"])
+    scanned = scanned_copy(unrolled)
+    rng = np.random.default_rng(5)
+    requests = [(rng.integers(0, 97, n).tolist(), m) for n, m in ((12, 5), (3, 6), (20, 2), (7, 4))]
+    kw = dict(rows=2, max_len=32, page_size=4, target_cr=1.0, pool_pages=2 * 8 * unrolled.config.num_kv_heads,
+              chunk_size=8)
+    servers = [Server(m, **kw) for m in (unrolled, scanned)]
+    want, got = (sorted(s.run(requests), key=lambda c: c.request_id) for s in servers)
+    assert isinstance(servers[1].cache, kvcache.StackedCache)
+    assert [(c.tokens, c.held, c.seen) for c in got] == [(c.tokens, c.held, c.seen) for c in want]
+    assert max(c.admitted_step for c in got) > 0  # some requests waited for pages
+    assert servers[1].idle and servers[1].reserved_pages == 0
+    assert all(int(layer.num_free) == servers[1].num_pages for layer in servers[1].cache)
+
+
 def test_stacked_cache_reads_as_layers_and_refuses_the_other_form(hf_model_dirs):
     """A stacked plan builds a StackedCache whose layers are the tuple form's, it shards with the
     layer axis replicated in front, maps per layer under vmap, and a forward given the other form
