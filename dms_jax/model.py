@@ -228,8 +228,8 @@ class Decoder(nnx.Module):
         per-layer caches, or for a model with scan_layers one `StackedCache`), with `plan` its
         `dms_jax.plan.InferencePlan`: the tokens attend over the cache and are stored in it as
         the plan says (its mode, window and policy; give no mode, attention_impl or window of
-        your own); the updated cache is in the output. With a cache, `positions` must continue each row's previous
-        positions.
+        your own); the updated cache is in the output. With a cache, `positions` must continue
+        each row's previous positions.
         remat: rematerialise each layer in the backward pass (training memory ~ one layer's
         activations plus every layer's input, for ~1/3 more compute).
         segment_ids: int [B, T] ids of the documents packed into each row (a token sees only its
