@@ -136,18 +136,21 @@ def map_layers(fn, cache, *others):
     return tuple(fn(*layers) for layers in zip(cache, *others))
 
 
-def init_cache(plan, batch: int):
+def init_cache(plan, batch: int, mesh=None):
     """The cache of an `InferencePlan` (`dms_jax.plan.plan_inference`) for `batch` rows: one
     LayerCache per layer (a tuple; the model indexes it by layer), `plan.capacity` slots each,
     or for a paged plan one `dms_jax.paged.PagedLayerCache` per layer; a stacked plan (a model
-    with `scan_layers`) gets the same layers as one `StackedCache`."""
+    with `scan_layers`) gets the same layers as one `StackedCache`. `mesh`: a paged pool split
+    over it with the rows and KV heads (`dms_jax.paged.PoolShards`; the slot layout needs no
+    mesh here). Place the result with `dms_jax.sharding.shard_cache`."""
     if plan.layout == "paged":
-        from dms_jax.paged import init_paged_layer_cache
+        from dms_jax.paged import PoolShards, init_paged_layer_cache
 
+        shards = None if mesh is None else PoolShards.for_mesh(mesh, batch, plan.num_kv_heads)
         layer = init_paged_layer_cache(
             batch, plan.num_kv_heads, ring=plan.window + 1, page_size=plan.page_size,
             num_pages=plan.num_pages(batch), max_pages=plan.max_pages, head_dim=plan.head_dim,
-            dtype=resolve_dtype(plan.dtype))
+            dtype=resolve_dtype(plan.dtype), shards=shards)
     else:
         layer = init_layer_cache(batch, plan.num_kv_heads, plan.capacity, plan.head_dim,
                                  resolve_dtype(plan.dtype))

@@ -221,11 +221,8 @@ def generate(model: Decoder, prompts, *, max_new_tokens=64, policy=None, window=
                               chunk_size=DEFAULT_CHUNK if chunk_size is None else chunk_size,
                               margin=margin, layout=layout, pool_pages=pool_pages,
                               **({} if page_size is None else {"page_size": page_size}))
-        if mesh is not None and plan.layout == "paged":
-            raise ValueError("layout='paged' runs on one device (its pool is shared by every row "
-                             "and head, not yet split over a mesh): use layout='slots' with mesh=")
         check_memory(plan, len(rows), mesh=mesh)
-        cache = kvcache.init_cache(plan, len(rows))
+        cache = kvcache.init_cache(plan, len(rows), mesh=mesh)
         if mesh is not None:
             cache = shd.shard_cache(cache, mesh)
         kv_before = 0.0

@@ -32,19 +32,82 @@ and drops its newest tokens to be retained, counted in `overflow` exactly as the
 (`strict` raises); the cache stays consistent. `release_rows` returns finished rows' pages to the
 stack (continuous batching, `dms_jax.serve`).
 
+On a mesh (`PoolShards`) the pool is split with the streams: each device holding a block of
+rows and KV heads holds its own pool of `P / S` pages and its own free stack, its page tables
+name pages of that local pool, and the step runs per device under `jax.shard_map`, so no page
+moves between devices and heads borrow pages only from the heads of the same device.
+
 Assumptions on the caller are the slot layout's (`dms_jax.cache`): within a row, real tokens
 arrive in order with consecutive positions across calls; `new_valid` may hold any pattern.
 """
 from __future__ import annotations
 
+import dataclasses
+import math
+
 import flax.struct
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.sharding import Mesh, PartitionSpec
 
 from dms_jax.cache import _chunk_flags  # the one rule of the shift by one
 from dms_jax.ops.live_attention import (attend_block, block_bias, empty_state, finish,
                                         group_queries)
+
+@dataclasses.dataclass(frozen=True)
+class PoolShards:
+    """How a paged cache is split over a mesh: rows over the mesh axes `rows`, KV heads over
+    `heads` (`dms_jax.sharding`'s cache rules), and the pool's page axis over both, so that each
+    of the `count` devices holds the pages of its own streams."""
+
+    mesh: Mesh
+    rows: tuple[str, ...]
+    heads: tuple[str, ...]
+
+    @property
+    def count(self) -> int:
+        return math.prod(self.mesh.shape[a] for a in self.rows + self.heads)
+
+    @classmethod
+    def for_mesh(cls, mesh: Mesh, batch: int, num_kv_heads: int) -> "PoolShards":
+        from dms_jax import sharding as shd
+
+        spec = shd.logical_to_spec(("cache_batch", "cache_heads"), mesh, (batch, num_kv_heads))
+        as_tuple = lambda axes: () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)  # noqa: E731
+        return cls(mesh, as_tuple(spec[0]), as_tuple(spec[1]))
+
+
+def shard_specs(cache: "PagedLayerCache", stacked: bool = False) -> "PagedLayerCache":
+    """The PartitionSpec of every array of a paged cache (a `PagedLayerCache` of specs): rows and
+    KV heads as the slot layout's, the pool's pages, the free stack and its counts over every
+    mesh axis of the streams (replicated without `cache.shards`). `stacked`: [L, ...] arrays,
+    the layer axis replicated."""
+    sh = cache.shards
+    rows = (sh.rows or None) if sh else None
+    heads = (sh.heads or None) if sh else None
+    pages = ((sh.rows + sh.heads) or None) if sh else None
+    lead = (None,) if stacked else ()
+    stream, row, pool = PartitionSpec(*lead, rows, heads), PartitionSpec(*lead, rows), PartitionSpec(*lead, pages)
+    by_field = dict(last_pos=row, seen=row, pool_keys=pool, pool_values=pool, pool_pos=pool,
+                    free_pages=pool, num_free=pool)
+    return cache.replace(**{f.name: by_field.get(f.name, stream) for f in dataclasses.fields(cache)
+                            if f.name != "shards"})
+
+
+def _on_shards(fn, cache: "PagedLayerCache", args, arg_specs, out_specs):
+    """Run `fn(local_cache, *args) -> (out, local_cache)` per device: the local cache is an
+    unsharded `PagedLayerCache` of the device's rows, heads and pool (its page ids are local)."""
+    sh = cache.shards
+
+    def local(c, *a):
+        out, c = fn(c.replace(num_free=c.num_free[0], shards=None), *a)
+        return out, c.replace(num_free=c.num_free[None], shards=sh)
+
+    specs = shard_specs(cache)
+    return jax.shard_map(local, mesh=sh.mesh, in_specs=(specs, *arg_specs),
+                         out_specs=(out_specs, specs), check_vma=False)(cache, *args)
+
 
 # tokens per page-block iteration of the attention loop (pages are gathered k at a time)
 DECODE_BLOCK_TOKENS = 512
@@ -69,6 +132,9 @@ class PagedLayerCache:
     overflow: jax.Array  # int32 [B, Hkv], tokens dropped because the pool was dry
     kv_reads: jax.Array  # f32 [B, Hkv], sum over real queries of the keys they saw
     peak_held: jax.Array  # int32 [B, Hkv], most tokens held after any step
+    # on a mesh: the split (pool [S * P_local, ...], free_pages S local stacks, num_free [S],
+    # page ids local to their device's pool); None: one pool, num_free a scalar
+    shards: PoolShards | None = flax.struct.field(pytree_node=False, default=None)
 
     @property
     def ring_size(self) -> int:
@@ -106,11 +172,21 @@ class PagedLayerCache:
 
 
 def init_paged_layer_cache(batch, num_kv_heads, *, ring, page_size, num_pages, max_pages,
-                           head_dim, dtype=jnp.float32) -> PagedLayerCache:
+                           head_dim, dtype=jnp.float32, shards: PoolShards | None = None) -> PagedLayerCache:
     """An empty paged layer cache: rings of `ring` slots, a pool of `num_pages` pages of
     `page_size` tokens, page tables of `max_pages` entries per stream. The sizing rules belong
-    to the plan (`dms_jax.plan.plan_inference(layout="paged")`)."""
+    to the plan (`dms_jax.plan.plan_inference(layout="paged")`). With `shards` the pool is S
+    local pools of ceil(num_pages / S) pages (place it with `dms_jax.sharding.shard_cache`)."""
     streams = (batch, num_kv_heads)
+    if shards is not None:
+        count = shards.count
+        local = -(-num_pages // count)
+        stacks = jnp.tile(jnp.arange(local - 1, -1, -1, dtype=jnp.int32), count)
+        cache = init_paged_layer_cache(batch, num_kv_heads, ring=ring, page_size=page_size,
+                                       num_pages=local * count, max_pages=max_pages,
+                                       head_dim=head_dim, dtype=dtype)
+        return cache.replace(free_pages=stacks, num_free=jnp.full((count,), local, jnp.int32),
+                             shards=shards)
     return PagedLayerCache(
         ring_keys=jnp.zeros(streams + (ring, head_dim), dtype),
         ring_values=jnp.zeros(streams + (ring, head_dim), dtype),
@@ -265,10 +341,32 @@ def attend_and_update(cache: PagedLayerCache, q, k_new, v_new, decisions, positi
                       *, window: int, policy, sliding_window=None, scale=None, key_block=None):
     """`dms_jax.cache.attend_and_update` on the paged layout (same arguments and result; the
     policy must be "full" or "dms", whose kept set is the window plus every unflagged token).
+    A sharded cache (`cache.shards`) runs the step per device on its local pool.
 
-    key_block: tokens per page-block iteration (default 1024 for a decode step, 512 for a chunk).
+    key_block: tokens per page-block iteration (default 512 for a decode step, 256 for a chunk).
     returns (out [B, C, H, D] in q.dtype, updated PagedLayerCache)
     """
+    kw = dict(window=window, policy=policy, sliding_window=sliding_window, scale=scale,
+              key_block=key_block)
+    if cache.shards is None:
+        return _attend_and_update(cache, q, k_new, v_new, decisions, positions, new_valid, **kw)
+    sh = cache.shards
+    rows, heads = sh.rows or None, sh.heads or None
+    per_head = PartitionSpec(rows, None, heads)  # [B, C, H or Hkv, ...]
+    args, specs = [q, k_new, v_new, positions, new_valid], [per_head] * 3 + [PartitionSpec(rows)] * 2
+    if decisions is not None:  # [B, C, Hkv or 1]
+        args.append(decisions)
+        specs.append(per_head if decisions.shape[-1] == k_new.shape[2] else PartitionSpec(rows))
+
+    def local(c, q, k, v, pos, valid, d=None):
+        return _attend_and_update(c, q, k, v, d, pos, valid, **kw)
+
+    return _on_shards(local, cache, args, specs, per_head)
+
+
+def _attend_and_update(cache: PagedLayerCache, q, k_new, v_new, decisions, positions, new_valid,
+                       *, window: int, policy, sliding_window=None, scale=None, key_block=None):
+    """`attend_and_update` on one (local) pool."""
     batch, chunk, _, head_dim = q.shape
     num_kv_heads = k_new.shape[2]
     if window + 1 != cache.ring_size:
@@ -352,8 +450,12 @@ def _replace(cache, parts):
 
 def release_rows(cache: PagedLayerCache, rows) -> PagedLayerCache:
     """Empty the rows `rows` (bool [B]) and push their pages back on the free stack (in row-major
-    stream order), so that a new request can take the rows; other rows are untouched."""
+    stream order), so that a new request can take the rows; other rows are untouched. A sharded
+    cache returns each row's pages to its device's stack."""
     rows = jnp.asarray(rows, bool)
+    if cache.shards is not None:
+        return _on_shards(lambda c, r: (jnp.zeros(()), release_rows(c, r)), cache, [rows],
+                          [PartitionSpec(cache.shards.rows or None)], PartitionSpec())[1]
     stream_rows = jnp.broadcast_to(rows[:, None], cache.retained.shape)
     freed = (cache.page_table >= 0) & stream_rows[..., None]  # [B, Hkv, M]
     ids = cache.page_table.reshape(-1)
@@ -384,19 +486,27 @@ _ROW_FIELDS = ("ring_keys", "ring_values", "ring_pos", "ring_flags", "page_table
                "last_pos", "seen", "overflow", "kv_reads", "peak_held")
 
 
+def _one_pool(cache: PagedLayerCache, what: str) -> None:
+    if cache.shards is not None:
+        raise ValueError(f"{what} moves rows between the devices' pools: a cache split over a mesh "
+                         "(PagedLayerCache.shards) has one pool per device; serve from one device")
+
+
 def select_rows(cache: PagedLayerCache, rows) -> PagedLayerCache:
     """The cache of the rows `rows` (int32 [k]) over the same pool: a step on it allocates from
     and writes to the shared pool, and `merge_rows` puts the rows back (a server prefills the
     rows it admits without computing the others)."""
+    _one_pool(cache, "select_rows")
     return cache.replace(**{f: getattr(cache, f)[rows] for f in _ROW_FIELDS})
 
 
 def merge_rows(cache: PagedLayerCache, part: PagedLayerCache, rows) -> PagedLayerCache:
     """`cache` with the rows `rows` and the whole pool taken from `part` (`select_rows`'s)."""
+    _one_pool(cache, "merge_rows")
     merged = {f: getattr(cache, f).at[rows].set(getattr(part, f)) for f in _ROW_FIELDS}
     return part.replace(**merged)
 
 
 def pages_in_use(cache: PagedLayerCache):
-    """int32 scalar: pages held by the streams (pool pages minus the free ones)."""
-    return cache.num_pages - cache.num_free
+    """int32 scalar: pages held by the streams (pool pages minus the free ones, on every device)."""
+    return cache.num_pages - jnp.sum(cache.num_free)

@@ -209,16 +209,24 @@ def cache_logical_axes(ndim: int) -> tuple[str | None, ...]:
 def cache_shardings(cache, mesh, rules=LOGICAL_RULES):
     """The NamedSharding of every array of a KV cache pytree (arrays or ShapeDtypeStructs): a
     tuple of per-layer caches by `cache_logical_axes`, a `dms_jax.cache.StackedCache` the same
-    behind its leading layer axis ("layers", replicated)."""
+    behind its leading layer axis ("layers", replicated). A paged cache's arrays follow
+    `dms_jax.paged.shard_specs` (its pool split with its streams when it was built for the mesh)."""
     from dms_jax.cache import StackedCache
+    from dms_jax.paged import PagedLayerCache, shard_specs
 
     def one(x, stacked):
         axes = cache_logical_axes(x.ndim - stacked)
         return logical_sharding(("layers",) * stacked + axes, mesh, x.shape, rules)
 
+    def layer(c, stacked):
+        if isinstance(c, PagedLayerCache):
+            return jax.tree.map(lambda spec: NamedSharding(mesh, spec), shard_specs(c, stacked),
+                                is_leaf=lambda x: isinstance(x, PartitionSpec))
+        return jax.tree.map(lambda x: one(x, stacked), c)
+
     if isinstance(cache, StackedCache):
-        return StackedCache(jax.tree.map(lambda x: one(x, 1), cache.layers))
-    return jax.tree.map(lambda x: one(x, 0), cache)
+        return StackedCache(layer(cache.layers, 1))
+    return tuple(layer(c, 0) for c in cache)
 
 
 def shard_cache(cache, mesh, rules=LOGICAL_RULES):

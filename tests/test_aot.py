@@ -57,6 +57,22 @@ def test_decode_bytes_per_device_shrink_as_the_mesh_grows_and_dms_holds_less():
     assert dms["decode"].cache < eight["decode"].cache / 2
 
 
+def test_a_paged_pool_split_over_the_mesh_holds_less_than_slots():
+    """Paged dms on 8 devices: each device holds its rows' rings and its own pool, so its cache
+    bytes are the pool's 1/8 and below the slot layout's (margin 0.1 shared by the heads
+    against 0.5 per stream)."""
+    cfg = model_config_for_recipe(recipe("tiny"))
+    settings = DecodeSettings(batch=16, context=2048, policy="dms", target_cr=8.0, chunk_size=256)
+    slots = compile_decode(cfg, jax.devices()[:8], settings)
+    pages = compile_decode(cfg, jax.devices()[:8], dataclasses.replace(settings, layout="paged"))
+    one = compile_decode(cfg, jax.devices()[:1], dataclasses.replace(settings, layout="paged",
+                                                                      mesh_shape=(1, 1, 1)))
+    assert pages["capacity"] < slots["capacity"]
+    assert pages["decode"].cache < 0.85 * slots["decode"].cache
+    # each device's pool rounds up to whole pages: within a few pages of 1/8 of one device's
+    assert pages["decode"].cache * 8 == pytest.approx(one["decode"].cache, rel=0.03)
+
+
 def test_largest_decode_batch_is_bracketed_by_compiles():
     """With the limit 1 byte above what 16 rows need, the search ends on 16 and has compiled 24
     (one step of data x fsdp = 8 more) and seen it not fit."""

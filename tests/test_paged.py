@@ -179,12 +179,69 @@ def test_bad_paged_settings_are_refused_before_compute(llama_dms, kwargs, match)
         generate(llama_dms, [[1, 2, 3]], **kw)
 
 
-def test_a_mesh_with_pages_is_refused_before_compute(llama_dms):
+def check_sharded_pool(cache: paged.PagedLayerCache):
+    """`check_pool` on every device's block: its rows and KV heads over its own pool."""
+    sh = cache.shards
+    n_rows = int(np.prod([sh.mesh.shape[a] for a in sh.rows]))
+    n_heads = int(np.prod([sh.mesh.shape[a] for a in sh.heads]))
+    batch, heads = cache.retained.shape
+    rb, hb, pb = batch // n_rows, heads // n_heads, cache.num_pages // sh.count
+    for r, h in np.ndindex(n_rows, n_heads):
+        s = r * n_heads + h
+        rows, hs, pool = slice(r * rb, (r + 1) * rb), slice(h * hb, (h + 1) * hb), slice(s * pb, (s + 1) * pb)
+        check_pool(cache.replace(
+            ring_pos=cache.ring_pos[rows, hs], page_table=cache.page_table[rows, hs],
+            retained=cache.retained[rows, hs], pool_pos=cache.pool_pos[pool],
+            free_pages=cache.free_pages[pool], num_free=cache.num_free[s], shards=None))
+
+
+@pytest.mark.parametrize("policy", ["dms", "full"])
+def test_a_pool_split_over_a_mesh_gives_the_one_device_run(llama_dms, policy):
+    """Rows over data x fsdp, KV heads over tensor, each device its own pool: the same tokens,
+    stats and held counts as one device, each device's pool consistent, then a continuation."""
     from dms_jax.sharding import make_mesh
 
-    with pytest.raises(ValueError, match="layout='paged' runs on one device"):
-        generate(llama_dms, [[1, 2, 3]], max_new_tokens=2, layout="paged",
-                 mesh=make_mesh((2, 4, 1)))
+    rng = np.random.default_rng(5)
+    prompts = [rng.integers(0, 97, n).tolist() for n in (29, 7, 18, 23)]
+    kw = dict(max_new_tokens=[10, 14, 6, 9], max_len=64, policy=policy, layout="paged", page_size=4,
+              target_cr=1.0)
+    one = run(llama_dms, prompts, **kw)
+    mesh = make_mesh((2, 2, 2))
+    split = run(llama_dms, prompts, mesh=mesh, **kw)
+    assert split.sequences() == one.sequences()
+    for name in ("held_tokens", "seen_tokens", "kv_reads_decode"):
+        np.testing.assert_array_equal(getattr(split.stats, name), getattr(one.stats, name))
+    assert split.stats.overflow == 0
+    for c in split.state.cache:
+        assert c.shards.count == 8 and c.num_free.shape == (8,)
+        assert c.pool_keys.sharding.spec[0] == ("data", "fsdp", "tensor")
+        check_sharded_pool(c)
+    more = [[5, 6], [7], [8, 9, 10], [11]]
+    np.testing.assert_array_equal(
+        np.asarray(dms_jax.generate(llama_dms, more, max_new_tokens=3, state=split.state).tokens),
+        np.asarray(dms_jax.generate(llama_dms, more, max_new_tokens=3, state=one.state).tokens))
+
+
+def test_a_split_pool_releases_rows_per_device_and_refuses_row_moves(llama_dms):
+    from dms_jax.sharding import make_mesh, shard_cache
+
+    cfg = llama_dms.config
+    plan = plan_inference(cfg, policy="full", max_len=32, layout="paged", page_size=4)
+    mesh = make_mesh((4, 1, 2))
+    cache = shard_cache(kvcache.init_cache(plan, 4, mesh=mesh), mesh)
+    graphdef, params = nnx.split(llama_dms)
+    ids = (np.arange(64, dtype=np.int32).reshape(4, 16) * 7) % 97
+    _, _, cache = prefill_step(graphdef, params, cache, ids, np.ones(ids.shape, bool),
+                               np.tile(np.arange(16, dtype=np.int32), (4, 1)),
+                               jnp.zeros((4, cfg.hidden_size)), np.full(4, -1, np.int32), plan=plan)
+    before = np.asarray(cache[0].num_free)
+    released = paged.release_rows(cache[0], np.array([True, False, False, True]))
+    gained = (np.asarray(released.num_free) - before).reshape(4, -1).sum(-1)  # per row block
+    per_row = -(-15 // 4) * cfg.num_kv_heads
+    np.testing.assert_array_equal(gained, [per_row, 0, 0, per_row])
+    check_sharded_pool(released)
+    with pytest.raises(ValueError, match="one pool per device"):
+        paged.select_rows(cache[0], jnp.array([0]))
 
 
 def test_sliding_window_models_keep_the_slot_layout(hf_model_dirs):

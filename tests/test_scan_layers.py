@@ -226,6 +226,24 @@ def test_generate_equals_unrolled(hf_model_dirs, policy, layout):
                                generate(unrolled, turn, state=want.state, max_new_tokens=4))
 
 
+def test_scanned_generate_on_a_split_pool_equals_unrolled_on_one_device(hf_model_dirs):
+    """The stacked paged cache split over a mesh (rows over data x fsdp, KV heads over tensor,
+    a pool per device): the step runs per device under shard_map inside the layer scan."""
+    from tests.test_generate import randomised_dms_model
+
+    unrolled = randomised_dms_model(hf_model_dirs["llama"])
+    scanned = scanned_copy(unrolled)
+    prompts = [_ids(7 + n, (1, n))[0].tolist() for n in (17, 6, 25, 11)]
+    kw = dict(max_new_tokens=9, chunk_size=8, max_len=64, policy="dms", layout="paged", page_size=4,
+              target_cr=1.0)
+    want = generate(unrolled, prompts, **kw)
+    got = generate(scanned, prompts, mesh=shd.make_mesh((2, 2, 2)), **kw)
+    assert_same_generation(got, want)
+    layers = got.state.cache.layers
+    assert layers.shards.count == 8 and layers.num_free.shape == (unrolled.config.num_layers, 8)
+    assert layers.pool_keys.sharding.spec == P(None, ("data", "fsdp", "tensor"))
+
+
 def test_server_of_the_scanned_model_equals_the_unrolled_one(hf_model_dirs):
     """Continuous batching over a stacked paged pool: the same completions as the unrolled
     model's server (requests wait for pages, finished rows give them back, per layer under vmap)."""

@@ -57,7 +57,10 @@ def parse_args(argv):
     decode.add_argument("--context", type=int, default=32768, help="tokens per row the cache takes")
     decode.add_argument("--policy", default="full,dms", help="full, dms, or both (comma-separated)")
     decode.add_argument("--target-cr", type=float, default=8.0, help="the CR a dms cache is sized for")
-    decode.add_argument("--margin", type=float, default=0.5, help="dms capacity margin (the plan's)")
+    decode.add_argument("--margin", type=float, default=None,
+                        help="dms capacity margin (default: the plan's, 0.5 for slots, 0.1 for a paged pool)")
+    decode.add_argument("--layout", choices=("slots", "paged"), default="slots",
+                        help="the cache layout; paged: a pool per device shared by its streams")
     decode.add_argument("--chunk-size", type=int, default=512, help="prefill chunk")
     decode.add_argument("--batch", type=int, default=None, help="rows (default: data x fsdp shards)")
     decode.add_argument("--dtype", default="bfloat16", help="compute and weight dtype")

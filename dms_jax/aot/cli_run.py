@@ -112,14 +112,15 @@ def _decode(args, devices, limit, mesh) -> int:
     from dms_jax.aot.search import _row_granularity
 
     base = DecodeSettings(batch=1, context=args.context, target_cr=args.target_cr, margin=args.margin,
-                          chunk_size=args.chunk_size, mesh_shape=tuple(mesh))
+                          chunk_size=args.chunk_size, mesh_shape=tuple(mesh), layout=args.layout)
     step = _row_granularity(devices, base, args.topology)
     batch = args.batch or step
     results, ok = {}, True
     for policy in policies:
         settings = dataclasses.replace(base, batch=batch, policy=policy)
         out = compile_decode(cfg, devices, settings, limit=limit, topology=args.topology)
-        print(f"{policy} (cache {out['capacity']} slots per head), batch {batch}, mesh {tuple(mesh)}:", flush=True)
+        print(f"{policy} ({args.layout} cache of {out['capacity']} tokens per head), batch {batch}, "
+              f"mesh {tuple(mesh)}:", flush=True)
         for name in ("prefill", "decode"):
             print(f" {name} (chunk {min(args.chunk_size, args.context)})" if name == "prefill" else f" {name}")
             print(out[name].table(), flush=True)
@@ -147,7 +148,8 @@ def _decode(args, devices, limit, mesh) -> int:
     _write_json(args.json, {"command": "decode", "model": args.config or args.model_config,
                             "scan_layers": cfg.scan_layers,
                             "topology": args.topology, "mesh": list(mesh), "context": args.context,
-                            "target_cr": args.target_cr, "margin": args.margin, "policies": results})
+                            "target_cr": args.target_cr, "margin": args.margin, "layout": args.layout,
+                            "policies": results})
     return 0 if ok else 1
 
 

@@ -100,10 +100,11 @@ class DecodeSettings:
     context: int  # tokens per row the cache takes (prompt + generated)
     policy: str = "dms"
     target_cr: float | None = 8.0
-    margin: float = 0.5
+    margin: float | None = None  # None: the plan's default for the layout (0.5 slots, 0.1 paged)
     chunk_size: int = 512
     mesh_shape: tuple = (1, -1, 1)
     segment: int = 16  # decode tokens per compiled while_loop call (a buffer bucket)
+    layout: str = "slots"  # or "paged": rings + a pool split over the mesh with the streams
 
 
 def decode_model_config(cfg: ModelConfig, policy: str) -> ModelConfig:
@@ -119,7 +120,8 @@ def decode_model_config(cfg: ModelConfig, policy: str) -> ModelConfig:
 def compile_decode(cfg: ModelConfig, devices: Sequence, s: DecodeSettings, *, limit: int | None = None,
                    topology: str = "") -> dict:
     """Compile `generate`'s prefill chunk and decode loop for `s.batch` rows of `s.context`
-    tokens: {"prefill": MemoryReport, "decode": MemoryReport, "capacity": slots per head}."""
+    tokens: {"prefill": MemoryReport, "decode": MemoryReport, "capacity": tokens per stream the
+    cache holds (slots; paged: the ring plus the stream's share of the pool)}."""
     from flax import nnx
 
     from dms_jax import cache as kvcache
@@ -131,7 +133,7 @@ def compile_decode(cfg: ModelConfig, devices: Sequence, s: DecodeSettings, *, li
     mesh = mesh_for(devices, s.mesh_shape, topology)
     check_batch(s.batch, mesh, "--batch")
     plan = plan_inference(cfg, policy=s.policy, target_cr=s.target_cr if s.policy != "full" else None,
-                          max_len=s.context, chunk_size=s.chunk_size, margin=s.margin)
+                          max_len=s.context, chunk_size=s.chunk_size, margin=s.margin, layout=s.layout)
     from dms_jax.model import Decoder
 
     model = nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0)))
@@ -139,7 +141,7 @@ def compile_decode(cfg: ModelConfig, devices: Sequence, s: DecodeSettings, *, li
     params = jax.tree_util.tree_map_with_path(
         lambda path, x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=shd.logical_sharding(
             shd.param_logical_axes(shd.param_path(path), len(x.shape)), mesh, x.shape)), state)
-    shapes = jax.eval_shape(lambda: kvcache.init_cache(plan, s.batch))
+    shapes = jax.eval_shape(lambda: kvcache.init_cache(plan, s.batch, mesh=mesh))
     cache = jax.tree.map(lambda x, sharding: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
                          shapes, shd.cache_shardings(shapes, mesh))
     rows = shd.logical_sharding(("cache_batch",), mesh, (s.batch,))
@@ -163,7 +165,10 @@ def compile_decode(cfg: ModelConfig, devices: Sequence, s: DecodeSettings, *, li
                    arg((8,), jnp.int32, _replicated(mesh)))
     _, decode = compile_and_measure(decode_loop, decode_args, limit=limit, static=dict(
         plan=plan, sampling=Sampling(0.0, 0, 1.0), segment=s.segment), **parts)
-    return {"prefill": prefill, "decode": decode, "capacity": plan.capacity}
+    capacity = plan.capacity
+    if plan.layout == "paged":
+        capacity = plan.window + 1 + plan.num_pages(s.batch) * plan.page_size // (s.batch * plan.num_kv_heads)
+    return {"prefill": prefill, "decode": decode, "capacity": capacity}
 
 
 def _replicated(mesh):
