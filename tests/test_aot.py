@@ -147,3 +147,16 @@ def test_cli_reports_bytes_per_chip_and_refuses_a_bad_mesh():
     bad = subprocess.run(cmd[:-4] + ["--mesh", "1,3,1"], cwd=REPO, env=env, capture_output=True, text=True,
                          timeout=300)
     assert bad.returncode == 2 and "--mesh" in bad.stderr and "2 chips" in bad.stderr
+
+
+def test_only_the_compilers_out_of_memory_counts_as_a_batch_that_does_not_fit():
+    """The batch search treats XLA's RESOURCE_EXHAUSTED at compile time (TPU temporaries over the
+    HBM; the message libtpu gave for Qwen3-8B at batch 80, benchmarks/results/
+    aot_qwen3_8b_decode_scanned.json) as "does not fit" and re-raises any other error."""
+    from dms_jax.aot.search import is_compile_oom
+
+    assert is_compile_oom(jax.errors.JaxRuntimeError(
+        "RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries "
+        "(99.12G) exceeds available HBM (95.74G)."))
+    assert not is_compile_oom(jax.errors.JaxRuntimeError("INVALID_ARGUMENT: shapes do not match"))
+    assert not is_compile_oom(ValueError("RESOURCE_EXHAUSTED"))  # not the compiler's
