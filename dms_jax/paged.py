@@ -74,8 +74,7 @@ class PoolShards:
         from dms_jax import sharding as shd
 
         spec = shd.logical_to_spec(("cache_batch", "cache_heads"), mesh, (batch, num_kv_heads))
-        as_tuple = lambda axes: () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)  # noqa: E731
-        return cls(mesh, as_tuple(spec[0]), as_tuple(spec[1]))
+        return cls(mesh, shd.spec_axes(spec[0]), shd.spec_axes(spec[1]))
 
 
 def shard_specs(cache: "PagedLayerCache", stacked: bool = False) -> "PagedLayerCache":
@@ -144,9 +143,11 @@ class PagedLayerCache:
     def page_size(self) -> int:
         return self.pool_pos.shape[-1]
 
+    # the sizes read the trailing axes, so they hold for a stacked [L, ...] cache (or its shapes)
+
     @property
     def num_pages(self) -> int:
-        return self.pool_pos.shape[0]
+        return self.pool_pos.shape[-2]
 
     @property
     def held(self):
@@ -167,7 +168,7 @@ class PagedLayerCache:
     @property
     def capacity(self) -> int:
         """Tokens allocated per stream on average (ring + the pool's share)."""
-        streams = self.ring_pos.shape[0] * self.ring_pos.shape[1]
+        streams = self.ring_pos.shape[-3] * self.ring_pos.shape[-2]
         return self.ring_size + (self.num_pages * self.page_size) // max(streams, 1)
 
 

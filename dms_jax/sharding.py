@@ -101,12 +101,15 @@ def make_mesh(shape: Sequence[int], devices: Sequence[Any] | None = None) -> jax
                          devices=devices)
 
 
-def mesh_axis_size(mesh, axes) -> int:
+def spec_axes(axes) -> tuple[str, ...]:
+    """The mesh axes of one PartitionSpec entry (None, a name or a tuple of names) as a tuple."""
     if axes is None:
-        return 1
-    if isinstance(axes, str):
-        axes = (axes,)
-    return math.prod(mesh.shape[a] for a in axes)
+        return ()
+    return (axes,) if isinstance(axes, str) else tuple(axes)
+
+
+def mesh_axis_size(mesh, axes) -> int:
+    return math.prod(mesh.shape[a] for a in spec_axes(axes))
 
 
 def logical_to_spec(logical_axes: Sequence[str | None], mesh, shape: Sequence[int] | None = None,
@@ -124,8 +127,7 @@ def logical_to_spec(logical_axes: Sequence[str | None], mesh, shape: Sequence[in
             raise KeyError(f"logical axis {name!r} has no rule; known: {sorted(table)}")
         axes = table.get(name) if name is not None else None
         if axes is not None:
-            tup = (axes,) if isinstance(axes, str) else tuple(axes)
-            tup = tuple(a for a in tup if a not in used and mesh.shape[a] > 1)
+            tup = tuple(a for a in spec_axes(axes) if a not in used and mesh.shape[a] > 1)
             size = mesh_axis_size(mesh, tup)
             if not tup or (shape is not None and shape[dim] % size):
                 axes = None

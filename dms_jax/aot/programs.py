@@ -166,8 +166,8 @@ def compile_decode(cfg: ModelConfig, devices: Sequence, s: DecodeSettings, *, li
     _, decode = compile_and_measure(decode_loop, decode_args, limit=limit, static=dict(
         plan=plan, sampling=Sampling(0.0, 0, 1.0), segment=s.segment), **parts)
     capacity = plan.capacity
-    if plan.layout == "paged":
-        capacity = plan.window + 1 + plan.num_pages(s.batch) * plan.page_size // (s.batch * plan.num_kv_heads)
+    if plan.layout == "paged":  # the allocated cache's own figure (a split pool rounds up per device)
+        capacity = (shapes.layers if isinstance(shapes, kvcache.StackedCache) else shapes[0]).capacity
     return {"prefill": prefill, "decode": decode, "capacity": capacity}
 
 
