@@ -8,13 +8,14 @@ twice, in separate processes:
   * `dms8`: the same pool (the same `pool_pages`), a DMS model at 8x; rows = as many requests as
     the pool is expected to hold at 8x (`InferencePlan.request_pages`), at most `--max-rows`.
 Requests: `--requests` prompts of lengths drawn uniformly in [context / 2, context], each asking
-for `--new-tokens` tokens, all submitted at the start. Timed: the whole stream after a warm-up
-stream of two short requests on the same programs (compilation excluded). Printed: generated
-tokens / s, requests / s, mean rows busy, the pool's pages and the CR reached, and the ratio
+for `--new-tokens` tokens, all submitted at the start. Timed: the whole stream, after warm-up
+streams of 1, 2, 4, ... short requests that compile every program it uses (the decode step and
+each padded prefill batch), so compilation is excluded. Printed: generated tokens / s, requests / s, mean rows busy, the pool's pages and the CR reached, and the ratio
 dms8 / full of tokens / s (> 1: DMS serves more).
 
     python benchmarks/serve.py                            # kv shape, contexts up to 2k
-    python benchmarks/serve.py --context 16384 --requests 16 --new-tokens 64
+    python benchmarks/serve.py --context 16384 --requests 8 --new-tokens 256     # prompt-heavy
+    python benchmarks/serve.py --context 2048 --requests 8 --new-tokens 14336    # generation-heavy
     python benchmarks/serve.py --quick                    # seconds-scale smoke run
 """
 from __future__ import annotations
@@ -79,8 +80,15 @@ def run_system(job) -> dict:
     plan = plan_inference(cfg, layout="paged", pool_pages=pool, **common, **kw)
     rows = max(1, min(job["max_rows"], pool // plan.request_pages(max_len)))
     server = Server(model, rows=rows, pool_pages=pool, **common, **kw)
-    warm = requests_for(cfg.vocab_size, 2, min(job["chunk"], job["context"]), 4, seed=9)
-    server.run(warm)  # compiles the prefill chunk and the decode step
+    # compile outside the timed stream: the decode step, and the prefill chunk for every batch
+    # of admitted prompts the server pads to (powers of two up to `rows`)
+    rng, size = np.random.default_rng(9), 1
+    while True:
+        server.run([(rng.integers(0, cfg.vocab_size, min(job["chunk"], job["context"])).tolist(), 2)
+                    for _ in range(size)])
+        if size >= rows:
+            break
+        size = min(rows, 2 * size)
     requests = requests_for(cfg.vocab_size, job["requests"], job["context"], job["new_tokens"])
     server.generated_tokens, busy, steps = 0, 0, 0
     tic = time.perf_counter()

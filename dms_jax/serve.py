@@ -11,9 +11,11 @@ layout="paged")`). Each `step()`:
      not yet reserved cover what the request is expected to hold (`InferencePlan.request_pages`:
      its retained tokens at the plan's CR and margin; every token for `full`); a request that
      does not fit now waits (never dropped); one that could never fit is refused at `submit`;
-  2. prefills each admitted prompt in its own row over the shared pool (`paged.select_rows`:
-     the other rows are neither computed nor touched; chunks of the plan's chunk_size) and
-     samples the first tokens;
+  2. prefills the admitted prompts together over the shared pool (`paged.select_rows`: a
+     batch of just those rows, padded to a power of two with rows whose chunks are all padding,
+     which leaves them untouched; the other rows are not computed; chunks of the plan's
+     chunk_size, a shorter prompt's row idle once its prompt is in) and samples the first
+     tokens;
   3. runs one decode step for every active row (the jitted step has the fixed shape [rows]);
   4. retires the rows that hit a stop token or their `max_new_tokens`, returning their pages to
      the pool (`dms_jax.paged.release_rows`) and their `Completion`.
@@ -74,14 +76,14 @@ def _decode_step(graphdef, params, cache, cur, live, pos, key, *, plan, sampling
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "plan"), donate_argnames=("cache",))
-def _prefill_row(graphdef, params, cache, row, ids, valid, positions, last_hidden, last_index, *,
-                 plan):
-    """One prefill chunk of one row (row: int32 [1]) over the shared pool: the other rows are
-    neither computed nor touched. returns (last_hidden [1, d], cache)."""
-    part = kvcache.map_layers(lambda c: paged.select_rows(c, row), cache)
+def _prefill_rows(graphdef, params, cache, rows, ids, valid, positions, last_hidden, last_index,
+                  *, plan):
+    """One prefill chunk of the rows `rows` (distinct, int32 [k]) over the shared pool: the other
+    rows are neither computed nor touched. returns (last_hidden [k, d], cache)."""
+    part = kvcache.map_layers(lambda c: paged.select_rows(c, rows), cache)
     _, last_hidden, part = prefill_step.__wrapped__(graphdef, params, part, ids, valid, positions,
                                                     last_hidden, last_index, plan=plan)
-    return last_hidden, kvcache.map_layers(lambda c, p: paged.merge_rows(c, p, row), cache, part)
+    return last_hidden, kvcache.map_layers(lambda c, p: paged.merge_rows(c, p, rows), cache, part)
 
 
 @functools.partial(jax.jit, donate_argnames=("cache",))
@@ -239,31 +241,32 @@ class Server:
         return admitted
 
     def _prefill(self, admitted: list[int]) -> list[int]:
-        """Each admitted prompt through `_prefill_row` (that row alone, chunks of the plan's
+        """The admitted prompts through `_prefill_rows` together (chunks of the plan's
         chunk_size over the shared pool), then the first tokens."""
-        dtype = self.params_dtype
-        hidden = []
-        for b in admitted:
-            prompt = self.slot[b].prompt
-            chunk = min(self.plan.chunk_size, max(16, 1 << (len(prompt) - 1).bit_length()))
-            n_chunks = -(-len(prompt) // chunk)
-            ids = np.zeros((1, n_chunks * chunk), np.int32)
-            ids[0, :len(prompt)] = prompt
-            valid = np.arange(n_chunks * chunk)[None] < len(prompt)
-            positions = np.arange(n_chunks * chunk, dtype=np.int32)[None]
-            last = len(prompt) - 1
-            last_hidden = jnp.zeros((1, self.cfg.hidden_size), dtype)
-            for c in range(n_chunks):
-                cols = slice(c * chunk, (c + 1) * chunk)
-                index = last - c * chunk if c * chunk <= last < (c + 1) * chunk else -1
-                last_hidden, self.cache = _prefill_row(
-                    self.graphdef, self.params, self.cache, jnp.asarray([b], jnp.int32),
-                    ids[:, cols], valid[:, cols], positions[:, cols], last_hidden,
-                    np.asarray([index], np.int32), plan=self.plan)
-            hidden.append(last_hidden)
+        rows = self._prefill_batch(admitted)
+        prompts = [self.slot[b].prompt for b in admitted]
+        longest = max(len(p) for p in prompts)
+        chunk = min(self.plan.chunk_size, max(16, 1 << (longest - 1).bit_length()))
+        n_chunks = -(-longest // chunk)
+        ids = np.zeros((len(rows), n_chunks * chunk), np.int32)
+        valid = np.zeros(ids.shape, bool)
+        for i, prompt in enumerate(prompts):  # the padding rows stay all-invalid
+            ids[i, :len(prompt)] = prompt
+            valid[i, :len(prompt)] = True
+        positions = np.broadcast_to(np.arange(n_chunks * chunk, dtype=np.int32), ids.shape)
+        last = np.full(len(rows), -1)
+        last[:len(prompts)] = [len(p) - 1 for p in prompts]
+        last_hidden = jnp.zeros((len(rows), self.cfg.hidden_size), self.params_dtype)
+        for c in range(n_chunks):
+            cols = slice(c * chunk, (c + 1) * chunk)
+            index = np.where((last >= c * chunk) & (last < (c + 1) * chunk), last - c * chunk, -1)
+            last_hidden, self.cache = _prefill_rows(
+                self.graphdef, self.params, self.cache, jnp.asarray(rows, jnp.int32),
+                ids[:, cols], valid[:, cols], positions[:, cols], last_hidden,
+                jnp.asarray(index, jnp.int32), plan=self.plan)
         self.key, sub = jax.random.split(self.key)
-        first = np.asarray(_sample_hidden(self.graphdef, self.params,
-                                          jnp.concatenate(hidden), sub, sampling=self.sampling))
+        first = np.asarray(_sample_hidden(self.graphdef, self.params, last_hidden, sub,
+                                          sampling=self.sampling))[:len(prompts)]
         finished = []
         for b, tok in zip(admitted, first):
             self.pos[b] = len(self.slot[b].prompt)
@@ -271,6 +274,15 @@ class Server:
             if self._emit(b, int(tok)):
                 finished.append(b)
         return finished
+
+    def _prefill_batch(self, admitted: list[int]) -> list[int]:
+        """The admitted rows, padded to a power of two (at most `rows`: a few compiled shapes)
+        with other rows, free ones first; a padding row's chunks are all invalid, which leaves
+        its cache as it was (as for a short prompt's row in `generate`)."""
+        size = min(self.rows, 1 << (len(admitted) - 1).bit_length())
+        others = sorted((b for b in range(self.rows) if b not in admitted),
+                        key=lambda b: self.slot[b] is not None)
+        return list(admitted) + others[:size - len(admitted)]
 
     @property
     def params_dtype(self):

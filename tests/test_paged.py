@@ -276,6 +276,45 @@ def test_served_requests_equal_generate_alone_and_pages_come_back(llama_dms):
         assert int(c.num_free) == server.num_pages  # every page back
 
 
+def test_admitted_prompts_are_prefilled_together_padding_rows_untouched(llama_dms):
+    """Prompts admitted in one step go through one batched prefill, padded to a power of two
+    with rows whose chunks are all padding (free rows, or a row mid-decode); every request still
+    gets the tokens `generate` gives it alone."""
+    from dms_jax.serve import Server
+
+    rng = np.random.default_rng(15)
+    # four start together; three of them end at once while the fourth decodes on, so the next
+    # three are prefilled with that row as padding
+    requests = [(rng.integers(0, 97, n).tolist(), m) for n, m in
+                ((25, 3), (4, 3), (13, 3), (9, 20), (21, 3), (2, 6), (17, 2))]
+    plan = plan_inference(llama_dms.config, target_cr=1.0, max_len=32, chunk_size=8,
+                          layout="paged", page_size=4)
+    server = Server(llama_dms, rows=4, max_len=32, page_size=4, target_cr=1.0,
+                    pool_pages=4 * plan.request_pages(32), chunk_size=8)
+    batches = []
+    pick = server._prefill_batch
+
+    def record(admitted):
+        rows = pick(admitted)
+        batches.append((list(admitted), rows, [server.slot[b] is not None for b in rows]))
+        return rows
+
+    server._prefill_batch = record
+    done = server.run(requests)
+    assert sorted(c.request_id for c in done) == list(range(len(requests)))
+    assert [len(a) for a, _, _ in batches] == [4, 3]
+    assert batches[1][1][3] == batches[0][1][3] and batches[1][2] == [True] * 4  # mid-decode pad
+    for c in done:
+        prompt, max_new = requests[c.request_id]
+        alone = generate(llama_dms, [prompt], max_new_tokens=max_new, chunk_size=8, max_len=32,
+                         capacity=32)
+        assert c.tokens == alone.sequences()[0]
+        assert c.overflow == 0 and c.held == int(alone.stats.held_tokens.sum())
+    for c in server.cache:
+        check_pool(c)
+        assert int(c.num_free) == server.num_pages
+
+
 def test_a_request_the_pool_can_never_hold_is_refused(llama_dms):
     from dms_jax.serve import Server, ServeError
 
