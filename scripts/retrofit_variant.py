@@ -4,10 +4,10 @@ Starts from a directory holding a vanilla model and its tokenizer (a finished
 `scripts/build_recall_models.py` run, or the shipped model: `--base shipped`), writes the retrofit
 documents (the build's seed 3, with the task mix optionally reweighted), runs the build's
 `retrofit` stage with config overrides and its own legs, then its `eval` stage. Every stage
-resumes like the build's. Example (measurement 12, a hold at the schedule's end):
+resumes like the build's. Measurement 12 (a hold at the schedule's end, with v5's task weights):
 
     python scripts/retrofit_variant.py --out runs/recall_hold --legs 2:70,4:250,8:1000 \
-        --set train.cr_steps=800 --eval-legs 8
+        --mix niah_multivalue=2,vt=1.5 --eval-legs 8
 
 The last leg's steps are the run's length (`train.steps` is set per leg, so `--set` refuses it).
 """
@@ -39,7 +39,8 @@ def main(argv=None) -> int:
                    help="directory with vanilla/ and tokenizer/ (default: the package's shipped vanilla model)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="retrofit config override, e.g. train.cr_end=16 (repeatable)")
-    p.add_argument("--legs", default="2:70,4:250,8:800", help="RATIO:STEPS exports (default the build's)")
+    legs = ",".join(f"{r}:{n}" for r, n in build.PRESETS["full"]["legs"])
+    p.add_argument("--legs", default=legs, help=f"RATIO:STEPS exports (default the build's, {legs})")
     p.add_argument("--mix", default="", help="retrofit task weights over the build's, e.g. vt=3,niah_multivalue=4")
     p.add_argument("--eval-legs", default="", help="ratios to evaluate (default every leg)")
     p.add_argument("--stages", default="retrofit,eval")
