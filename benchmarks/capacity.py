@@ -35,7 +35,7 @@ def _load(name):
     return module
 
 
-def plan_for(cfg, system: str, context: int, *, window: int, page_size: int):
+def plan_for(cfg, system: str, context: int, *, window: int, page_size: int, margin=None):
     import dataclasses
 
     from dms_jax import DMSConfig
@@ -47,7 +47,8 @@ def plan_for(cfg, system: str, context: int, *, window: int, page_size: int):
                               **({"page_size": page_size} if layout else {}))
     dms_cfg = dataclasses.replace(cfg, dms=DMSConfig(mode="adapter", window=window))
     return plan_inference(dms_cfg, policy="dms", target_cr=float(name[3:]), max_len=context,
-                          layout=layout or "slots", **({"page_size": page_size} if layout else {}))
+                          layout=layout or "slots", margin=margin,
+                          **({"page_size": page_size} if layout else {}))
 
 
 def largest_batch(plan, budget: int, limit: int = 1 << 16) -> int:
@@ -61,20 +62,28 @@ def largest_batch(plan, budget: int, limit: int = 1 << 16) -> int:
     return lo
 
 
-def confirm(model_dir, system, context, batch, budget, *, window, page_size, new_tokens):
+def confirm(model_dir, system, context, batch, budget, *, window, page_size, new_tokens,
+            margin=None):
     """Run `generate` at (batch, context) strictly; returns what it allocated and reached. The
     model is benchmarks/serve.py's (`load_model`: dms forced to the flag rate 1 - 1/CR)."""
     import dms_jax
+    from dms_jax.cache import CacheOverflowError
 
     name, _, layout = system.partition("-")
     model, kw = _load("serve").load_model(dict(system=name, model_dir=model_dir, window=window,
                                                 context=context))
     if layout:
         kw.update(layout=layout, page_size=page_size)
+    if name != "full":
+        kw.update(margin=margin)
     ids = _load("vs_transformers").prompts_for(model.config.vocab_size, batch, context - new_tokens)
     tic = time.perf_counter()
-    out = dms_jax.generate(model, ids, max_new_tokens=new_tokens, max_len=context, strict=True,
-                           **kw)
+    try:
+        out = dms_jax.generate(model, ids, max_new_tokens=new_tokens, max_len=context, strict=True,
+                               **kw)
+    except CacheOverflowError as err:  # the margin was too small for this batch
+        return dict(cache_bytes=0, fits=False, cr=float("nan"), overflow=str(err).split(":")[0],
+                    seconds=time.perf_counter() - tic)
     s = out.stats
     cache_bytes = sum(x.nbytes for c in out.state.cache for x in _leaves(c))
     return dict(cache_bytes=int(cache_bytes), fits=cache_bytes <= budget, cr=s.compression_ratio,
@@ -96,6 +105,9 @@ def main(argv=None):
     p.add_argument("--window", type=int, default=256)
     p.add_argument("--page-size", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=8)
+    p.add_argument("--margin", type=float, default=None,
+                   help="dms caches' margin over the expected retained tokens (default: the plan's, "
+                        "0.5 for slots, 0.1 for pages)")
     p.add_argument("--quick", action="store_true", help="tiny shape, 2 MiB, contexts 512 / 1024")
     args = p.parse_args(argv)
     if args.quick:
@@ -113,15 +125,18 @@ def main(argv=None):
         cfg = dms_jax.from_pretrained(model_dir).config
         print(f"shape {args.shape} (L, d, ffn, H, Hkv, D, V = {vs.SHAPES[args.shape]}); budget "
               f"{args.budget_mib:g} MiB of KV cache; dms window {args.window}; pages of "
-              f"{args.page_size}", flush=True)
+              f"{args.page_size}; dms margin "
+              f"{'the plan default' if args.margin is None else args.margin}", flush=True)
         for context in contexts:
             for system in SYSTEMS:
-                plan = plan_for(cfg, system, context, window=args.window, page_size=args.page_size)
+                plan = plan_for(cfg, system, context, window=args.window, page_size=args.page_size,
+                                margin=args.margin)
                 batch = largest_batch(plan, budget)
                 r = results[(context, system)] = dict(batch=batch, bytes=plan.cache_bytes(batch))
                 if context in confirm_at and batch:
                     r.update(confirm(model_dir, system, context, batch, budget, window=args.window,
-                                     page_size=args.page_size, new_tokens=args.new_tokens))
+                                     page_size=args.page_size, new_tokens=args.new_tokens,
+                                     margin=args.margin))
                 print(f"  ctx {context} {system:11s} batch {batch}" + (
                     f" ran: {r['cache_bytes'] / MiB:.1f} MiB allocated, CR {r['cr']:.2f}, "
                     f"overflow {r['overflow']} ({r['seconds']:.0f} s)" if "cr" in r else ""),
@@ -130,8 +145,8 @@ def main(argv=None):
             cells = []
             for system in SYSTEMS:
                 r = results[(context, system)]
-                ran = ("" if "cr" not in r else
-                       f", ran: CR {r['cr']:.2f}, {'fits' if r['fits'] else 'OVER BUDGET'}")
+                ran = ("" if "cr" not in r else f", ran: OVERFLOW" if isinstance(r["overflow"], str)
+                       else f", ran: CR {r['cr']:.2f}, {'fits' if r['fits'] else 'OVER BUDGET'}")
                 cells.append(f"{r['batch']} ({r['batch'] / full:.1f}x{ran})" if full else
                              f"{r['batch']}{ran}")
             rows.append(f"| {context} | " + " | ".join(cells) + " |")

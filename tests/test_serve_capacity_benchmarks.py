@@ -61,3 +61,7 @@ def test_capacity_bisection_and_a_confirming_run(model_dir):
                            new_tokens=2)
     small = capacity.plan_for(cfg, "full-paged", 128, window=16, page_size=16)
     assert ran["fits"] and ran["overflow"] == 0 and ran["cache_bytes"] == small.cache_bytes(2)
+    # a smaller margin sizes a smaller pool per request, so more rows fit
+    tight = capacity.largest_batch(capacity.plan_for(cfg, "dms8-paged", 512, window=16,
+                                                     page_size=16, margin=0.0), budget)
+    assert tight > dms
