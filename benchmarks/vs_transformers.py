@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import json
 import os
 import resource
@@ -105,21 +106,24 @@ def run_transformers(job) -> dict:
     ids = torch.from_numpy(prompts_for(model.config.vocab_size, job["batch"], job["context"])
                            ).long()
     steps = job["new_tokens"]
+    # the cache argument: `cache` in newer transformers, `past_key_values` before (deprecated since)
+    arg = ("cache" if "cache" in inspect.signature(type(model).forward).parameters
+           else "past_key_values")
     with torch.inference_mode():
         warm = transformers.DynamicCache(config=model.config)  # warm-up: one chunk, 4 steps
-        model(ids[:, :job["chunk"]], past_key_values=warm, use_cache=True, logits_to_keep=1)
+        model(ids[:, :job["chunk"]], use_cache=True, logits_to_keep=1, **{arg: warm})
         for _ in range(4):
-            model(ids[:, :1], past_key_values=warm, use_cache=True)
+            model(ids[:, :1], use_cache=True, **{arg: warm})
         del warm
         tic = time.perf_counter()
         cache = transformers.DynamicCache(config=model.config)
-        out = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        out = model(ids, use_cache=True, logits_to_keep=1, **{arg: cache})
         tok = out.logits[:, -1].argmax(-1, keepdim=True)
         prefill_s = time.perf_counter() - tic
         tokens = [tok]
         tic = time.perf_counter()
         for _ in range(steps):
-            out = model(tok, past_key_values=cache, use_cache=True)
+            out = model(tok, use_cache=True, **{arg: cache})
             tok = out.logits[:, -1].argmax(-1, keepdim=True)
             tokens.append(tok)
         decode_s = time.perf_counter() - tic
