@@ -10,8 +10,9 @@ twice, in separate processes:
 Requests: `--requests` prompts of lengths drawn uniformly in [context / 2, context], each asking
 for `--new-tokens` tokens, all submitted at the start. Timed: the whole stream, after warm-up
 streams of 1, 2, 4, ... short requests that compile every program it uses (the decode step and
-each padded prefill batch), so compilation is excluded. Printed: generated tokens / s, requests / s, mean rows busy, the pool's pages and the CR reached, and the ratio
-dms8 / full of tokens / s (> 1: DMS serves more).
+each padded prefill batch), so compilation is excluded. Printed: generated tokens / s,
+requests / s, mean rows busy, the pool's pages and the CR reached, and the ratio dms8 / full of
+tokens / s (> 1: DMS serves more).
 
     python benchmarks/serve.py                            # kv shape, contexts up to 2k
     python benchmarks/serve.py --context 16384 --requests 8 --new-tokens 256     # prompt-heavy

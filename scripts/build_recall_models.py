@@ -161,9 +161,17 @@ def stage_corpus(out, preset):
     if not os.path.exists(more):  # the last pretraining phase: its own seed
         write_corpus(more, tokenizer, num_docs=preset["more_docs"], lengths=preset["doc_lengths"],
                      mix=PRETRAIN_MORE_MIX, seed=7)
-    if not os.path.exists(ret):  # its own seed, one length: the retrofit's
-        write_corpus(ret, tokenizer, num_docs=preset["retrofit_docs"], lengths=(preset["retrofit_length"],),
-                     mix=RETROFIT_MIX, seed=3)
+    if not os.path.exists(ret):
+        write_retrofit_corpus(ret, tokenizer, preset)
+
+
+def write_retrofit_corpus(path, tokenizer, preset, mix=RETROFIT_MIX):
+    """The retrofit's documents: its own seed, one length (scripts/retrofit_variant.py reweights
+    `mix`)."""
+    from dms_jax.eval.corpus import write_corpus
+
+    write_corpus(path, tokenizer, num_docs=preset["retrofit_docs"], lengths=(preset["retrofit_length"],),
+                 mix=mix, seed=3)
 
 
 def _config(name: str, out: str, run: str, overrides: dict):

@@ -72,10 +72,9 @@ def main(argv=None) -> int:
     data = os.path.join(out, "data", "retrofit.jsonl")
     if not os.path.exists(data):
         import dms_jax
-        from dms_jax.eval.corpus import write_corpus
 
-        write_corpus(data, dms_jax.load_tokenizer(os.path.join(out, "tokenizer")),
-                     num_docs=preset["retrofit_docs"], lengths=(preset["retrofit_length"],), mix=mix, seed=3)
+        build.write_retrofit_corpus(data, dms_jax.load_tokenizer(os.path.join(out, "tokenizer")),
+                                    preset, mix)
     print(f"[variant] overrides {preset['retrofit']} legs {preset['legs']} mix {mix}", flush=True)
     for stage in (s.strip() for s in args.stages.split(",")):
         try:
