@@ -151,10 +151,44 @@ def test_a_dms_cache_too_small_is_an_error_not_a_result(models, tokenizer):
     (dict(policy="lru"), "unknown policy"),
     (dict(policy="dms", capacity=0), "positive integer"),
     (dict(policy="full", batch_size=0), "batch_size"),
+    (dict(policy="full", samples=0), "samples=0"),
+    (dict(policy="full", samples=2), "temperature > 0"),
+    (dict(policy="full", temperature=-1.0), "temperature"),
 ])
 def test_bad_methods_are_refused_before_compute(models, tokenizer, kwargs, match):
     with pytest.raises(H.EvalError, match=match):
         H.evaluate(models["vanilla"], tokenizer, examples()[:1], progress=False, **kwargs)
+
+
+def test_majority_vote_over_sampled_conversations(models, tokenizer):
+    """Each example sampled k times, each question scored on the majority answer; the cache
+    figures stay per conversation and `kv_reads_per_example` counts all k."""
+    exs, model = examples(), models["dms"]
+    kw = dict(policy="dms", batch_size=3, progress=False)
+    greedy = H.evaluate(model, tokenizer, exs, **kw)
+    # at a vanishing temperature every sample is the greedy conversation, so is the vote
+    cold = H.evaluate(model, tokenizer, exs, samples=3, temperature=1e-4, seed=1, **kw)
+    for g, c in zip(greedy.transcripts, cold.transcripts):
+        assert c["answers"] == g["answers"] and c["score"] == g["score"]
+        assert c["sampled_answers"] == [g["answers"]] * 3
+    assert cold.held_tokens.shape[1] == 3 * len(exs)
+    assert cold.kv_reads == pytest.approx(greedy.kv_reads)
+    assert cold.kv_reads_per_example == pytest.approx(3 * greedy.kv_reads_per_example)
+    assert cold.compression_ratio == pytest.approx(greedy.compression_ratio)
+    hot = H.evaluate(model, tokenizer, exs, samples=4, temperature=2.0, seed=2, **kw)
+    again = H.evaluate(model, tokenizer, exs, samples=4, temperature=2.0, seed=2, **kw)
+    assert [t["sampled_answers"] for t in hot.transcripts] == [t["sampled_answers"] for t in again.transcripts]
+    for ex, t in zip(exs, hot.transcripts):
+        assert len(t["sampled_answers"]) == 4
+        assert t["answers"] == [H.majority(turn) for turn in zip(*t["sampled_answers"])]
+        assert t["score"] == T.score_example(ex, t["answers"])
+    assert any(len({tuple(s) for s in t["sampled_answers"]}) > 1 for t in hot.transcripts)
+
+
+def test_majority_prefers_the_first_sampled_of_equal_counts():
+    assert H.majority(["b", "a", "a", "c"]) == "a"
+    assert H.majority(["b", "a", "a", "b", "c"]) == "b"
+    assert H.majority(["x"]) == "x"
 
 
 def test_dms_policy_needs_a_dms_model(models, tokenizer):
@@ -302,3 +336,28 @@ def test_loglikelihood_text_and_bad_requests(models, tokenizer):
         scoring.loglikelihood(model, [([], [5])])
     with pytest.raises(ValueError, match=r"must lie in \[0, 340\)"):
         scoring.loglikelihood(model, [([1, 2], [400])])
+
+
+def test_hyperscaling_script_quick(model_dirs, tmp_path, capsys):
+    """scripts/hyperscaling.py --quick on the tiny models: the table, the figures and the plot;
+    maj@k rows follow the sampled transcripts' votes."""
+    import os
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                    "scripts"))
+    import hyperscaling
+
+    out = tmp_path / "hs"
+    assert hyperscaling.main(["--vanilla", model_dirs["vanilla"], "--dms", model_dirs["dms"],
+                              "--quick", "--length", str(LENGTH), "--out", str(out)]) == 0
+    head, rows = parse_table((out / "results.md").read_text())
+    assert [r["method"] for r in rows][-2:] == ["DMS, one sample", "DMS, maj@2"]
+    figures = json.loads((out / "results.json").read_text())
+    assert figures["samples"] == 2 and len(figures["maj_at_k"]) == 2
+    sampled = figures["dms_sampled"]
+    assert figures["maj_at_k"][1]["kv_reads_per_example"] == pytest.approx(
+        sampled["kv_reads_per_example"])
+    assert float(rows[0]["/ vanilla"]) == 1.0
+    assert (out / "accuracy_vs_reads.png").stat().st_size > 0
+    with pytest.raises(SystemExit, match="temperature"):
+        hyperscaling.main(["--temperature", "0", "--out", str(out)])

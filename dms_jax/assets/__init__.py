@@ -2,7 +2,8 @@
 
 - `recall_dms8x`, `recall_vanilla`: the recall models of the proof (docs/recall.md): a small
   Llama-family model pretrained on the synthetic long-context tasks of `dms_jax.eval`, and the
-  last leg of its DMS retrofit towards 8x (8.08x held-token CR measured over the evaluation).
+  last leg of its DMS retrofit towards 8x (7.60x held-token CR measured over the evaluation,
+  docs/results/results.md).
   `infer.py` runs the 8x model with no arguments (`--model vanilla` the other).
 - `tiny_random`: a tiny random-weight Llama with a byte-level tokenizer (`scripts/make_tiny_model.py`),
   for tests and `configs/tiny.py`: it exercises every engine path, but its text is noise.

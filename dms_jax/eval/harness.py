@@ -31,6 +31,7 @@ from collections import defaultdict
 from types import SimpleNamespace
 from typing import Sequence
 
+import jax
 import numpy as np
 
 import dms_jax
@@ -73,12 +74,20 @@ class EvalResult:
     overflow: int  # tokens dropped for lack of slots, all sequences (0 in a strict run)
     kept_fraction: np.ndarray  # [L, Hkv] mean over sequences of held / seen
     transcripts: list[dict]  # per example: task, answers (text), generated ids, score
-    held_tokens: np.ndarray = dataclasses.field(repr=False)  # [L, N, Hkv] held at the end
+    held_tokens: np.ndarray = dataclasses.field(repr=False)  # [L, N x samples, Hkv] at the end
     seconds: float = 0.0
+    samples: int = 1  # conversations sampled per example (the answers are their majority vote)
+    temperature: float = 0.0
 
     @property
     def kv_reads(self) -> float:
+        """Keys read per sequence (one sampled conversation)."""
         return self.kv_reads_prefill + self.kv_reads_decode
+
+    @property
+    def kv_reads_per_example(self) -> float:
+        """Keys read to answer one example: every sampled conversation's."""
+        return self.samples * self.kv_reads
 
     def to_dict(self) -> dict:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
@@ -87,6 +96,7 @@ class EvalResult:
         d["accuracy"] = {k: list(v) for k, v in self.accuracy.items()}
         d["mean"] = list(self.mean)
         d["kv_reads"] = self.kv_reads
+        d["kv_reads_per_example"] = self.kv_reads_per_example
         return _jsonable(d)
 
 
@@ -170,9 +180,18 @@ def default_max_answer_tokens(examples: Sequence[T.Example]) -> int:
 # ----------------------------------------------------------------------------- evaluation
 
 
+def majority(texts: Sequence[str]) -> str:
+    """The most frequent answer; among equally frequent ones, the one sampled first."""
+    counts: dict[str, int] = {}
+    for t in texts:
+        counts[t] = counts.get(t, 0) + 1
+    return max(counts, key=counts.get)  # max keeps the first of equal counts (insertion order)
+
+
 def evaluate(model, tokenizer, examples: Sequence[T.Example], *, policy="full", budget=None,
              target_cr=None, capacity=None, policy_params=None, batch_size=16,
-             max_answer_tokens=None, method=None, chunk_size=None, progress=True) -> EvalResult:
+             max_answer_tokens=None, method=None, chunk_size=None, progress=True, samples=1,
+             temperature=0.0, seed=0) -> EvalResult:
     """Score `model` on `examples` with one cache policy (see the module docstring).
 
     policy: "full" | "dms" | "streaming" | "h2o" | "tova" | "snapkv"; policy_params: the
@@ -185,12 +204,24 @@ def evaluate(model, tokenizer, examples: Sequence[T.Example], *, policy="full", 
     chunk_size: the prefill chunk (default EVAL_CHUNK); the baselines evict after each chunk, so
     it bounds how much of the prompt they read before evicting (SnapKV compresses after the whole
     prompt by design).
+    samples, temperature, seed: each example's conversation is sampled `samples` times at
+    `temperature` (0: greedy, the default; samples > 1 needs temperature > 0) from PRNG seed
+    `seed`, and each question is scored on the majority answer of the samples (`majority`). The
+    cache figures stay per sampled conversation; `EvalResult.kv_reads_per_example` counts every
+    sample's reads (what a majority vote spends, for comparisons at equal KV reads).
     """
     chunk_size = EVAL_CHUNK if chunk_size is None else chunk_size
     if not examples:
         raise EvalError("no examples to evaluate")
     if not (isinstance(batch_size, (int, np.integer)) and batch_size >= 1):
         raise EvalError(f"batch_size={batch_size!r} must be a positive integer")
+    if not (isinstance(samples, (int, np.integer)) and samples >= 1):
+        raise EvalError(f"samples={samples!r} must be a positive integer (conversations per example)")
+    if not (isinstance(temperature, (int, float)) and temperature >= 0):
+        raise EvalError(f"temperature={temperature!r} must be a number >= 0 (0: greedy)")
+    if samples > 1 and temperature == 0:
+        raise EvalError(f"samples={samples} at temperature 0 would draw the greedy answer "
+                        f"{samples} times: pass temperature > 0 for a majority vote")
     check_method(policy, budget=budget, capacity=capacity, target_cr=target_cr,
                  policy_params=policy_params, model=model)
     if max_answer_tokens is None:
@@ -206,23 +237,31 @@ def evaluate(model, tokenizer, examples: Sequence[T.Example], *, policy="full", 
     pol = get_policy(policy, **(policy_params or {}))
     method = method or policy
 
-    groups = defaultdict(list)  # examples with the same number of turns share batches
-    for i, ts in enumerate(turns):
-        groups[len(ts)].append(i)
+    # conversation c is sample c % samples of example c // samples; conversations with the same
+    # number of turns share batches
+    convs = len(examples) * samples
+    groups = defaultdict(list)
+    for c in range(convs):
+        groups[len(turns[c // samples])].append(c)
     batches = [idx[s:s + batch_size] for idx in groups.values()
                for s in range(0, len(idx), batch_size)]
+    sampling = {} if temperature == 0 else dict(temperature=float(temperature))
+    root = jax.random.key(seed)
 
-    answers: list[list[list[int]]] = [[] for _ in examples]
+    answers: list[list[list[int]]] = [[] for _ in range(convs)]
     held, seen, peak_bytes, full_bytes = [], [], 0.0, 0.0
     reads_prefill = reads_decode = 0.0
     overflow, max_peak, alloc = 0, None, None
     t0 = time.perf_counter()
     bar = _progress(len(batches), method) if progress else None
-    for rows in batches:
+    for b, rows in enumerate(batches):
         state = None
-        for k in range(len(turns[rows[0]])):
-            prompts = [turns[i][k] for i in rows]
-            kw = dict(max_new_tokens=max_answer_tokens, stop_tokens=[stop], strict=True)
+        for k in range(len(turns[rows[0] // samples])):
+            prompts = [turns[c // samples][k] for c in rows]
+            kw = dict(max_new_tokens=max_answer_tokens, stop_tokens=[stop], strict=True,
+                      **sampling)
+            if sampling:
+                kw["key"] = jax.random.fold_in(jax.random.fold_in(root, b), k)
             if state is None:
                 kw.update(policy=pol, max_len=max_len, budget=budget, capacity=capacity,
                           target_cr=target_cr, chunk_size=chunk_size)
@@ -260,17 +299,23 @@ def evaluate(model, tokenizer, examples: Sequence[T.Example], *, policy="full", 
     held_all = np.concatenate(held, axis=1)[:, np.argsort(order)]  # [L, N, Hkv]
     seen_all = np.concatenate(seen)[np.argsort(order)]  # [N]
     ratio = held_all / np.maximum(seen_all, 1)[None, :, None]
-    n = len(examples)
+    n = convs  # the cache figures are per sampled conversation
 
     scores: dict[str, list[float]] = {}
     transcripts = []
-    for ex, ans in zip(examples, answers):
-        texts = [" ".join(tokenizer.convert_ids_to_tokens(a)) for a in ans]
+    for e, ex in enumerate(examples):
+        drawn = answers[e * samples:(e + 1) * samples]  # [samples][turns] ids
+        texts_by_sample = [[" ".join(tokenizer.convert_ids_to_tokens(a)) for a in ans]
+                           for ans in drawn]
+        texts = [majority(turn) for turn in zip(*texts_by_sample)]
         s = T.score_example(ex, texts)
         scores.setdefault(ex.task, []).append(s)
-        transcripts.append({"task": ex.task, "params": dict(ex.params), "answers": texts,
-                            "references": [" ".join(a) for a in ex.answers],
-                            "generated_ids": ans, "score": s})
+        record = {"task": ex.task, "params": dict(ex.params), "answers": texts,
+                  "references": [" ".join(a) for a in ex.answers],
+                  "generated_ids": drawn[0] if samples == 1 else drawn, "score": s}
+        if samples > 1:
+            record["sampled_answers"] = texts_by_sample
+        transcripts.append(record)
     all_scores = [s for ex_scores in scores.values() for s in ex_scores]
     return EvalResult(
         method=method, policy=policy, budget=budget, capacity=int(alloc), tasks=list(scores),
@@ -281,7 +326,8 @@ def evaluate(model, tokenizer, examples: Sequence[T.Example], *, policy="full", 
         peak_kv_bytes=peak_bytes / n, full_kv_bytes=full_bytes / n,
         kv_reads_prefill=reads_prefill / n, kv_reads_decode=reads_decode / n,
         overflow=overflow, kept_fraction=ratio.mean(axis=1), transcripts=transcripts,
-        held_tokens=held_all, seconds=time.perf_counter() - t0)
+        held_tokens=held_all, seconds=time.perf_counter() - t0, samples=int(samples),
+        temperature=float(temperature))
 
 
 def _max_peak_held(state) -> int | None:
