@@ -14,7 +14,9 @@ one slot into the pages. The pool is sized for the batch's expected retained tok
 `pool_pages`), not for the worst head, so heads that keep more borrow pages from heads that keep
 less. Attention reads the ring and, in a loop with a dynamic trip count, only the pages some
 stream holds (`dms_jax.ops.live_attention`'s online softmax), so a prefill chunk at position t
-costs about t keys under `full` and about the held tokens under `dms`.
+costs about t keys under `full` and about the held tokens under `dms`; a decode step whose pool
+is mostly in use reads every page in place instead, combining per-page softmaxes per stream
+(`pool_attention`; one query head per KV head only, see `POOL_READ_SHARE`).
 
 One step (`attend_and_update`, pure and jittable; the model calls it for a plan whose layout is
 "paged"):
@@ -54,6 +56,7 @@ from jax.sharding import Mesh, PartitionSpec
 from dms_jax.cache import _chunk_flags  # the one rule of the shift by one
 from dms_jax.ops.live_attention import (attend_block, block_bias, empty_state, finish,
                                         group_queries)
+from dms_jax.ops.mask import MASK_VALUE, visibility_bias
 
 @dataclasses.dataclass(frozen=True)
 class PoolShards:
@@ -111,6 +114,16 @@ def _on_shards(fn, cache: "PagedLayerCache", args, arg_specs, out_specs):
 # tokens per page-block iteration of the attention loop (pages are gathered k at a time)
 DECODE_BLOCK_TOKENS = 512
 PREFILL_BLOCK_TOKENS = 256
+# A decode step reads the whole pool in place (`pool_attention`) rather than gathering the live
+# pages (`page_attention`) once the gather would copy at least this share of the pool's pages.
+# Measured on CPU (kv shape: a pool of 2,048 pages of 64 tokens, 14 rows x 4 KV heads, one
+# layer): one thread, gather 4.6 / 9.9 / 19.2 ms at 22 / 44 / 79% of the pool in use against
+# 6.5-7.5 ms in place (break-even ~30%); two threads, gather 3.6 / 7.0 ms at 44 / 88% against
+# 4.7 ms (break-even ~60%). Only without grouped queries: with G query heads per KV head the
+# per-page dots are [G, D] x [D, page], which XLA on CPU runs slower than the gather's long dots
+# (a full pool of 520 pages, 4 rows x 2 KV heads, one thread: G = 2 6.3 ms in place against 3.6
+# gathered, G = 4 8.9 against 4.5), so grouped queries always gather.
+POOL_READ_SHARE = 0.4
 
 
 @flax.struct.dataclass
@@ -239,6 +252,64 @@ def page_attention(carry, qg, q_pos, q_valid, cache: PagedLayerCache, *, sliding
         return attend_block(carry, qg, k_blk, v_blk, bias, q_valid, scale)
 
     return lax.fori_loop(0, trips, one_block, carry)
+
+
+def reads_pool(cache: PagedLayerCache, block_tokens: int):
+    """bool scalar: a decode step reads the pool in place (`pool_attention`) rather than
+    gathering pages (`page_attention`): the gather would copy at least `POOL_READ_SHARE` of the
+    pool's pages (every stream gathers as many blocks as the stream holding the most)."""
+    page, width = cache.page_size, cache.page_table.shape[-1]
+    k = max(1, min(block_tokens // page, width))
+    pages_used = (cache.retained + page - 1) // page  # [B, Hkv]
+    gathered = (jnp.max(pages_used) + k - 1) // k * k * pages_used.size
+    return gathered >= POOL_READ_SHARE * cache.num_pages
+
+
+def pool_attention(qg, q_pos, q_valid, cache: PagedLayerCache, *, sliding_window, scale):
+    """The queries over every stream's retained tokens, reading the pool in place: each page is
+    scored once by the queries of the stream that owns it (found by inverting the page tables),
+    and the pages' partial softmaxes are combined per stream (segment max and sums). No page is
+    copied, so a step reads the pool's bytes once, where `page_attention`'s gather writes and
+    reads them again; free pages are read too (masked), so this pays when most pages are in use.
+    The same visibility rule and count of keys seen as `page_attention`.
+
+    qg: [B, Hkv, G, C, D]; q_pos: int32 [B, C]; q_valid: bool [B, C].
+    returns the online softmax's carry after the pages (`empty_state`'s structure).
+    """
+    batch, heads, group, chunk, head_dim = qg.shape
+    streams, pages = batch * heads, cache.num_pages
+    with jax.named_scope("owners"):
+        table = cache.page_table.reshape(streams, -1)  # [S, M]
+        ids = jnp.where(table >= 0, table, pages)
+        stream_id = jnp.broadcast_to(jnp.arange(streams, dtype=jnp.int32)[:, None], table.shape)
+        owner = jnp.full((pages,), streams, jnp.int32).at[ids].set(stream_id, mode="drop")  # [P]
+        own = jnp.minimum(owner, streams - 1)
+        q_own = qg.reshape(streams, group, chunk, head_dim)[own]  # [P, G, C, D]
+        pos_own = jnp.repeat(q_pos, heads, axis=0)[own]  # [P, C]
+        real_own = jnp.repeat(q_valid, heads, axis=0)[own]  # [P, C]
+    k_valid = (owner < streams)[:, None] & (cache.pool_pos >= 0)  # [P, page]
+    bias = visibility_bias(pos_own[:, None, :, None], cache.pool_pos[:, None, None, :], None, 0,
+                           k_valid=k_valid[:, None, None, :],
+                           sliding_window=sliding_window)  # [P, 1, C, page], the one rule
+    scores = jnp.einsum("pgcd,ptd->pgct", q_own, cache.pool_keys,
+                        preferred_element_type=jnp.float32) * scale + bias
+    m_page = jnp.max(scores, axis=-1)  # [P, G, C]
+    p = jnp.exp(scores - m_page[..., None])
+    l_page = jnp.sum(p, axis=-1)
+    acc_page = jnp.einsum("pgct,ptd->pgcd", p.astype(cache.pool_values.dtype), cache.pool_values,
+                          preferred_element_type=jnp.float32)
+    with jax.named_scope("combine"):
+        # per stream: the max over its pages (MASK_VALUE when it has none, so that the ring's
+        # block rescales it to nothing), then each page's share rescaled to it
+        m = jnp.maximum(jax.ops.segment_max(m_page, owner, num_segments=streams), MASK_VALUE)
+        share = jnp.exp(m_page - m[own])  # [P, G, C]
+        l = jax.ops.segment_sum(l_page * share, owner, num_segments=streams)
+        acc = jax.ops.segment_sum(acc_page * share[..., None], owner, num_segments=streams)
+        seen = jax.ops.segment_sum(((bias[:, 0] > MASK_VALUE / 2) & real_own[..., None]).sum(
+            axis=(1, 2), dtype=jnp.float32), owner, num_segments=streams)
+    shape = (batch, heads, group, chunk)
+    return ((m.reshape(shape), l.reshape(shape), acc.reshape(shape + (head_dim,))),
+            seen.reshape(batch, heads))
 
 
 # ----------------------------------------------------------------------------- the update
@@ -396,10 +467,16 @@ def _attend_and_update(cache: PagedLayerCache, q, k_new, v_new, decisions, posit
     block = key_block or (DECODE_BLOCK_TOKENS if chunk == 1 else PREFILL_BLOCK_TOKENS)
 
     def attend(c: PagedLayerCache, r_keys, r_values, r_pos, r_flags, tail):
-        carry = empty_state(qg)
         with jax.named_scope("pages"):
-            carry = page_attention(carry, qg, positions, new_valid, c,
-                                   sliding_window=sliding_window, scale=scale, block_tokens=block)
+            gather = lambda: page_attention(  # noqa: E731
+                empty_state(qg), qg, positions, new_valid, c, sliding_window=sliding_window,
+                scale=scale, block_tokens=block)
+            if tail or qg.shape[2] > 1:  # a chunk's [C, block] tiles, or grouped queries:
+                carry = gather()  # the gathered pages' long dots (see POOL_READ_SHARE)
+            else:  # a decode step: the pool in place once most of it would be gathered anyway
+                carry = lax.cond(reads_pool(c, block), lambda: pool_attention(
+                    qg, positions, new_valid, c, sliding_window=sliding_window, scale=scale),
+                    gather)
         with jax.named_scope("ring"):
             carry = attend_block(carry, qg, r_keys, r_values,
                                  block_bias(positions, r_pos, r_flags, r_pos >= 0, **rule),

@@ -127,6 +127,9 @@ def main(argv=None) -> int:
         raise SystemExit(f"error: --dms {args.dms} has no 'dms' block in its config.json: pass a "
                          "DMS retrofit's export")
     tokenizer = dms_jax.load_tokenizer(args.vanilla)
+    if dms_jax.load_tokenizer(args.dms).get_vocab() != tokenizer.get_vocab():
+        raise SystemExit(f"error: --dms {args.dms} and --vanilla {args.vanilla} have different "
+                         "tokenizers: the DMS model must be a retrofit of the vanilla one")
     examples = [ex for t in tasks
                 for ex in T.make_examples(t, args.examples, args.length, split="eval",
                                           first_seed=args.seed)]

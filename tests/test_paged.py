@@ -17,9 +17,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import dms_jax
+from dms_jax import DMSConfig, ModelConfig
 from dms_jax import cache as kvcache
 from dms_jax import paged
 from dms_jax.generate import generate, prefill_step
+from dms_jax.ops.attention import online_softmax_finish
+from dms_jax.ops.live_attention import empty_state
 from dms_jax.plan import PlanError, plan_inference
 from tests.test_generate import WINDOW, randomised_dms_model
 
@@ -146,6 +149,62 @@ def test_pool_bookkeeping_holds_for_any_page_and_chunk_size(llama_dms, seed, pag
     assert pages.sequences() == slots.sequences()
     for c in pages.state.cache:
         check_pool(c)
+
+
+@pytest.mark.parametrize("sliding_window", [None, 9])
+def test_reading_the_pool_in_place_equals_gathering_the_pages(llama_dms, sliding_window):
+    """A decode step's two readers of the pages (`pool_attention`: every pool page in place,
+    combined per stream; `page_attention`: the live pages gathered) give the same softmax and
+    the same keys seen, on a real pool with free pages between used ones (a released row),
+    streams of different lengths, grouped queries and a padding query."""
+    rng = np.random.default_rng(14)
+    prompts = [rng.integers(0, 97, n).tolist() for n in (37, 12, 25)]
+    out = generate(llama_dms, prompts, max_new_tokens=4, chunk_size=8, max_len=48,
+                   layout="paged", page_size=4, target_cr=1.0)
+    cache = paged.release_rows(out.state.cache[0], np.array([True, False, False]))
+    cfg = llama_dms.config
+    assert 0 < int(cache.num_free) < cache.num_pages  # free pages among the used ones
+    qg = jnp.asarray(rng.standard_normal((3, cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads,
+                                          1, cfg.head_dim)), jnp.float32)
+    q_pos = jnp.asarray([[60], [50], [29]], jnp.int32)  # row 2: its next position
+    q_valid = jnp.asarray([[True], [False], [True]])
+    kw = dict(sliding_window=sliding_window, scale=0.3)
+    pool, pool_seen = paged.pool_attention(qg, q_pos, q_valid, cache, **kw)
+    gath, gath_seen = paged.page_attention(empty_state(qg), qg, q_pos, q_valid, cache,
+                                           block_tokens=8, **kw)
+    real = np.asarray(q_valid)[:, None, None, :]
+    np.testing.assert_allclose(np.where(real[..., None], online_softmax_finish(pool), 0),
+                               np.where(real[..., None], online_softmax_finish(gath), 0),
+                               atol=1e-6)
+    np.testing.assert_array_equal(pool_seen, gath_seen)
+    assert np.asarray(pool_seen)[2].sum() > 0 and np.asarray(pool_seen)[:2].max() == 0
+
+
+@pytest.mark.parametrize("policy", ["dms", "full"])
+def test_decode_reading_the_pool_in_place_equals_the_slot_layout(policy):
+    """Without grouped queries a decode step over a mostly used pool reads it in place
+    (`pool_attention`, the tests above use grouped queries, which always gather): greedy
+    generation, held counts and decode reads still equal the slot layout's."""
+    cfg = ModelConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_layers=2,
+                      num_heads=2, num_kv_heads=2, head_dim=16,
+                      dms=DMSConfig(mode="adapter", window=WINDOW, offset=-4.0))
+    model = dms_jax.Decoder(cfg, rngs=nnx.Rngs(3))
+    rng = np.random.default_rng(15)
+    for layer in model.layers:  # random decisions: most tokens flagged
+        k = layer.attn.dms_proj.kernel
+        k[...] = jnp.asarray(0.3 * rng.standard_normal(k.shape), k.dtype)
+    prompts = [rng.integers(0, 97, n).tolist() for n in (27, 9, 20)]
+    kw = dict(max_new_tokens=[8, 12, 5], max_len=48, policy=policy)
+    slots = run(model, prompts, capacity=48, **kw)
+    pages = run(model, prompts, layout="paged", page_size=4, target_cr=1.0, **kw)
+    assert all(bool(paged.reads_pool(c, paged.DECODE_BLOCK_TOKENS)) for c in pages.state.cache)
+    assert pages.sequences() == slots.sequences()
+    np.testing.assert_array_equal(pages.stats.held_tokens, slots.stats.held_tokens)
+    np.testing.assert_array_equal(pages.stats.kv_reads_decode, slots.stats.kv_reads_decode)
+    for c in pages.state.cache:
+        check_pool(c)
+    if policy == "dms":
+        assert pages.stats.compression_ratio > 1.5
 
 
 def test_the_plan_sizes_the_pool_for_the_expected_retained_tokens(llama_dms):
