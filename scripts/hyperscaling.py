@@ -45,10 +45,14 @@ def vote_curve(examples, result: H.EvalResult) -> list[dict]:
 
 
 def _row(label, accuracy, mean, ci95, reads, budget, tasks):
-    cells = [f"{100 * accuracy[t][0]:.1f}" if isinstance(accuracy[t], tuple) else f"{accuracy[t]:.1f}"
-             for t in tasks]
-    return (f"| {label} | {reads:.3g} | {reads / budget:.2f} | " + " | ".join(cells)
-            + f" | {mean:.1f} ± {ci95:.1f} |")
+    """One table row; accuracy: task -> %, mean and ci95 in %."""
+    return (f"| {label} | {reads:.3g} | {reads / budget:.2f} | "
+            + " | ".join(f"{accuracy[t]:.1f}" for t in tasks) + f" | {mean:.1f} ± {ci95:.1f} |")
+
+
+def _greedy_row(label, result: H.EvalResult, budget, tasks):
+    return _row(label, {t: 100 * result.accuracy[t][0] for t in tasks}, 100 * result.mean[0],
+                100 * result.mean[1], result.kv_reads_per_example, budget, tasks)
 
 
 def markdown(rows, tasks, budget, args, command) -> str:
@@ -73,12 +77,13 @@ def plot(vanilla, greedy, curve, path, budget):
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     ax.errorbar([c["kv_reads_per_example"] for c in curve], [c["mean"] for c in curve],
                 yerr=[c["ci95"] for c in curve], fmt="o-", capsize=3, color="tab:green",
-                label="DMS 8x, maj@k of sampled answers (95% CI)")
+                label=f"DMS {greedy.compression_ratio:.2f}x, maj@k of sampled answers (95% CI)")
     for c in curve:
         ax.annotate(f"k={c['k']}", (c["kv_reads_per_example"], c["mean"]), fontsize=7,
                     textcoords="offset points", xytext=(3, -10))
     ax.errorbar([greedy.kv_reads], [100 * greedy.mean[0]], yerr=[100 * greedy.mean[1]], fmt="s",
-                capsize=3, color="tab:green", mfc="none", label="DMS 8x, greedy")
+                capsize=3, color="tab:green", mfc="none",
+                label=f"DMS {greedy.compression_ratio:.2f}x, greedy")
     ax.errorbar([vanilla.kv_reads], [100 * vanilla.mean[0]], yerr=[100 * vanilla.mean[1]],
                 fmt="*", ms=12, capsize=3, color="black", label="vanilla, greedy, full cache")
     ax.axvline(budget, color="grey", ls="--", lw=0.8)
@@ -149,10 +154,8 @@ def main(argv=None) -> int:
     curve = vote_curve(examples, sampled)
     assert abs(curve[-1]["mean"] - 100 * sampled.mean[0]) < 1e-9  # maj@K is the run's own vote
 
-    rows = [_row("vanilla, greedy, full cache", vanilla.accuracy, 100 * vanilla.mean[0],
-                 100 * vanilla.mean[1], budget, budget, tasks),
-            _row(f"DMS {greedy.compression_ratio:.2f}x, greedy", greedy.accuracy,
-                 100 * greedy.mean[0], 100 * greedy.mean[1], greedy.kv_reads, budget, tasks)]
+    rows = [_greedy_row("vanilla, greedy, full cache", vanilla, budget, tasks),
+            _greedy_row(f"DMS {greedy.compression_ratio:.2f}x, greedy", greedy, budget, tasks)]
     rows += [_row(f"DMS, maj@{c['k']}" if c["k"] > 1 else "DMS, one sample", c["accuracy"],
                   c["mean"], c["ci95"], c["kv_reads_per_example"], budget, tasks) for c in curve]
     os.makedirs(args.out, exist_ok=True)
