@@ -82,8 +82,8 @@ def confirm(model_dir, system, context, batch, budget, *, window, page_size, new
         out = dms_jax.generate(model, ids, max_new_tokens=new_tokens, max_len=context, strict=True,
                                **kw)
     except CacheOverflowError as err:  # the margin was too small for this batch
-        return dict(cache_bytes=0, fits=False, cr=float("nan"), overflow=str(err).split(":")[0],
-                    seconds=time.perf_counter() - tic)
+        return dict(cache_bytes=0, fits=False, cr=float("nan"), overflow=None,
+                    error=str(err).split(":")[0], seconds=time.perf_counter() - tic)
     s = out.stats
     cache_bytes = sum(x.nbytes for c in out.state.cache for x in _leaves(c))
     return dict(cache_bytes=int(cache_bytes), fits=cache_bytes <= budget, cr=s.compression_ratio,
@@ -139,13 +139,14 @@ def main(argv=None):
                                      margin=args.margin))
                 print(f"  ctx {context} {system:11s} batch {batch}" + (
                     f" ran: {r['cache_bytes'] / MiB:.1f} MiB allocated, CR {r['cr']:.2f}, "
-                    f"overflow {r['overflow']} ({r['seconds']:.0f} s)" if "cr" in r else ""),
+                    f"overflow {r.get('error', r['overflow'])} ({r['seconds']:.0f} s)"
+                    if "cr" in r else ""),
                     file=sys.stderr, flush=True)
             full = results[(context, "full")]["batch"]
             cells = []
             for system in SYSTEMS:
                 r = results[(context, system)]
-                ran = ("" if "cr" not in r else f", ran: OVERFLOW" if isinstance(r["overflow"], str)
+                ran = ("" if "cr" not in r else ", ran: OVERFLOW" if "error" in r
                        else f", ran: CR {r['cr']:.2f}, {'fits' if r['fits'] else 'OVER BUDGET'}")
                 cells.append(f"{r['batch']} ({r['batch'] / full:.1f}x{ran})" if full else
                              f"{r['batch']}{ran}")

@@ -56,7 +56,7 @@ from jax.sharding import Mesh, PartitionSpec
 from dms_jax.cache import _chunk_flags  # the one rule of the shift by one
 from dms_jax.ops.live_attention import (attend_block, block_bias, empty_state, finish,
                                         group_queries)
-from dms_jax.ops.mask import MASK_VALUE, visibility_bias
+from dms_jax.ops.mask import MASK_VALUE
 
 @dataclasses.dataclass(frozen=True)
 class PoolShards:
@@ -271,7 +271,8 @@ def pool_attention(qg, q_pos, q_valid, cache: PagedLayerCache, *, sliding_window
     and the pages' partial softmaxes are combined per stream (segment max and sums). No page is
     copied, so a step reads the pool's bytes once, where `page_attention`'s gather writes and
     reads them again; free pages are read too (masked), so this pays when most pages are in use.
-    The same visibility rule and count of keys seen as `page_attention`.
+    Each page's visibility comes from `block_bias`, as `page_attention`'s blocks do (the one
+    rule), and its keys seen are counted as `attend_block` counts them.
 
     qg: [B, Hkv, G, C, D]; q_pos: int32 [B, C]; q_valid: bool [B, C].
     returns the online softmax's carry after the pages (`empty_state`'s structure).
@@ -287,10 +288,12 @@ def pool_attention(qg, q_pos, q_valid, cache: PagedLayerCache, *, sliding_window
         q_own = qg.reshape(streams, group, chunk, head_dim)[own]  # [P, G, C, D]
         pos_own = jnp.repeat(q_pos, heads, axis=0)[own]  # [P, C]
         real_own = jnp.repeat(q_valid, heads, axis=0)[own]  # [P, C]
-    k_valid = (owner < streams)[:, None] & (cache.pool_pos >= 0)  # [P, page]
-    bias = visibility_bias(pos_own[:, None, :, None], cache.pool_pos[:, None, None, :], None, 0,
-                           k_valid=k_valid[:, None, None, :],
-                           sliding_window=sliding_window)  # [P, 1, C, page], the one rule
+    k_valid = ((owner < streams)[:, None] & (cache.pool_pos >= 0))[:, None]  # [P, 1, page]
+    bias = block_bias(pos_own, cache.pool_pos[:, None], None, k_valid, window=0, use_flags=False,
+                      sliding_window=sliding_window)[:, 0]  # [P, 1, C, page], page_attention's rule
+    # each page's partial softmax from nothing (`online_softmax_step` from `empty_state`, written
+    # without its size-1 axes: `attend_block` on [P, 1, ...] blocks compiles to dots ~6x slower
+    # on CPU, 36 ms against 5.6 for the microbenchmark of POOL_READ_SHARE at 79% in use)
     scores = jnp.einsum("pgcd,ptd->pgct", q_own, cache.pool_keys,
                         preferred_element_type=jnp.float32) * scale + bias
     m_page = jnp.max(scores, axis=-1)  # [P, G, C]
@@ -298,6 +301,8 @@ def pool_attention(qg, q_pos, q_valid, cache: PagedLayerCache, *, sliding_window
     l_page = jnp.sum(p, axis=-1)
     acc_page = jnp.einsum("pgct,ptd->pgcd", p.astype(cache.pool_values.dtype), cache.pool_values,
                           preferred_element_type=jnp.float32)
+    seen_page = ((bias[:, 0] > MASK_VALUE / 2) & real_own[..., None]).sum(
+        axis=(1, 2), dtype=jnp.float32)  # [P], attend_block's count
     with jax.named_scope("combine"):
         # per stream: the max over its pages (MASK_VALUE when it has none, so that the ring's
         # block rescales it to nothing), then each page's share rescaled to it
@@ -305,8 +310,7 @@ def pool_attention(qg, q_pos, q_valid, cache: PagedLayerCache, *, sliding_window
         share = jnp.exp(m_page - m[own])  # [P, G, C]
         l = jax.ops.segment_sum(l_page * share, owner, num_segments=streams)
         acc = jax.ops.segment_sum(acc_page * share[..., None], owner, num_segments=streams)
-        seen = jax.ops.segment_sum(((bias[:, 0] > MASK_VALUE / 2) & real_own[..., None]).sum(
-            axis=(1, 2), dtype=jnp.float32), owner, num_segments=streams)
+        seen = jax.ops.segment_sum(seen_page, owner, num_segments=streams)
     shape = (batch, heads, group, chunk)
     return ((m.reshape(shape), l.reshape(shape), acc.reshape(shape + (head_dim,))),
             seen.reshape(batch, heads))
