@@ -44,7 +44,7 @@ import numpy as np
 
 from dms_jax.config import resolve_dtype
 from dms_jax.ops.attention import grouped_attention
-from dms_jax.ops.live_attention import live_attention, live_extent
+from dms_jax.ops.live_attention import live_attention, live_extent, tiled_attention
 from dms_jax.ops.mask import MASK_VALUE, hard_evict_bias, visibility_bias
 from dms_jax.policies import DMS, Candidates, Policy, get_policy
 
@@ -332,9 +332,10 @@ def attend_and_update(cache: LayerCache, q, k_new, v_new, decisions, positions, 
     flagging its predecessor; None for policies without decisions); positions: int [B, C];
     new_valid: bool [B, C] (False: padding). window: w; sliding_window: Mistral's, or None;
     scale: softmax scale (default D ** -0.5); attention: "dense" (one softmax over every slot and
-    the chunk; the attention probabilities a scoring policy needs) or "blockwise" (only the live
+    the chunk; the attention probabilities a scoring policy needs), "blockwise" (only the live
     slots, `dms_jax.ops.live_attention`, in blocks of `key_block` slots (None: its default);
-    a policy that needs attention scores gets the dense one).
+    a policy that needs attention scores gets the dense one) or "tiled" (the same, a prefill
+    chunk stream by stream in query tiles: `tiled_attention`).
     The model passes its `InferencePlan`'s window, policy, sliding window and attention_impl.
     returns (out [B, C, H, D] in q.dtype, updated LayerCache)
 
@@ -377,10 +378,14 @@ def attend_and_update(cache: LayerCache, q, k_new, v_new, decisions, positions, 
     if attention != "dense" and scoring is None:  # the live slots only, no probabilities
         def attend(blocks):
             slots, tail = blocks[0], (blocks[1] if len(blocks) > 1 else None)
-            out, seen = live_attention(
-                q, positions, new_valid, (slots.keys, slots.values, slots.pos, slots.flags), tail,
-                live_extent(slots.pos), window=window, use_flags=policy.uses_decisions,
-                sliding_window=sliding_window, scale=scale, block=key_block)
+            rule = dict(window=window, use_flags=policy.uses_decisions,
+                        sliding_window=sliding_window, scale=scale, block=key_block)
+            keys = (slots.keys, slots.values, slots.pos, slots.flags)
+            if attention == "tiled" and chunk > 1:  # a prefill chunk, stream by stream
+                out, seen = tiled_attention(q, positions, new_valid, keys, tail, **rule)
+            else:
+                out, seen = live_attention(q, positions, new_valid, keys, tail,
+                                           live_extent(slots.pos), **rule)
             return out, seen, None
 
     cand_scores = jnp.concatenate(  # new tokens start at the policy's new_score

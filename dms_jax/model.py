@@ -134,7 +134,8 @@ class Attention(nnx.Module):
                 if plan.layout == "paged":
                     out, cache = paged.attend_and_update(
                         cache, q, k, v, hard, ctx.positions, valid, window=plan.window,
-                        policy=plan.policy, sliding_window=plan.sliding_window)
+                        policy=plan.policy, sliding_window=plan.sliding_window,
+                        attention=plan.attention_impl)
                 else:
                     out, cache = attend_and_update(
                         cache, q, k, v, hard, ctx.positions, valid, window=plan.window,
@@ -247,7 +248,7 @@ class Decoder(nnx.Module):
         attention_impl = "auto" if attention_impl is None else attention_impl
         if mode not in MODES:
             raise ValueError(f"mode={mode!r}; use one of {MODES}")
-        if attention_impl not in ATTENTION_IMPLS:
+        if cache is None and attention_impl not in ATTENTION_IMPLS:  # a plan's is checked there
             raise ValueError(f"attention_impl={attention_impl!r}; use one of {ATTENTION_IMPLS}")
         if mode != "plain" and cfg.dms is None:
             raise ValueError(

@@ -55,7 +55,7 @@ from jax.sharding import Mesh, PartitionSpec
 
 from dms_jax.cache import _chunk_flags  # the one rule of the shift by one
 from dms_jax.ops.live_attention import (attend_block, block_bias, empty_state, finish,
-                                        group_queries)
+                                        group_queries, stream_block, tiled_over)
 from dms_jax.ops.mask import MASK_VALUE
 
 @dataclasses.dataclass(frozen=True)
@@ -230,39 +230,65 @@ def page_attention(carry, qg, q_pos, q_valid, cache: PagedLayerCache, *, sliding
     iterations as the stream holding the most pages needs (no unallocated page is read beyond
     the last block). Retained tokens are visible to every later query (they left the window
     unflagged); only Mistral's sliding window still masks them, by their stored positions."""
-    page, width = cache.page_size, cache.page_table.shape[-1]
-    k = max(1, min(block_tokens // page, width))
-    pages_used = (cache.retained + page - 1) // page  # [B, Hkv]
-    trips = (jnp.max(pages_used) + k - 1) // k
+    k, trips = _page_blocks(cache, block_tokens)
 
     def one_block(i, carry):
-        start = jnp.minimum(i * k, width - k)
-        ids = lax.dynamic_slice_in_dim(cache.page_table, start, k, axis=2)  # [B, Hkv, k]
-        fresh = start + jnp.arange(k) >= i * k  # pages of an earlier iteration count once
-        safe = jnp.maximum(ids, 0)
-        b, h = ids.shape[:2]
-        k_blk = cache.pool_keys[safe].reshape(b, h, k * page, -1)  # [B, Hkv, k * page, D]
-        v_blk = cache.pool_values[safe].reshape(b, h, k * page, -1)
-        k_pos = cache.pool_pos[safe].reshape(b, h, k * page)
-        index = (start + jnp.arange(k))[:, None] * page + jnp.arange(page)  # [k, page]
-        valid = ((index.reshape(-1) < cache.retained[..., None])
-                 & jnp.repeat(fresh & (ids >= 0), page, axis=-1))
+        k_blk, v_blk, k_pos, valid = _gather_pages(cache, cache.page_table, cache.retained, i, k)
         bias = block_bias(q_pos, k_pos, None, valid, window=0, use_flags=False,
                           sliding_window=sliding_window)  # the one rule; no flags: retained
         return attend_block(carry, qg, k_blk, v_blk, bias, q_valid, scale)
 
-    return lax.fori_loop(0, trips, one_block, carry)
+    return lax.fori_loop(0, jnp.max(trips), one_block, carry)
+
+
+def _page_blocks(cache: PagedLayerCache, block_tokens: int):
+    """(k: pages per block, blocks each stream's retained tokens fill [B, Hkv])."""
+    page, width = cache.page_size, cache.page_table.shape[-1]
+    k = max(1, min(block_tokens // page, width))
+    pages_used = (cache.retained + page - 1) // page  # [B, Hkv]
+    return k, (pages_used + k - 1) // k
+
+
+def _gather_pages(cache: PagedLayerCache, table, retained, i, k):
+    """Block i of streams' pages, gathered: (keys [b, h, k x page, D], values, positions
+    [b, h, k x page], valid) for page tables `table` [b, h, width] holding `retained` [b, h]
+    tokens. The last block overlaps the one before it; its pages already read are not valid."""
+    page, width = cache.page_size, table.shape[-1]
+    start = jnp.minimum(i * k, width - k)
+    ids = lax.dynamic_slice_in_dim(table, start, k, axis=2)  # [b, h, k]
+    fresh = start + jnp.arange(k) >= i * k  # pages of an earlier iteration count once
+    safe = jnp.maximum(ids, 0)
+    b, h = ids.shape[:2]
+    keys = cache.pool_keys[safe].reshape(b, h, k * page, -1)
+    values = cache.pool_values[safe].reshape(b, h, k * page, -1)
+    k_pos = cache.pool_pos[safe].reshape(b, h, k * page)
+    index = (start + jnp.arange(k))[:, None] * page + jnp.arange(page)  # [k, page]
+    valid = ((index.reshape(-1) < retained[..., None])
+             & jnp.repeat(fresh & (ids >= 0), page, axis=-1))
+    return keys, values, k_pos, valid
+
+
+def page_source(cache: PagedLayerCache, *, sliding_window, block_tokens):
+    """A stream's retained tokens as a key source of `dms_jax.ops.live_attention.tiled_over`:
+    its own pages, `k` per block (`page_attention`'s blocks and rule, one stream at a time)."""
+    k, trips = _page_blocks(cache, block_tokens)
+
+    def read(stream, i, pos_t):
+        table = stream_block(cache.page_table, stream, 0, cache.page_table.shape[2])
+        retained = lax.dynamic_slice(cache.retained, stream, (1, 1))
+        k_blk, v_blk, k_pos, valid = _gather_pages(cache, table, retained, i, k)
+        return k_blk, v_blk, block_bias(pos_t, k_pos, None, valid, window=0, use_flags=False,
+                                        sliding_window=sliding_window)
+
+    return (lambda stream: trips[stream[0], stream[1]]), read
 
 
 def reads_pool(cache: PagedLayerCache, block_tokens: int):
     """bool scalar: a decode step reads the pool in place (`pool_attention`) rather than
     gathering pages (`page_attention`): the gather would copy at least `POOL_READ_SHARE` of the
     pool's pages (every stream gathers as many blocks as the stream holding the most)."""
-    page, width = cache.page_size, cache.page_table.shape[-1]
-    k = max(1, min(block_tokens // page, width))
-    pages_used = (cache.retained + page - 1) // page  # [B, Hkv]
-    gathered = (jnp.max(pages_used) + k - 1) // k * k * pages_used.size
-    return gathered >= POOL_READ_SHARE * cache.num_pages
+    k, trips = _page_blocks(cache, block_tokens)
+    return jnp.max(trips) * k * trips.size >= POOL_READ_SHARE * cache.num_pages
 
 
 def pool_attention(qg, q_pos, q_valid, cache: PagedLayerCache, *, sliding_window, scale):
@@ -414,16 +440,20 @@ def _advance(cache: PagedLayerCache, ring_flags, new_keys, new_values, new_pos, 
 
 
 def attend_and_update(cache: PagedLayerCache, q, k_new, v_new, decisions, positions, new_valid,
-                      *, window: int, policy, sliding_window=None, scale=None, key_block=None):
+                      *, window: int, policy, sliding_window=None, scale=None, key_block=None,
+                      attention="blockwise"):
     """`dms_jax.cache.attend_and_update` on the paged layout (same arguments and result; the
     policy must be "full" or "dms", whose kept set is the window plus every unflagged token).
     A sharded cache (`cache.shards`) runs the step per device on its local pool.
 
     key_block: tokens per page-block iteration (default 512 for a decode step, 256 for a chunk).
+    attention: a prefill chunk's, "blockwise" (every stream at once, block by block) or "tiled"
+    (stream by stream in query tiles, the CPU's: `dms_jax.ops.live_attention.tiled_over`);
+    decode steps are the same in both.
     returns (out [B, C, H, D] in q.dtype, updated PagedLayerCache)
     """
     kw = dict(window=window, policy=policy, sliding_window=sliding_window, scale=scale,
-              key_block=key_block)
+              key_block=key_block, attention=attention)
     if cache.shards is None:
         return _attend_and_update(cache, q, k_new, v_new, decisions, positions, new_valid, **kw)
     sh = cache.shards
@@ -441,7 +471,8 @@ def attend_and_update(cache: PagedLayerCache, q, k_new, v_new, decisions, positi
 
 
 def _attend_and_update(cache: PagedLayerCache, q, k_new, v_new, decisions, positions, new_valid,
-                       *, window: int, policy, sliding_window=None, scale=None, key_block=None):
+                       *, window: int, policy, sliding_window=None, scale=None, key_block=None,
+                       attention="blockwise"):
     """`attend_and_update` on one (local) pool."""
     batch, chunk, _, head_dim = q.shape
     num_kv_heads = k_new.shape[2]
@@ -471,6 +502,17 @@ def _attend_and_update(cache: PagedLayerCache, q, k_new, v_new, decisions, posit
     block = key_block or (DECODE_BLOCK_TOKENS if chunk == 1 else PREFILL_BLOCK_TOKENS)
 
     def attend(c: PagedLayerCache, r_keys, r_values, r_pos, r_flags, tail):
+        if tail and attention == "tiled":  # pages, ring, chunk: stream by stream, in tiles
+            def ring_read(stream, i, pos_t):
+                mine = lambda a: stream_block(a, stream, 0, a.shape[2])  # noqa: E731
+                ring_pos = mine(r_pos)
+                return mine(r_keys), mine(r_values), block_bias(
+                    pos_t, ring_pos, mine(r_flags), ring_pos >= 0, **rule)
+
+            pages = page_source(c, sliding_window=sliding_window, block_tokens=block)
+            return tiled_over(q, positions, new_valid, [pages, (lambda stream: 1, ring_read)],
+                              (new_keys, new_values, new_pos, new_flags, valid), rule=rule,
+                              scale=scale)
         with jax.named_scope("pages"):
             gather = lambda: page_attention(  # noqa: E731
                 empty_state(qg), qg, positions, new_valid, c, sliding_window=sliding_window,

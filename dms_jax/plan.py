@@ -15,9 +15,11 @@
               policies without decisions ignore the flags), else "plain";
   * attention_impl: the cache attention (chunk queries over the slots and the chunk):
               "blockwise" reads only the live slots (an online softmax over key blocks below the
-              cache's high-water mark, `dms_jax.ops.live_attention`), "dense" every slot with
-              the probabilities; a policy that ranks tokens by attention needs the scores, so
-              "dense" only; the default is "blockwise" for the others;
+              cache's high-water mark, `dms_jax.ops.live_attention`), "tiled" the same stream
+              by stream in query tiles (a CPU's caches; the chunk's own keys causally),
+              "dense" every slot with the probabilities; a policy that ranks tokens by
+              attention needs the scores, so "dense" only; the default is "tiled" on a CPU
+              platform and "blockwise" on others for the rest;
   * max_len:  the allocated tokens per row, the asked length rounded up to a quarter octave so
               that nearby lengths share compiled programs;
   * capacity: slots per (layer, row, KV head): `capacity`, or `budget`, or for dms
@@ -52,7 +54,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dms_jax.config import ModelConfig, dtype_name
-from dms_jax.ops.live_attention import PREFILL_BLOCK
+from dms_jax.ops.live_attention import PREFILL_BLOCK, QUERY_ROWS
 from dms_jax.policies import BudgetPolicy, Policy, get_policy
 from dms_jax.stats import format_bytes
 
@@ -62,7 +64,7 @@ DEFAULT_MARGIN = 0.5
 DEFAULT_PAGED_MARGIN = 0.1
 DEFAULT_PAGE_SIZE = 64
 LAYOUTS = ("slots", "paged")
-ATTENTION_IMPLS = ("dense", "auto", "blockwise")
+ATTENTION_IMPLS = ("dense", "auto", "blockwise", "tiled")
 # positions are int32: the largest length (and window) a plan takes
 MAX_POSITION = 2 ** 31 - 1
 
@@ -185,11 +187,14 @@ class InferencePlan:
         """The largest temporaries of a step (a prefill chunk of C tokens), at least: its float32
         attention scores over the keys it holds at once, [B, H, C, K], and the visibility bias,
         [B, Hkv, C, K]: K = S + C for the dense attention, one block of slots or the chunk for
-        the blockwise one (`dms_jax.ops.live_attention`)."""
+        the blockwise one (`dms_jax.ops.live_attention`); the tiled one holds the scores and
+        bias of one stream's query tile over one block at a time."""
         chunk = min(self.chunk_size, self.max_len) if chunk is None else chunk
         keys = self.capacity + chunk
         if self.layout == "paged":  # a block of pages, the ring, the chunk
             keys = max(PREFILL_BLOCK, self.window + 1, chunk)
+        elif self.attention_impl == "tiled":  # one stream's query tile at a time
+            return 4 * QUERY_ROWS * min(self.capacity + chunk, PREFILL_BLOCK) * 2
         elif self.attention_impl != "dense":
             keys = max(min(self.capacity, PREFILL_BLOCK), chunk)
         return 4 * batch * chunk * keys * (self.num_heads + self.num_kv_heads)
@@ -287,14 +292,21 @@ def resolve_window(cfg: ModelConfig, policy: Policy, window=None) -> int:
     return int(cfg.dms.window if window is None else window)
 
 
-def resolve_attention(policy: Policy, attention_impl: str | None = None) -> str:
+def resolve_attention(policy: Policy, attention_impl: str | None = None,
+                      platform: str | None = None) -> str:
     """The cache attention: scoring policies need the dense chunk attention's probabilities;
-    the others read only the live slots ("blockwise", `dms_jax.ops.live_attention`) unless
-    "dense" is asked for. None: decided by the policy; "auto" is "blockwise" where allowed."""
+    the others read only the live slots unless "dense" is asked for: "tiled" on a CPU (a prefill
+    chunk stream by stream, in query tiles that stay in a core's cache, the chunk's own keys
+    causally, `dms_jax.ops.live_attention.tiled_attention`), "blockwise" elsewhere (every stream
+    at once, block by block: an accelerator runs the streams in parallel; decode steps are the
+    same in both). None: decided by the policy; "auto" is the platform's choice where allowed.
+    platform: the platform the programs are compiled for (default: the first device's)."""
     ranks = policy.needs_attention or (hasattr(policy, "observe")  # SnapKV: at prefill
                                        and policy.observe().needs_attention)
     if attention_impl is None:
-        return "dense" if ranks else "blockwise"
+        if ranks:
+            return "dense"
+        attention_impl = "auto"
     if attention_impl not in ATTENTION_IMPLS:
         raise _bad("attention_impl", attention_impl, f"is not one of {ATTENTION_IMPLS}")
     if ranks and attention_impl != "dense":
@@ -302,7 +314,10 @@ def resolve_attention(policy: Policy, attention_impl: str | None = None) -> str:
             f"policy {policy.name!r} ranks tokens by the attention they receive, which only the "
             f"dense chunked cache attention computes; attention_impl={attention_impl!r} gives no "
             "scores: use attention_impl='dense'", field="attention_impl", value=attention_impl)
-    return "blockwise" if attention_impl == "auto" else attention_impl
+    if attention_impl != "auto":
+        return attention_impl
+    platform = jax.devices()[0].platform if platform is None else platform
+    return "tiled" if platform == "cpu" else "blockwise"
 
 
 def resolve_capacity(max_len: int, policy: Policy, *, window: int, target_cr: float,
@@ -382,7 +397,8 @@ def resolve_paging(max_len: int, policy: Policy, *, window: int, target_cr: floa
 def plan_inference(model_config: ModelConfig, *, policy=None, window=None, capacity=None,
                    budget=None, target_cr=None, max_len=None, chunk_size=DEFAULT_CHUNK,
                    margin=None, attention_impl=None, layout="slots",
-                   page_size=DEFAULT_PAGE_SIZE, pool_pages=None) -> InferencePlan:
+                   page_size=DEFAULT_PAGE_SIZE, pool_pages=None,
+                   platform=None) -> InferencePlan:
     """Decide every setting of a cached forward once (see the module docstring); PlanError
     (a ValueError) names the setting, the limit and the fix.
 
@@ -392,8 +408,11 @@ def plan_inference(model_config: ModelConfig, *, policy=None, window=None, capac
       tokens per head (the baselines need one), or target_cr (default: the model's recorded
       `dms.target_cr`, else 8) with margin for dms. max_len: tokens per row the cache must take
       (required). chunk_size: prefill chunk. attention_impl: the cache attention, "blockwise"
-      (the live slots only) or "dense" (every slot, with probabilities); default: "dense" for a
-      policy that ranks tokens by attention, else "blockwise". margin: the extra fraction of
+      (the live slots only, every stream at once), "tiled" (the same, stream by stream in
+      query tiles: the CPU's) or "dense" (every slot, with probabilities); default: "dense" for
+      a policy that ranks tokens by attention, else "tiled" on a CPU platform and "blockwise"
+      on others (platform: the one the programs are compiled for, default the first device's;
+      an ahead-of-time compile for a TPU on this machine names it). margin: the extra fraction of
       expected retained tokens a dms cache allocates (default 0.5 per stream for slots, 0.1 of
       the pool for paged). layout: "slots" or "paged" (full and dms only), with page_size
       tokens per page and pool_pages pages per layer (default: sized for the batch, see the
@@ -412,7 +431,7 @@ def plan_inference(model_config: ModelConfig, *, policy=None, window=None, capac
                    budget=budget, max_len=max_len, chunk_size=chunk_size)
     pol = resolve_policy(cfg, policy)
     eff_window = resolve_window(cfg, pol, window)
-    impl = resolve_attention(pol, attention_impl)
+    impl = resolve_attention(pol, attention_impl, platform)
     alloc = allocated_length(int(max_len))
     cr = default_target_cr(cfg) if target_cr is None else target_cr
     paging = {}
@@ -423,7 +442,8 @@ def plan_inference(model_config: ModelConfig, *, policy=None, window=None, capac
             capacity=capacity, budget=budget, asked_len=int(max_len))
         cap = min(alloc, eff_window + 1 + math.ceil(per_stream * size))
         paging = dict(layout="paged", page_size=size, pages_per_stream=per_stream,
-                      pool_pages=pool, retain_fraction=fraction, attention_impl="blockwise")
+                      pool_pages=pool, retain_fraction=fraction,
+                      attention_impl="tiled" if impl == "tiled" else "blockwise")
     else:
         cap = resolve_capacity(int(max_len), pol, window=eff_window, target_cr=cr, margin=margin,
                                capacity=capacity, budget=budget, alloc_len=alloc)

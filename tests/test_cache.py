@@ -24,10 +24,12 @@ from dms_jax.ops.attention import dense_attention
 step_fn = jax.jit(kvcache.attend_and_update, donate_argnums=0,
                   static_argnames=("window", "policy", "sliding_window", "scale", "attention",
                                    "key_block"))
-# the two cache attentions: every slot at once, and the live slots in blocks of 5 (a block size
-# that divides no capacity here, so the last block overlaps the one before it)
+# the cache attentions: every slot at once, and the live slots in blocks of 5 (a block size that
+# divides no capacity here, so the last block overlaps the one before it), every stream at once
+# or stream by stream in query tiles
 ATTENTIONS = {"dense": dict(attention="dense"),
-              "blockwise": dict(attention="blockwise", key_block=5)}
+              "blockwise": dict(attention="blockwise", key_block=5),
+              "tiled": dict(attention="tiled", key_block=5)}
 stats_fn = jax.jit(kvcache.cache_stats)
 
 

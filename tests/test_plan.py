@@ -69,9 +69,15 @@ def test_scoring_policies_need_the_dense_cache_attention():
 
 def test_policies_without_scores_read_only_the_live_slots_by_default():
     for policy, kw in (("full", {}), ("dms", {}), ("streaming", {"budget": 16})):
+        # this suite runs on CPU: stream by stream in query tiles; an accelerator: blockwise
         assert plan_inference(ADAPTER, policy=policy, max_len=100, **kw).attention_impl == \
-            "blockwise"
+            "tiled"
         assert plan_inference(ADAPTER, policy=policy, max_len=100, attention_impl="auto",
+                              **kw).attention_impl == "tiled"
+        for platform in ("tpu", "gpu"):
+            assert plan_inference(ADAPTER, policy=policy, max_len=100, platform=platform,
+                                  **kw).attention_impl == "blockwise"
+        assert plan_inference(ADAPTER, policy=policy, max_len=100, attention_impl="blockwise",
                               **kw).attention_impl == "blockwise"
         assert plan_inference(ADAPTER, policy=policy, max_len=100, attention_impl="dense",
                               **kw).attention_impl == "dense"
@@ -200,7 +206,7 @@ def test_plan_is_an_inference_plan_with_every_decision():
     assert isinstance(plan, InferencePlan)
     assert (plan.policy, plan.window, plan.mode, plan.neuron, plan.attention_impl,
             plan.max_len, plan.capacity, plan.chunk_size) == (
-        get_policy("streaming"), 0, "eval", True, "blockwise", 112, 16, 32)
+        get_policy("streaming"), 0, "eval", True, "tiled", 112, 16, 32)
     derived = plan.derive(get_policy("dms"))
     assert (derived.window, derived.mode, derived.capacity) == (0, "eval", 16)
 

@@ -133,7 +133,8 @@ def compile_decode(cfg: ModelConfig, devices: Sequence, s: DecodeSettings, *, li
     mesh = mesh_for(devices, s.mesh_shape, topology)
     check_batch(s.batch, mesh, "--batch")
     plan = plan_inference(cfg, policy=s.policy, target_cr=s.target_cr if s.policy != "full" else None,
-                          max_len=s.context, chunk_size=s.chunk_size, margin=s.margin, layout=s.layout)
+                          max_len=s.context, chunk_size=s.chunk_size, margin=s.margin, layout=s.layout,
+                          platform=devices[0].platform)  # the target's attention (TPU: blockwise)
     from dms_jax.model import Decoder
 
     model = nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0)))
