@@ -10,6 +10,7 @@ from flax import nnx
 import dms_jax
 from dms_jax import DMSConfig
 from dms_jax.model import compression_ratio_from_decisions
+from tests.compiled import reference_forward
 
 
 def _ids(seed, shape=(2, 24)):
@@ -162,11 +163,11 @@ def test_packed_documents_equal_documents_run_alone(hf_model_dirs, impl):
     docs = [rng.integers(0, 97, n) for n in (7, 12, 5)]
     packed = np.concatenate(docs)[None]
     segments = np.repeat(np.arange(3), [len(d) for d in docs])[None]
-    out = model.forward(jnp.asarray(packed), mode="eval", segment_ids=segments,
-                        attention_impl=impl)
+    packed_logits, _ = reference_forward(model, jnp.asarray(packed), jnp.asarray(segments),
+                                         attention_impl=impl)
     start = 0
     for doc in docs:
-        alone = model.forward(jnp.asarray(doc)[None], mode="eval", attention_impl=impl)
-        np.testing.assert_allclose(np.asarray(out.logits[0, start:start + len(doc)]),
-                                   np.asarray(alone.logits[0]), atol=1e-4, rtol=0)
+        alone, _ = reference_forward(model, jnp.asarray(doc)[None], attention_impl=impl)
+        np.testing.assert_allclose(np.asarray(packed_logits[0, start:start + len(doc)]),
+                                   np.asarray(alone[0]), atol=1e-4, rtol=0)
         start += len(doc)

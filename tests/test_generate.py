@@ -23,6 +23,7 @@ from dms_jax.generate import Sampling, generate, prefill_step, sample_logits
 from dms_jax.model import compression_ratio_from_decisions
 from dms_jax.plan import plan_inference
 from tests import hf_models
+from tests.compiled import reference_forward
 
 WINDOW = 3
 
@@ -45,8 +46,8 @@ def llama_dms(hf_model_dirs):
 
 def eval_logits_alone(model, row):
     """Full-sequence hard-mask evaluation of one row -> (logits [T, V], decisions [L, T, Hkv])."""
-    out = model.forward(jnp.asarray(row)[None], mode="eval", attention_impl="dense")
-    return np.asarray(out.logits[0]), np.asarray(out.decisions[:, 0])
+    logits, decisions = reference_forward(model, jnp.asarray(row)[None], attention_impl="dense")
+    return np.asarray(logits[0]), np.asarray(decisions[:, 0])
 
 
 def teacher_forced(model, rows, prompt_lens, chunk, policy="dms", layout="slots"):
@@ -134,8 +135,8 @@ def test_greedy_generate_follows_hard_eval_and_counts_cr(llama_dms):
         logits, _ = eval_logits_alone(llama_dms, seq)
         np.testing.assert_array_equal(logits[len(p) - 1:-1].argmax(-1), gen)
         fed = seq[:-1]  # the last token is pending, not in the cache
-        eval_out = llama_dms.forward(jnp.asarray(fed)[None], mode="eval")
-        ratios.append(float(compression_ratio_from_decisions(eval_out.decisions, None, WINDOW,
+        _, decisions = reference_forward(llama_dms, jnp.asarray(fed)[None])
+        ratios.append(float(compression_ratio_from_decisions(decisions, None, WINDOW,
                                                                sliding_window=None)))
         assert out.stats.seen_tokens[b] == len(fed)
     # per-row CR from the decisions == the stats' per-row held / seen (direct count)

@@ -63,7 +63,11 @@ def test_two_processes_match_one_process_with_eight_devices(tmp_path):
     port = _free_port()
     procs = []
     for pid in range(2):
-        env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu",
+        # the parent's XLA flags but its 8 simulated devices (each process brings its own
+        # 4), so both sides compile alike (conftest.py's LLVM -O0 rounds differently)
+        flags = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split()
+                         if not f.startswith("--xla_force_host_platform_device_count"))
+        env = {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu",
                "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": str(pid)}
         cmd = [sys.executable, "-m", "tests.test_train_multiprocess", str(tmp_path), str(tmp_path / f"out{pid}.json")]
         procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
