@@ -30,6 +30,8 @@ Both systems run single-threaded on one core: torch.set_num_threads(1) and XLA_F
     python benchmarks/vs_transformers.py --contexts 2048,8192 --batches 4 --shapes gqa
     python benchmarks/vs_transformers.py --quick              # tiny shape, 1 context
     python benchmarks/vs_transformers.py --profile gqa,1024,4  # per-op time: prefill chunk, decode
+    python benchmarks/vs_transformers.py --contexts 32768 --json 32k.json   # also save the records
+    python benchmarks/vs_transformers.py --merge 8k.json,32k.json --plot p.png  # saved runs joined
 Ratios printed: transformers time / dms_jax time (> 1: dms_jax faster).
 """
 from __future__ import annotations
@@ -270,29 +272,61 @@ def table(results, systems) -> str:
 
 
 def plot(results, systems, path):
+    """Per (shape, batch) panel: decode step time against context per system (log-log), and
+    below it the prefill time when the results hold more than one context."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     panels = sorted({(k[0], k[2]) for k in results})
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
-    for ax, (shape, batch) in zip(axes[0], panels):
+    metrics = [("decode_ms", "decode ms / step")]
+    if len({k[1] for k in results}) > 1:
+        metrics.append(("prefill_s", "prefill s"))
+    fig, axes = plt.subplots(len(metrics), len(panels), figsize=(4.2 * len(panels),
+                                                                 3.6 * len(metrics)),
+                             squeeze=False)
+    for col, (shape, batch) in enumerate(panels):
         keys = sorted(k for k in results if (k[0], k[2]) == (shape, batch))
-        for s in systems:
-            pts = [(k[1], results[k][s]["decode_ms"]) for k in keys
-                   if "decode_ms" in results[k].get(s, {})]
-            if pts:
-                ax.plot(*zip(*pts), marker="o", label=s)
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("context (tokens)")
-        ax.set_ylabel("decode ms / step")
-        ax.set_title(f"{shape} shape, batch {batch}")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle("decode step time vs context (1 CPU core each, float32)", fontsize=10)
+        for (field, label), ax in zip(metrics, axes[:, col]):
+            for s in systems:
+                pts = [(k[1], results[k][s][field]) for k in keys
+                       if field in results[k].get(s, {})]
+                if pts:
+                    ax.plot(*zip(*pts), marker="o", label=s)
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xlabel("context (tokens)")
+            ax.set_ylabel(label)
+            ax.set_title(f"{shape} shape, batch {batch}")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+    fig.suptitle("time vs context (1 CPU core each, float32)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+def save_results(results, path):
+    """The measured configurations as JSON records (shape, context, batch, system, figures)."""
+    records = [dict(shape=k[0], context=k[1], batch=k[2], system=s, **r)
+               for k, by_sys in results.items() for s, r in by_sys.items()]
+    with open(path, "w") as f:
+        json.dump(records, f, indent=1)
+
+
+def load_results(paths):
+    """Records of `save_results` files -> (results, systems in first-seen order); a later file's
+    figures replace an earlier one's for the same (shape, context, batch, system)."""
+    results, systems = {}, []
+    for path in paths:
+        with open(path) as f:
+            for rec in json.load(f):
+                key = (rec.pop("shape"), rec.pop("context"), rec.pop("batch"))
+                system = rec.pop("system")
+                results.setdefault(key, {})[system] = rec
+                if system not in systems:
+                    systems.append(system)
+    return dict(sorted(results.items())), systems
 
 
 # ----------------------------------------------------------------------------- profile
@@ -376,11 +410,24 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="tiny shape, context 256, batch 2")
     p.add_argument("--profile", default="", metavar="SHAPE,CONTEXT,BATCH[,POLICY]",
                    help="per-op time of a prefill chunk and a decode step instead")
+    p.add_argument("--json", default="", help="also save the results here (JSON records)")
+    p.add_argument("--merge", default="", metavar="A.json,B.json",
+                   help="measure nothing: the table and plot of saved runs (--json), merged")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
         print("RESULT " + json.dumps(worker(json.loads(args.worker))), flush=True)
         return
+    if args.merge:
+        results, systems = load_results(args.merge.split(","))
+        if systems[0] != "transformers":
+            raise SystemExit("--merge: the first file must hold transformers' runs (the ratios' "
+                             "baseline); save a run that includes them with --json")
+        print(table(results, systems))
+        if args.plot:
+            plot(results, systems, args.plot)
+            print(f"plot: {args.plot}")
+        return results
     if args.profile:
         shape, context, batch, *policy = args.profile.split(",")
         return profile(shape, int(context), int(batch), *policy, chunk=args.chunk)
@@ -418,6 +465,9 @@ def main(argv=None):
                               + f" ({time.perf_counter() - t0:.0f} s)", file=sys.stderr,
                               flush=True)
     print(table(results, systems))
+    if args.json:
+        save_results(results, args.json)
+        print(f"results: {args.json}")
     print("ratios: transformers time / dms_jax time (> 1: dms_jax faster); CR: seen / held "
           "reached; KV: transformers' DynamicCache, dms_jax's allocated cache; tokens = tf: "
           "greedy tokens of dms_jax full equal to transformers'")

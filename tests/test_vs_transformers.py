@@ -50,3 +50,29 @@ def test_forced_decisions_reach_the_flag_rate(bench, cr):
     out, _ = model.eval_forward(np.asarray(prompt))
     per_head = (np.asarray(out.decisions) > 0).mean(axis=(1, 2))  # [L, Hkv]
     np.testing.assert_allclose(per_head, 1.0 - 1.0 / cr, atol=0.02)
+
+
+def test_saved_runs_merge_into_one_table_and_plot(bench, tmp_path, capsys):
+    """Runs at different contexts, saved with --json, give one table and one plot (--merge);
+    a later run's figures replace an earlier one's for the same configuration."""
+    module, _ = bench
+    fig = dict(prefill_s=1.0, decode_ms=10.0, cr=1.0, kv_bytes=1 << 20, max_rss=1 << 28,
+               tokens=[[1, 2]])
+    first = {("kv", 1024, 4): {"transformers": fig, "full": dict(fig, prefill_s=2.0)}}
+    second = {("kv", 2048, 4): {"transformers": dict(fig, decode_ms=20.0),
+                                "full": dict(fig, decode_ms=5.0)},
+              ("kv", 1024, 4): {"full": dict(fig, prefill_s=0.5)}}
+    paths = [str(tmp_path / "a.json"), str(tmp_path / "b.json")]
+    module.save_results(first, paths[0])
+    module.save_results(second, paths[1])
+    png = tmp_path / "merged.png"
+    results = module.main(["--merge", ",".join(paths), "--plot", str(png)])
+    assert list(results) == [("kv", 1024, 4), ("kv", 2048, 4)]
+    assert results[("kv", 1024, 4)]["full"]["prefill_s"] == 0.5  # the later run's
+    out = capsys.readouterr().out
+    assert "| kv | 1k | 4 | 1.00 | 10.0 | 0.50 s (2.00x) |" in out
+    assert "| kv | 2k | 4 | 1.00 | 20.0 | 1.00 s (1.00x) | 5.0 (4.00x) |" in out
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    module.save_results({("kv", 1024, 4): {"full": fig}}, str(tmp_path / "no_tf.json"))
+    with pytest.raises(SystemExit, match="transformers"):
+        module.main(["--merge", str(tmp_path / "no_tf.json")])
