@@ -223,6 +223,22 @@ def _destinations(free, keep_new):
     return jnp.where(keep_new, nth_free[jnp.clip(new_rank, 0, chunk - 1)], slots)
 
 
+def ordered_after(index, value, skip):
+    """`index` [B, ...] made to depend on `value` [B, ...] (a float array) without changing it:
+    an entry would become `skip` only where `value` has an entry below -inf, which no float
+    (NaN included) is.
+
+    XLA may run a store's in-place scatter into a donated buffer before an op still reading
+    that buffer (the chunk's attention over the cache), so its copy insertion copies the buffer
+    first, twice for a loop: every K / V buffer of the cache, twice per prefill chunk (a `full`
+    cache of 4 x 4 x 5,120 x 64 floats, 2 layers: ~50 ms of a 4k prompt's ~290 ms chunks on
+    one core; at 32k, 34 MiB per copy). Indices that depend on the reader's result order the
+    scatter after it, and the buffer is written in place (tests/test_generate.py checks the
+    compiled prefill for copies)."""
+    never = jnp.any(value < -jnp.inf, axis=tuple(range(1, value.ndim)))  # [B], all False
+    return jnp.where(never.reshape((-1,) + (1,) * (index.ndim - 1)), skip, index)
+
+
 def _store(dest, old, new):
     """Per stream: old [S, ...] with new [C, ...] written at dest [C] (S: skipped)."""
     return old.at[dest].set(new, mode="drop")
@@ -404,6 +420,7 @@ def attend_and_update(cache: LayerCache, q, k_new, v_new, decisions, positions, 
             cand_scores = accumulate_scores(policy, cand_scores, received, scoring)
         with jax.named_scope("evict"):
             keep_old, dest, dropped = place(cand_scores)
+            dest = ordered_after(dest, out, slots)  # the store after the attention
         with jax.named_scope("store"):
             keys, values, pos, flags, scores = store_tokens(old, new, keep_old, dest, cand_scores)
 

@@ -53,7 +53,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import Mesh, PartitionSpec
 
-from dms_jax.cache import _chunk_flags  # the one rule of the shift by one
+from dms_jax.cache import _chunk_flags, ordered_after  # the shift by one; store order
 from dms_jax.ops.live_attention import (attend_block, block_bias, empty_state, finish,
                                         group_queries, stream_block, tiled_over)
 from dms_jax.paged_read import (DECODE_BLOCK_TOKENS, POOL_READ_SHARE,  # noqa: F401 (re-exported)
@@ -220,14 +220,17 @@ def _take(a, index):
 
 
 def _advance(cache: PagedLayerCache, ring_flags, new_keys, new_values, new_pos, new_flags,
-             new_valid, query_pos, *, window, use_flags):
+             new_valid, query_pos, *, window, use_flags, after=None):
     """The ring and the pages after the chunk's tokens arrive (see the module docstring).
 
     Positions are consecutive per row, so a chunk of C tokens moves the newest position by at
     most C and only the ring's min(R, C) oldest slots can leave it (one in a decode step): only
     those are read, and the ring's keys and values are written only where a new token lands.
     ring_flags: bool [B, Hkv, R] (the chunk's first decision applied); new_*: the chunk's
-    [B, Hkv, C(, D)]; query_pos: int32 [B], the newest position after the step.
+    [B, Hkv, C(, D)]; query_pos: int32 [B], the newest position after the step; after: the
+    chunk's attention output [B, C, H, D] when it attended first (the pool's writes then follow
+    it: `dms_jax.cache.ordered_after`, so the donated pool is written in place, as the ring is
+    after its leaving tokens are read).
     returns (ring_keys, ring_values, ring_pos, ring_flags, pool_keys, pool_values, pool_pos,
              page_table, retained, free_pages, num_free, dropped [B, Hkv])
     """
@@ -255,6 +258,10 @@ def _advance(cache: PagedLayerCache, ring_flags, new_keys, new_values, new_pos, 
 
         per_stream = jax.vmap(jax.vmap(set_at))
         new_slot = jnp.where(stay_new, jnp.mod(new_pos, ring), ring)
+        leaving = (_take(cache.ring_keys, old_slot), _take(cache.ring_values, old_slot))
+        new_slot = ordered_after(new_slot, leaving[0] + leaving[1], ring)  # ring read, then written
+        if after is not None:
+            new_slot = ordered_after(new_slot, after, ring)
         r_pos = per_stream(per_stream(cache.ring_pos, gone, jnp.full(gone.shape, -1, jnp.int32)),
                            new_slot, new_pos)
         r_flags = per_stream(ring_flags, new_slot, new_flags)
@@ -289,16 +296,18 @@ def _advance(cache: PagedLayerCache, ring_flags, new_keys, new_values, new_pos, 
         page_of = jnp.take_along_axis(table, jnp.clip(place // page, 0, width - 1), axis=2)
         stored = retain & (place // page < width) & (page_of >= 0)
         dest = jnp.where(stored, page_of * page + place % page, cache.num_pages * page)
+        if after is not None:
+            dest = ordered_after(dest, after, cache.num_pages * page)
         d_old, d_new = dest[..., :n_old].reshape(-1), dest[..., n_old:].reshape(-1)
         head_dim = cache.pool_keys.shape[-1]
         flat = lambda a: a.reshape(-1, head_dim)  # noqa: E731
 
         def write(pool, old, new):  # the leaving ring tokens, then the chunk's
-            out = flat(pool).at[d_old].set(flat(_take(old, old_slot)), mode="drop")
+            out = flat(pool).at[d_old].set(flat(old), mode="drop")
             return out.at[d_new].set(flat(new), mode="drop").reshape(pool.shape)
 
-        pool_keys = write(cache.pool_keys, cache.ring_keys, new_keys)
-        pool_values = write(cache.pool_values, cache.ring_values, new_values)
+        pool_keys = write(cache.pool_keys, leaving[0], new_keys)
+        pool_values = write(cache.pool_values, leaving[1], new_values)
         pool_pos = (cache.pool_pos.reshape(-1).at[d_old].set(old_pos.reshape(-1), mode="drop")
                     .at[d_new].set(new_pos.reshape(-1), mode="drop").reshape(cache.pool_pos.shape))
         kept = stored.sum(-1, dtype=jnp.int32)
@@ -371,14 +380,14 @@ def _attend_and_update(cache: PagedLayerCache, q, k_new, v_new, decisions, posit
 
     def attend(c: PagedLayerCache, r_keys, r_values, r_pos, r_flags, tail):
         if tail and attention == "tiled":  # pages, ring, chunk: stream by stream, in tiles
-            def ring_read(stream, i, pos_t):
+            def ring_read(stream, i):
                 mine = lambda a: stream_block(a, stream, 0, a.shape[2])  # noqa: E731
                 ring_pos = mine(r_pos)
-                return mine(r_keys), mine(r_values), block_bias(
-                    pos_t, ring_pos, mine(r_flags), ring_pos >= 0, **rule)
+                return mine(r_keys), mine(r_values), ring_pos, mine(r_flags), ring_pos >= 0
 
             pages = page_source(c, sliding_window=sliding_window, block_tokens=block)
-            return tiled_over(q, positions, new_valid, [pages, (lambda stream: 1, ring_read)],
+            ring = (lambda stream: 1, ring_read, rule)
+            return tiled_over(q, positions, new_valid, [pages, ring],
                               (new_keys, new_values, new_pos, new_flags, valid), rule=rule,
                               scale=scale)
         with jax.named_scope("pages"):
@@ -402,10 +411,10 @@ def _attend_and_update(cache: PagedLayerCache, q, k_new, v_new, decisions, posit
                                      new_valid, scale)
         return finish(carry, q)
 
-    def update():
+    def update(after=None):
         with jax.named_scope("store"):
             return _advance(cache, ring_flags, new_keys, new_values, new_pos, new_flags, valid,
-                            query_pos, window=window, use_flags=use_flags)
+                            query_pos, window=window, use_flags=use_flags, after=after)
 
     if chunk == 1:  # decode: store first (in place), then attend over the ring and the pages
         parts = update()
@@ -416,7 +425,7 @@ def _attend_and_update(cache: PagedLayerCache, q, k_new, v_new, decisions, posit
         with jax.named_scope("attend"):
             out, seen = attend(cache, cache.ring_keys, cache.ring_values, cache.ring_pos,
                                ring_flags, tail=True)
-        parts = update()
+        parts = update(out)
         updated = _replace(cache, parts)
     held = updated.held
     return out, updated.replace(

@@ -81,14 +81,14 @@ def page_source(cache: PagedLayerCache, *, sliding_window, block_tokens):
     its own pages, `k` per block (`page_attention`'s blocks and rule, one stream at a time)."""
     k, trips = _page_blocks(cache, block_tokens)
 
-    def read(stream, i, pos_t):
+    def read(stream, i):
         table = stream_block(cache.page_table, stream, 0, cache.page_table.shape[2])
         retained = lax.dynamic_slice(cache.retained, stream, (1, 1))
         k_blk, v_blk, k_pos, valid = _gather_pages(cache, table, retained, i, k)
-        return k_blk, v_blk, block_bias(pos_t, k_pos, None, valid, window=0, use_flags=False,
-                                        sliding_window=sliding_window)
+        return k_blk, v_blk, k_pos, None, valid
 
-    return (lambda stream: trips[stream[0], stream[1]]), read
+    rule = dict(window=0, use_flags=False, sliding_window=sliding_window)  # no flags: retained
+    return (lambda stream: trips[stream[0], stream[1]]), read, rule
 
 
 def reads_pool(cache: PagedLayerCache, block_tokens: int):

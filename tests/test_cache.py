@@ -476,3 +476,52 @@ def test_attend_blocks_equals_dense_attention_over_the_concatenated_keys():
                                .sum(axis=(2, 3)), atol=1e-6)
     visible = np.asarray(probs)[:, :, 0] > 0  # [B, Hkv, C, N]
     np.testing.assert_array_equal(seen, (visible & q_valid[:, None, :, None]).sum(axis=(2, 3)))
+
+
+# kind of tile_bias, query positions, key positions, (flagged, invalid) key indices, rule
+TILE_BIAS_CASES = {
+    "older keys, all visible": (0, range(20, 28), range(16), ((), ()), dict(window=3)),
+    "older keys, two free slots": (1, range(20, 28), range(16), ((), (3, 9)), dict(window=3)),
+    "flagged keys outside the window": (1, range(20, 28), range(16), ((1, 5, 12), (3,)),
+                                        dict(window=3)),
+    "a flagged key leaves mid-tile": (2, range(17, 25), range(16), ((15,), ()), dict(window=3)),
+    "keys after the lowest query": (2, range(20, 28), range(14, 30), ((), ()), dict(window=3)),
+    "a padding query at -1": (2, [-1] + list(range(21, 28)), range(16), ((), ()),
+                              dict(window=3)),
+    "a sliding window cutting the tile": (2, range(20, 28), range(16), ((), ()),
+                                          dict(window=3, sliding_window=10)),
+    "a sliding window above the tile": (0, range(20, 28), range(16), ((), ()),
+                                        dict(window=3, sliding_window=30)),
+}
+
+
+@pytest.mark.parametrize("case", list(TILE_BIAS_CASES))
+def test_tile_block_takes_the_narrowest_bias_and_matches_the_full_one(case):
+    """`attend_tile_block` (no bias / one row / the [tile, n] bias, by `tile_bias`) == the
+    running softmax and keys seen of `attend_block` over `block_bias`, and each case takes the
+    path it should (a silently lost fast path would only show as time)."""
+    from dms_jax.ops import live_attention as la
+
+    kind, q_pos, k_pos, (flagged, free), rule = TILE_BIAS_CASES[case]
+    rule = dict(use_flags=True, sliding_window=None) | rule
+    rng = np.random.default_rng(3)
+    group, tile, n, dim = 2, 8, 16, 4
+    q_t = jnp.asarray(rng.standard_normal((1, 1, group, tile, dim)), jnp.float32)
+    keys, values = (jnp.asarray(rng.standard_normal((1, 1, n, dim)), jnp.float32)
+                    for _ in range(2))
+    pos_t = jnp.asarray(np.array(q_pos, np.int32)[None])
+    real_t = pos_t >= 0
+    k_pos = jnp.asarray(np.array(k_pos, np.int32)[None, None])
+    k_flags = jnp.asarray(np.isin(np.arange(n), flagged)[None, None])
+    k_valid = jnp.asarray(~np.isin(np.arange(n), free)[None, None])
+    block = (keys, values, k_pos, k_flags, k_valid)
+    carry = la.empty_state(q_t)
+    # a running state from an earlier block, so that the rescaling is exercised too
+    carry = la.attend_block(carry, q_t, keys * 0.5, values, jnp.zeros((1, 1, 1, tile, n)),
+                            real_t, 0.5)
+    got = la.attend_tile_block(carry, q_t, pos_t, real_t, block, rule, 0.5)
+    bias = la.block_bias(pos_t, k_pos, k_flags, k_valid, **rule)
+    want = la.attend_block(carry, q_t, keys, values, bias, real_t, 0.5)
+    assert int(la.tile_bias(pos_t, block, rule)[0]) == kind
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-6)

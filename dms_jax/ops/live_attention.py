@@ -85,13 +85,74 @@ def empty_state(qg):
 def attend_block(carry, qg, k_blk, v_blk, bias, q_valid, scale):
     """One key block into the running softmax and the count of keys seen by real queries.
     qg: [B, Hkv, G, C, D]; k_blk, v_blk: [B, Hkv, n, D]; bias: f32 [B, Hkv, 1, C, n]."""
-    state, seen = carry
-    scores = jnp.einsum("bhgqd,bhkd->bhgqk", qg, k_blk,
-                        preferred_element_type=jnp.float32) * scale + bias
-    state = online_softmax_step(state, scores, v_blk)
     real = q_valid[:, None, :, None]  # [B, 1, C, 1]
-    return state, seen + ((bias[:, :, 0] > MASK_VALUE / 2) & real).sum(axis=(2, 3),
-                                                                       dtype=jnp.float32)
+    seen = ((bias[:, :, 0] > MASK_VALUE / 2) & real).sum(axis=(2, 3), dtype=jnp.float32)
+    return _attend_scored(carry, qg, k_blk, v_blk, bias, seen, scale)
+
+
+def _attend_scored(carry, qg, k_blk, v_blk, bias, seen, scale):
+    """`attend_block` given its count of keys seen [B, Hkv]; bias None: every key visible."""
+    state, total = carry
+    scores = jnp.einsum("bhgqd,bhkd->bhgqk", qg, k_blk,
+                        preferred_element_type=jnp.float32) * scale
+    if bias is not None:
+        scores = scores + bias
+    return online_softmax_step(state, scores, v_blk), total + seen
+
+
+def tile_bias(pos_t, block, rule):
+    """How wide a key block's bias must be for a query tile (`attend_tile_block`): (kind, row)
+    with kind int32 0 (every key visible to every query: no bias), 1 (one bias row for all the
+    tile's queries: `row`) or 2 (a bias per query and key), row f32 [1, 1, 1, 1, n] the rule at
+    the tile's lowest position.
+
+    Under the rule the queries that see a key form one interval of positions, [key, key + span]
+    (causality; the window of a flagged key; a sliding window), so a key at or before the
+    tile's lowest query position has the same bias for every query of the tile when it has the
+    same bias at the tile's lowest and highest positions (an invalid key is masked for all).
+    pos_t: int32 [1, tile] (padding queries included: their positions count too);
+    block, rule: `attend_tile_block`'s."""
+    _, _, k_pos, k_flags, k_valid = block
+    def bias_at(position):  # the rule for one query position: [1, 1, 1, 1, n]
+        return block_bias(jnp.full((1, 1), position), k_pos, k_flags, k_valid, **rule)
+
+    lo = jnp.min(pos_t)
+    row = bias_at(lo)  # [1, 1, 1, 1, n]
+    uniform = jnp.all((row == bias_at(jnp.max(pos_t)))
+                      & ((k_pos <= lo) | ~k_valid)[:, :, None, None, :])
+    return jnp.where(uniform, jnp.where(jnp.all(row == 0), 0, 1), 2), row
+
+
+def attend_tile_block(carry, q_t, pos_t, real_t, block, rule, scale):
+    """One stream's key block into a query tile's running softmax (`tiled_over`), its bias only
+    as wide as it must be (`tile_bias`): none when every key is visible to every query (every
+    cache block of a `full` prefill), one row when the keys' visibility is the same for every
+    query (blocks older than the window under `dms`), else the [tile, n] bias of `block_bias`.
+    The keys seen of a row are the real queries times its visible keys. Same softmax and count
+    as `attend_block` over `block_bias` (adding a row of zeros is exact); skipping the tile-wide
+    bias and its count saves two of the block's passes over its [tile, n] scores.
+
+    q_t: [1, 1, G, tile, D]; pos_t: int32 [1, tile]; real_t: bool [1, tile];
+    block: (keys [1, 1, n, D], values, pos int32 [1, 1, n], flags bool [1, 1, n] (or None
+    without flags), valid bool [1, 1, n]); rule: `block_bias`'s keywords.
+    """
+    keys, values, k_pos, k_flags, k_valid = block
+    kind, row = tile_bias(pos_t, block, rule)
+    reals = real_t.sum(dtype=jnp.float32)
+
+    def none(carry):
+        seen = jnp.full((1, 1), reals * k_pos.shape[-1], jnp.float32)
+        return _attend_scored(carry, q_t, keys, values, None, seen, scale)
+
+    def one_row(carry):
+        seen = reals * (row > MASK_VALUE / 2).sum(dtype=jnp.float32)
+        return _attend_scored(carry, q_t, keys, values, row, jnp.full((1, 1), seen), scale)
+
+    def general(carry):
+        bias = block_bias(pos_t, k_pos, k_flags, k_valid, **rule)
+        return attend_block(carry, q_t, keys, values, bias, real_t, scale)
+
+    return lax.switch(kind, [none, one_row, general], carry)
 
 
 def finish(carry, q):
@@ -132,7 +193,7 @@ def _stream_tiles(stream, qg, q_pos, q_valid, sources, tail, *, rule, scale):
     row = lambda a: lax.dynamic_slice_in_dim(a, stream[0], 1, axis=0)  # noqa: E731
     q_s = lax.dynamic_slice(qg, (stream[0], stream[1], 0, 0, 0), (1, 1) + qg.shape[2:])
     pos_q, real_q = row(q_pos), row(q_valid)  # [1, C]
-    trips = [trips_of(stream) for trips_of, _ in sources]
+    trips = [trips_of(stream) for trips_of, _, _ in sources]
 
     def one_tile(t):
         lo = t * tile
@@ -140,9 +201,10 @@ def _stream_tiles(stream, qg, q_pos, q_valid, sources, tail, *, rule, scale):
         pos_t = lax.dynamic_slice_in_dim(pos_q, lo, tile, axis=1)  # [1, tile]
         real_t = lax.dynamic_slice_in_dim(real_q, lo, tile, axis=1)
         carry = empty_state(q_t)
-        for n, (_, read) in zip(trips, sources):
-            def source_block(i, carry, read=read):
-                return attend_block(carry, q_t, *read(stream, i, pos_t), real_t, scale)
+        for n, (_, read, source_rule) in zip(trips, sources):
+            def source_block(i, carry, read=read, source_rule=source_rule):
+                return attend_tile_block(carry, q_t, pos_t, real_t, read(stream, i),
+                                         source_rule, scale)
             carry = (source_block(0, carry) if isinstance(n, int) and n == 1
                      else lax.fori_loop(0, n, source_block, carry))
         t_keys, t_values, t_pos, t_flags, t_valid = tail
@@ -152,8 +214,8 @@ def _stream_tiles(stream, qg, q_pos, q_valid, sources, tail, *, rule, scale):
 
         def chunk_block(j, carry):
             take = lambda a: stream_block(a, stream, j * tile, tile)  # noqa: E731
-            bias = block_bias(pos_t, take(t_pos), take(t_flags), take(t_valid), **rule)
-            return attend_block(carry, q_t, take(t_keys), take(t_values), bias, real_t, scale)
+            return attend_tile_block(carry, q_t, pos_t, real_t, tuple(map(take, tail)), rule,
+                                     scale)
 
         carry = lax.fori_loop(0, (reach + tile - 1) // tile, chunk_block, carry)
         state, seen = carry
@@ -175,15 +237,14 @@ def slot_source(slots, *, rule, block):
     def trips(stream):
         return (live_extent(stream_block(pos, stream, 0, capacity)) + block - 1) // block
 
-    def read(stream, i, pos_t):
+    def read(stream, i):
         start = jnp.minimum(i * block, capacity - block)
         take = lambda a: stream_block(a, stream, start, block)  # noqa: E731
         k_pos = take(pos)
         fresh = start + jnp.arange(block) >= i * block  # slots below i * block are done already
-        return (take(keys), take(values),
-                block_bias(pos_t, k_pos, take(flags), (k_pos >= 0) & fresh, **rule))
+        return take(keys), take(values), k_pos, take(flags), (k_pos >= 0) & fresh
 
-    return trips, read
+    return trips, read, rule
 
 
 def tiled_attention(q, q_pos, q_valid, slots, tail, *, window, use_flags, sliding_window, scale,
@@ -206,9 +267,10 @@ def tiled_over(q, q_pos, q_valid, sources, tail, *, rule, scale):
     the device, which runs `live_attention`'s batched blocks instead.
 
     q: [B, C, H, D]; q_pos: int32 [B, C]; q_valid: bool [B, C]; sources: the keys before the
-    chunk, each (trips(stream) -> int32 blocks (or the int 1), read(stream, i, tile_pos) ->
-    (keys [1, 1, n, D], values, bias [1, 1, 1, tile, n] by `block_bias`)) for stream = int32
-    (row, KV head) and tile_pos [1, tile] (`slot_source`; the paged cache's pages and ring);
+    chunk, each (trips(stream) -> int32 blocks (or the int 1), read(stream, i) -> (keys
+    [1, 1, n, D], values, pos int32 [1, 1, n], flags bool [1, 1, n] or None, valid bool
+    [1, 1, n]), rule: `block_bias`'s keywords for these keys) for stream = int32 (row, KV head)
+    (`slot_source`; the paged cache's pages and ring), each block through `attend_tile_block`;
     tail: the chunk's own (keys [B, Hkv, C, D], values, pos [B, Hkv, C], flags, valid) under
     `rule` (block_bias's window, use_flags, sliding_window).
     returns (out [B, C, H, D] in q.dtype, keys seen by real queries [B, Hkv] f32)
