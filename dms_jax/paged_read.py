@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from dms_jax.ops.live_attention import attend_block, block_bias, stream_block
-from dms_jax.ops.mask import MASK_VALUE
+from dms_jax.ops.mask import MASK_VALUE, visible
 
 if TYPE_CHECKING:
     from dms_jax.paged import PagedLayerCache
@@ -135,7 +135,7 @@ def pool_attention(qg, q_pos, q_valid, cache: PagedLayerCache, *, sliding_window
     l_page = jnp.sum(p, axis=-1)
     acc_page = jnp.einsum("pgct,ptd->pgcd", p.astype(cache.pool_values.dtype), cache.pool_values,
                           preferred_element_type=jnp.float32)
-    seen_page = ((bias[:, 0] > MASK_VALUE / 2) & real_own[..., None]).sum(
+    seen_page = (visible(bias[:, 0]) & real_own[..., None]).sum(
         axis=(1, 2), dtype=jnp.float32)  # [P], attend_block's count
     with jax.named_scope("combine"):
         # per stream: the max over its pages (MASK_VALUE when it has none, so that the ring's

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from dms_jax.ops.attention import online_softmax_finish, online_softmax_step
-from dms_jax.ops.mask import MASK_VALUE, hard_evict_bias, visibility_bias
+from dms_jax.ops.mask import hard_evict_bias, visibility_bias, visible
 
 # Slots per key block: a decode step reads a whole block per loop iteration (fewer, longer
 # dots: the loop's per-iteration cost matters there); a prefill chunk's [C, block] score tile
@@ -86,7 +86,7 @@ def attend_block(carry, qg, k_blk, v_blk, bias, q_valid, scale):
     """One key block into the running softmax and the count of keys seen by real queries.
     qg: [B, Hkv, G, C, D]; k_blk, v_blk: [B, Hkv, n, D]; bias: f32 [B, Hkv, 1, C, n]."""
     real = q_valid[:, None, :, None]  # [B, 1, C, 1]
-    seen = ((bias[:, :, 0] > MASK_VALUE / 2) & real).sum(axis=(2, 3), dtype=jnp.float32)
+    seen = (visible(bias[:, :, 0]) & real).sum(axis=(2, 3), dtype=jnp.float32)
     return _attend_scored(carry, qg, k_blk, v_blk, bias, seen, scale)
 
 
@@ -145,7 +145,7 @@ def attend_tile_block(carry, q_t, pos_t, real_t, block, rule, scale):
         return _attend_scored(carry, q_t, keys, values, None, seen, scale)
 
     def one_row(carry):
-        seen = reals * (row > MASK_VALUE / 2).sum(dtype=jnp.float32)
+        seen = reals * visible(row).sum(dtype=jnp.float32)
         return _attend_scored(carry, q_t, keys, values, row, jnp.full((1, 1), seen), scale)
 
     def general(carry):

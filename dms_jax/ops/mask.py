@@ -51,6 +51,11 @@ def visibility_bias(q_pos, k_pos, evict_bias, window, *, k_valid=None, sliding_w
     return jnp.where(allowed, inside, MASK_VALUE)
 
 
+def visible(bias):
+    """bool: which entries of a `visibility_bias` (scores plus it, too) a query may see."""
+    return bias > MASK_VALUE / 2
+
+
 def hard_evict_bias(evict_flags):
     """Hard per-key bias from boolean flags (True = evicted once outside the window)."""
     return jnp.where(evict_flags, MASK_VALUE, 0.0).astype(jnp.float32)
@@ -62,7 +67,7 @@ def is_visible(q_pos, k_pos, evict_flags, window, *, k_valid=None, sliding_windo
         q_pos, k_pos, hard_evict_bias(evict_flags), window, k_valid=k_valid,
         sliding_window=sliding_window,
     )
-    return bias > MASK_VALUE / 2
+    return visible(bias)
 
 
 def is_held(newest_pos, k_pos, evict_flags, window, *, k_valid, sliding_window):
