@@ -525,3 +525,41 @@ def test_tile_block_takes_the_narrowest_bias_and_matches_the_full_one(case):
     assert int(la.tile_bias(pos_t, block, rule)[0]) == kind
     for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-6)
+
+
+def test_tiled_prefill_skips_query_tiles_without_a_real_query():
+    """A query tile with no real query (a row whose prompt ended before the chunk, a padding
+    row) attends nothing: its outputs are 0 and it sees no key; the other tiles and rows are
+    what they are alone."""
+    from dms_jax.ops import live_attention as la
+
+    rng = np.random.default_rng(5)
+    batch, chunk, heads, kv_heads, dim, slots = 3, 8, 4, 2, 4, 12
+    q = jnp.asarray(rng.standard_normal((batch, chunk, heads, dim)), jnp.float32)
+    keys, values = (jnp.asarray(rng.standard_normal((batch, kv_heads, slots, dim)), jnp.float32)
+                    for _ in range(2))
+    pos = jnp.asarray(np.tile(np.arange(slots, dtype=np.int32), (batch, kv_heads, 1)))
+    flags = jnp.zeros(pos.shape, bool)
+    tail = tuple(jnp.asarray(rng.standard_normal((batch, kv_heads, chunk, dim)), jnp.float32)
+                 for _ in range(2))
+    q_pos = jnp.asarray(np.tile(np.arange(slots, slots + chunk, dtype=np.int32), (batch, 1)))
+    # row 0: every query real; row 1: none (a prompt that ended); row 2: the first half only
+    q_valid = jnp.asarray(np.arange(chunk)[None] < np.array([chunk, 0, chunk // 2])[:, None])
+    t_pos = jnp.broadcast_to(q_pos[:, None], (batch, kv_heads, chunk))
+    t_valid = jnp.broadcast_to(q_valid[:, None], (batch, kv_heads, chunk))
+    rule = dict(window=2, use_flags=True, sliding_window=None, scale=0.5, block=5)
+    old = la.QUERY_ROWS
+    la.QUERY_ROWS = 2 * heads // kv_heads  # tiles of 2 queries: row 2's second half is padding
+    try:
+        out, seen = la.tiled_attention(q, q_pos, q_valid, (keys, values, pos, flags),
+                                       tail + (t_pos, flags[..., :chunk], t_valid), **rule)
+        whole, _ = la.tiled_attention(q, q_pos, jnp.ones_like(q_valid),
+                                      (keys, values, pos, flags),
+                                      tail + (t_pos, flags[..., :chunk], t_valid), **rule)
+    finally:
+        la.QUERY_ROWS = old
+    real = np.asarray(q_valid)
+    np.testing.assert_array_equal(np.asarray(out)[~real], 0.0)
+    np.testing.assert_allclose(np.asarray(out)[real], np.asarray(whole)[real], rtol=1e-6)
+    np.testing.assert_array_equal(np.asarray(seen)[1], 0.0)
+    assert (np.asarray(seen)[[0, 2]] > 0).all()

@@ -186,8 +186,10 @@ def _stream_tiles(stream, qg, q_pos, q_valid, sources, tail, *, rule, scale):
     tile reads every source's key blocks for this stream, then the chunk's key blocks up to the
     last one holding a key at or before the tile's newest query position (the blocks after it
     are masked for every query of the tile by the rule's causality, so skipping them changes
-    nothing). Arguments are `tiled_over`'s, every stream's.
-    Returns the output [1, 1, G, C, D] (f32) and the keys seen by real queries [1, 1]."""
+    nothing). A tile with no real query (the chunks of a row whose prompt ended, a padding row)
+    reads nothing: its outputs are 0 and it sees no key. Arguments are `tiled_over`'s, every
+    stream's. Returns the output [1, 1, G, C, D] (f32; 0 for the queries of a tile without a real
+    one) and the keys seen by real queries [1, 1]."""
     _, _, group, chunk, head_dim = qg.shape
     tile = query_tile(chunk, group)
     row = lambda a: lax.dynamic_slice_in_dim(a, stream[0], 1, axis=0)  # noqa: E731
@@ -200,26 +202,34 @@ def _stream_tiles(stream, qg, q_pos, q_valid, sources, tail, *, rule, scale):
         q_t = lax.dynamic_slice_in_dim(q_s, lo, tile, axis=3)  # [1, 1, G, tile, D]
         pos_t = lax.dynamic_slice_in_dim(pos_q, lo, tile, axis=1)  # [1, tile]
         real_t = lax.dynamic_slice_in_dim(real_q, lo, tile, axis=1)
-        carry = empty_state(q_t)
-        for n, (_, read, source_rule) in zip(trips, sources):
-            def source_block(i, carry, read=read, source_rule=source_rule):
-                return attend_tile_block(carry, q_t, pos_t, real_t, read(stream, i),
-                                         source_rule, scale)
-            carry = (source_block(0, carry) if isinstance(n, int) and n == 1
-                     else lax.fori_loop(0, n, source_block, carry))
-        t_keys, t_values, t_pos, t_flags, t_valid = tail
-        mine = lambda a: stream_block(a, stream, 0, chunk)[0, 0]  # noqa: E731
-        reach = 1 + jnp.max(jnp.where(mine(t_valid) & (mine(t_pos) <= jnp.max(pos_t)),
-                                      jnp.arange(chunk), -1))
 
-        def chunk_block(j, carry):
-            take = lambda a: stream_block(a, stream, j * tile, tile)  # noqa: E731
-            return attend_tile_block(carry, q_t, pos_t, real_t, tuple(map(take, tail)), rule,
-                                     scale)
+        def attend_tile(_):
+            carry = empty_state(q_t)
+            for n, (_, read, source_rule) in zip(trips, sources):
+                def source_block(i, carry, read=read, source_rule=source_rule):
+                    return attend_tile_block(carry, q_t, pos_t, real_t, read(stream, i),
+                                             source_rule, scale)
+                carry = (source_block(0, carry) if isinstance(n, int) and n == 1
+                         else lax.fori_loop(0, n, source_block, carry))
+            t_keys, t_values, t_pos, t_flags, t_valid = tail
+            mine = lambda a: stream_block(a, stream, 0, chunk)[0, 0]  # noqa: E731
+            reach = 1 + jnp.max(jnp.where(mine(t_valid) & (mine(t_pos) <= jnp.max(pos_t)),
+                                          jnp.arange(chunk), -1))
 
-        carry = lax.fori_loop(0, (reach + tile - 1) // tile, chunk_block, carry)
-        state, seen = carry
-        return online_softmax_finish(state), seen
+            def chunk_block(j, carry):
+                take = lambda a: stream_block(a, stream, j * tile, tile)  # noqa: E731
+                return attend_tile_block(carry, q_t, pos_t, real_t, tuple(map(take, tail)),
+                                         rule, scale)
+
+            carry = lax.fori_loop(0, (reach + tile - 1) // tile, chunk_block, carry)
+            state, seen = carry
+            return online_softmax_finish(state), seen
+
+        def padding(_):  # no real query in the tile (a short row's or a padding row's chunk)
+            return (jnp.zeros((1, 1, group, tile, head_dim), jnp.float32),
+                    jnp.zeros((1, 1), jnp.float32))
+
+        return lax.cond(jnp.any(real_t), attend_tile, padding, None)
 
     outs, seen = lax.map(one_tile, jnp.arange(chunk // tile))  # [T, 1, 1, G, tile, D], [T, 1, 1]
     out = jnp.moveaxis(outs, 0, 3).reshape(1, 1, group, chunk, head_dim)
@@ -293,7 +303,8 @@ def live_attention(q, q_pos, q_valid, slots, tail, extent, *, window, use_flags,
                    scale, block=None):
     """The chunk's queries over the live slots, then over the chunk itself (if given).
 
-    q: [B, C, H, D]; q_pos: int32 [B, C]; q_valid: bool [B, C] (padding queries: output 0);
+    q: [B, C, H, D]; q_pos: int32 [B, C]; q_valid: bool [B, C] (a padding query counts no keys
+      seen; its output is unused);
     slots: (keys [B, Hkv, S, D], values [B, Hkv, S, D], pos int32 [B, Hkv, S] (-1: free),
       flags bool [B, Hkv, S]); tail: the chunk's own (keys [B, Hkv, C, D], values, pos [B, Hkv, C],
       flags, valid) or None; extent: int32 scalar, slots >= extent are free in every stream
