@@ -92,6 +92,7 @@ def run_system(job) -> dict:
         size = min(rows, 2 * size)
     requests = requests_for(cfg.vocab_size, job["requests"], job["context"], job["new_tokens"])
     server.generated_tokens, busy, steps = 0, 0, 0
+    server.prefill_seconds = server.decode_seconds = 0.0
     tic = time.perf_counter()
     for prompt, new in requests:
         server.submit(prompt, new)
@@ -105,6 +106,7 @@ def run_system(job) -> dict:
     seen = sum(c.seen for c in done)
     per_token = cfg.num_layers * cfg.num_kv_heads
     return dict(system=job["system"], rows=rows, pool_pages=pool, seconds=seconds,
+                prefill_s=server.prefill_seconds, decode_s=server.decode_seconds,
                 tokens=server.generated_tokens, tokens_per_s=server.generated_tokens / seconds,
                 requests_per_s=len(done) / seconds, mean_busy_rows=busy / max(steps, 1),
                 cr=seen * per_token / max(held, 1),
@@ -163,18 +165,22 @@ def main(argv=None):
             print("  " + (f"{system}: {r['error']}" if "error" in r else
                           f"{system}: {r['rows']} rows, {r['tokens_per_s']:.1f} tokens/s, "
                           f"{r['requests_per_s']:.3f} requests/s, {r['mean_busy_rows']:.1f} rows "
-                          f"busy, CR {r['cr']:.2f}, overflow {r['overflow']} ({r['seconds']:.0f} s)"),
+                          f"busy, CR {r['cr']:.2f}, overflow {r['overflow']} ({r['seconds']:.0f} s: "
+                          f"prefill {r['prefill_s']:.1f} s, decode {r['decode_s']:.1f} s)"),
                   flush=True)
     ok = [r for r in results if "error" not in r]
-    lines = ["| system | rows | pool pages | tokens/s | requests/s | mean rows busy | CR | overflow |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| system | rows | pool pages | tokens/s | requests/s | mean rows busy | CR | overflow "
+             "| prefill s | decode s |", "| --- " * 10 + "|"]
     for r in ok:
         lines.append(f"| {r['system']} | {r['rows']} | {r['pool_pages']} | {r['tokens_per_s']:.1f} | "
                      f"{r['requests_per_s']:.3f} | {r['mean_busy_rows']:.1f} | {r['cr']:.2f} | "
-                     f"{r['overflow']} |")
+                     f"{r['overflow']} | {r['prefill_s']:.1f} | {r['decode_s']:.1f} |")
     print("\n".join(lines))
     if len(ok) == 2:
-        print(f"dms / full tokens/s: {ok[1]['tokens_per_s'] / ok[0]['tokens_per_s']:.2f}x")
+        full, dms = ok
+        print(f"dms / full tokens/s: {dms['tokens_per_s'] / full['tokens_per_s']:.2f}x "
+              f"(prefill time {full['prefill_s'] / max(dms['prefill_s'], 1e-9):.2f}x less, "
+              f"decode time {full['decode_s'] / max(dms['decode_s'], 1e-9):.2f}x less)")
     return results
 
 

@@ -11,11 +11,11 @@ layout="paged")`). Each `step()`:
      not yet reserved cover what the request is expected to hold (`InferencePlan.request_pages`:
      its retained tokens at the plan's CR and margin; every token for `full`); a request that
      does not fit now waits (never dropped); one that could never fit is refused at `submit`;
-  2. prefills the admitted prompts together over the shared pool (`paged.select_rows`: a
-     batch of just those rows, padded to a power of two with rows whose chunks are all padding,
-     which leaves them untouched; the other rows are not computed; chunks of the plan's
-     chunk_size, a shorter prompt's row idle once its prompt is in) and samples the first
-     tokens;
+  2. prefills the admitted prompts together over the shared pool, in chunks of the plan's
+     chunk_size: each chunk is a batch of just the rows whose prompts reach it
+     (`paged.select_rows`), padded to a power of two with rows whose chunks are all padding,
+     which leaves them untouched; a shorter prompt's row leaves the batch after its last chunk
+     and the other rows are not computed; then samples the first tokens;
   3. runs one decode step for every active row (the jitted step has the fixed shape [rows]);
   4. retires the rows that hit a stop token or their `max_new_tokens`, returning their pages to
      the pool (`dms_jax.paged.release_rows`) and their `Completion`.
@@ -110,6 +110,8 @@ class Server:
     pool_pages: the pool (`plan_inference(layout="paged")`; default pool: `rows` requests of
     max_len at target_cr); chunk_size: prefill chunk; stop_tokens, temperature, top_k, top_p,
     key: as `generate`; strict: raise `CacheOverflowError` when a dry pool dropped a token.
+    After steps, `generated_tokens`, and `prefill_seconds` / `decode_seconds`: wall time spent
+    prefilling admitted prompts (to their first tokens) and in decode steps.
     """
 
     def __init__(self, model, *, rows: int = 8, max_len: int, policy=None, target_cr=None,
@@ -146,6 +148,9 @@ class Server:
         self.cur = np.full(self.rows, -1, np.int32)
         self.pos = np.zeros(self.rows, np.int32)
         self.generated_tokens = 0
+        # wall seconds spent prefilling admitted prompts (to their first tokens) and in decode
+        # steps, since construction (each part ends on a host read, so the work is done)
+        self.prefill_seconds = self.decode_seconds = 0.0
 
     # ------------------------------------------------------------------------- requests
 
@@ -185,15 +190,19 @@ class Server:
         admitted = self._admit()
         finished: list[int] = []
         if admitted:
+            tic = time.perf_counter()
             finished += self._prefill(admitted)
+            self.prefill_seconds += time.perf_counter() - tic
         active = np.array([r is not None and b not in finished for b, r in enumerate(self.slot)])
         if active.any():
+            tic = time.perf_counter()
             self.key, sub = jax.random.split(self.key)
             nxt, self.cache = _decode_step(self.graphdef, self.params, self.cache,
                                            jnp.asarray(self.cur), jnp.asarray(active),
                                            jnp.asarray(self.pos), sub, plan=self.plan,
                                            sampling=self.sampling)
             nxt = np.asarray(nxt)
+            self.decode_seconds += time.perf_counter() - tic
             for b in np.flatnonzero(active):
                 self.pos[b] += 1
                 self.cur[b] = nxt[b]
@@ -241,31 +250,40 @@ class Server:
         return admitted
 
     def _prefill(self, admitted: list[int]) -> list[int]:
-        """The admitted prompts through `_prefill_rows` together (chunks of the plan's
-        chunk_size over the shared pool), then the first tokens."""
-        rows = self._prefill_batch(admitted)
+        """The admitted prompts through `_prefill_rows` together, chunk by chunk (the plan's
+        chunk_size over the shared pool), then the first tokens. Each chunk runs only the rows
+        whose prompts reach it (padded to a power of two: `_prefill_batch`), so a short prompt
+        admitted beside a long one leaves the batch when it ends instead of riding along as
+        padding to the long one's end."""
         prompts = [self.slot[b].prompt for b in admitted]
-        longest = max(len(p) for p in prompts)
-        chunk = min(self.plan.chunk_size, max(16, 1 << (longest - 1).bit_length()))
-        n_chunks = -(-longest // chunk)
-        ids = np.zeros((len(rows), n_chunks * chunk), np.int32)
-        valid = np.zeros(ids.shape, bool)
-        for i, prompt in enumerate(prompts):  # the padding rows stay all-invalid
-            ids[i, :len(prompt)] = prompt
-            valid[i, :len(prompt)] = True
-        positions = np.broadcast_to(np.arange(n_chunks * chunk, dtype=np.int32), ids.shape)
-        last = np.full(len(rows), -1)
-        last[:len(prompts)] = [len(p) - 1 for p in prompts]
-        last_hidden = jnp.zeros((len(rows), self.cfg.hidden_size), self.params_dtype)
-        for c in range(n_chunks):
-            cols = slice(c * chunk, (c + 1) * chunk)
-            index = np.where((last >= c * chunk) & (last < (c + 1) * chunk), last - c * chunk, -1)
+        lens = np.asarray([len(p) for p in prompts])
+        chunk = min(self.plan.chunk_size, max(16, 1 << (int(lens.max()) - 1).bit_length()))
+        hidden = [None] * len(admitted)  # each prompt's last hidden state [d]
+        for c in range(-(-int(lens.max()) // chunk)):
+            lo = c * chunk
+            going = np.flatnonzero(lens > lo)  # admitted prompts with tokens in this chunk
+            rows = self._prefill_batch([admitted[i] for i in going])
+            ids = np.zeros((len(rows), chunk), np.int32)
+            valid = np.zeros(ids.shape, bool)  # the padding rows stay all-invalid
+            index = np.full(len(rows), -1, np.int32)
+            for j, i in enumerate(going):
+                part = prompts[i][lo:lo + chunk]
+                ids[j, :len(part)], valid[j, :len(part)] = part, True
+                if lens[i] <= lo + chunk:  # its last token is in this chunk
+                    index[j] = lens[i] - 1 - lo
+            positions = np.broadcast_to(np.arange(lo, lo + chunk, dtype=np.int32), ids.shape)
+            last_hidden = jnp.zeros((len(rows), self.cfg.hidden_size), self.params_dtype)
             last_hidden, self.cache = _prefill_rows(
-                self.graphdef, self.params, self.cache, jnp.asarray(rows, jnp.int32),
-                ids[:, cols], valid[:, cols], positions[:, cols], last_hidden,
-                jnp.asarray(index, jnp.int32), plan=self.plan)
+                self.graphdef, self.params, self.cache, jnp.asarray(rows, jnp.int32), ids, valid,
+                positions, last_hidden, jnp.asarray(index), plan=self.plan)
+            for j, i in enumerate(going):
+                if index[j] >= 0:
+                    hidden[i] = last_hidden[j]
+        # the first tokens, sampled for a batch padded as the first chunk's (one compiled shape)
+        size = len(self._prefill_batch(admitted))
+        stacked = jnp.stack(hidden + [jnp.zeros_like(hidden[0])] * (size - len(hidden)))
         self.key, sub = jax.random.split(self.key)
-        first = np.asarray(_sample_hidden(self.graphdef, self.params, last_hidden, sub,
+        first = np.asarray(_sample_hidden(self.graphdef, self.params, stacked, sub,
                                           sampling=self.sampling))[:len(prompts)]
         finished = []
         for b, tok in zip(admitted, first):

@@ -370,9 +370,10 @@ def test_served_requests_equal_generate_alone_and_pages_come_back(llama_dms):
 
 
 def test_admitted_prompts_are_prefilled_together_padding_rows_untouched(llama_dms):
-    """Prompts admitted in one step go through one batched prefill, padded to a power of two
-    with rows whose chunks are all padding (free rows, or a row mid-decode); every request still
-    gets the tokens `generate` gives it alone."""
+    """Prompts admitted in one step go through one batched prefill, chunk by chunk, padded to a
+    power of two with rows whose chunks are all padding (free rows, or a row mid-decode); a
+    prompt leaves the batch after its last chunk; every request still gets the tokens
+    `generate` gives it alone."""
     from dms_jax.serve import Server
 
     rng = np.random.default_rng(15)
@@ -387,16 +388,21 @@ def test_admitted_prompts_are_prefilled_together_padding_rows_untouched(llama_dm
     batches = []
     pick = server._prefill_batch
 
-    def record(admitted):
-        rows = pick(admitted)
-        batches.append((list(admitted), rows, [server.slot[b] is not None for b in rows]))
+    def record(going):
+        rows = pick(going)
+        batches.append((list(going), rows, [server.slot[b] is not None for b in rows]))
         return rows
 
     server._prefill_batch = record
     done = server.run(requests)
     assert sorted(c.request_id for c in done) == list(range(len(requests)))
-    assert [len(a) for a, _, _ in batches] == [4, 3]
-    assert batches[1][1][3] == batches[0][1][3] and batches[1][2] == [True] * 4  # mid-decode pad
+    assert server.prefill_seconds > 0 and server.decode_seconds > 0  # where the time went
+    # per chunk of 8 the prompts that reach it (then the first tokens' batch, as the first
+    # chunk's): 25, 4, 13, 9 tokens, then 21, 2, 17 beside the row still decoding
+    assert [len(g) for g, _, _ in batches] == [4, 3, 1, 1, 4, 3, 2, 2, 3]
+    assert [len(r) for _, r, _ in batches] == [4, 4, 1, 1, 4, 4, 2, 2, 4]
+    decoding = batches[0][1][3]  # the 9-token request's row: 20 new tokens
+    assert batches[5][1][3] == decoding and batches[5][2] == [True] * 4  # mid-decode pad
     for c in done:
         prompt, max_new = requests[c.request_id]
         alone = generate(llama_dms, [prompt], max_new_tokens=max_new, chunk_size=8, max_len=32,
