@@ -19,9 +19,11 @@ interleaved per configuration, so a slow phase of a shared machine hits them ali
 Measured: prefill seconds (the prompt in, the first token sampled), decode ms per step (mean over
 `--new-tokens` steps, each one token per row), peak RSS, KV bytes (transformers: the
 DynamicCache's tensors at the end; dms_jax: the allocated cache and the peak held K/V).
-Compilation is excluded from the dms_jax timings (`generate` compiles each program before it
-times it and reports compilation apart), and both systems first run a warm-up of one prefill
-chunk and a few decode steps on the same programs (first executions are slower).
+Each timed run is repeated until 5 s have been timed (at most `--repeats` times) and the medians
+are reported, so a sub-second prefill does not rest on one run. Compilation is excluded from the
+dms_jax timings (`generate` compiles each program before it times it and reports compilation
+apart), and both systems first run a warm-up of one prefill chunk and a few decode steps on the
+same programs (first executions are slower).
 Both systems run single-threaded on one core: torch.set_num_threads(1) and XLA_FLAGS
 "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1" (pin the whole run with
 `taskset -c N`), so the ratios compare the engines, not their thread pools.
@@ -30,6 +32,7 @@ Both systems run single-threaded on one core: torch.set_num_threads(1) and XLA_F
     python benchmarks/vs_transformers.py --contexts 2048,8192 --batches 4 --shapes gqa
     python benchmarks/vs_transformers.py --quick              # tiny shape, 1 context
     python benchmarks/vs_transformers.py --profile gqa,1024,4  # per-op time: prefill chunk, decode
+    python benchmarks/vs_transformers.py --profile gqa,1024,4,full,paged   # the same, paged cache
     python benchmarks/vs_transformers.py --contexts 32768 --json 32k.json   # also save the records
     python benchmarks/vs_transformers.py --merge 8k.json,32k.json --plot p.png  # saved runs joined
 Ratios printed: transformers time / dms_jax time (> 1: dms_jax faster).
@@ -63,6 +66,9 @@ SYSTEMS = ("transformers", "full", "dms4", "dms8", "full-paged", "dms8-paged")
 DEFAULT_SYSTEMS = ("transformers", "full", "dms4", "dms8")
 # o_proj and down_proj scaled by this at build time (timing does not depend on weight values)
 RESIDUAL_SCALE = 0.05
+# each configuration's timed run is repeated (at most --repeats times) until this many seconds
+# have been timed, and the median reported
+MIN_TIMED_S = 5.0
 
 
 # ----------------------------------------------------------------------------- the weights
@@ -117,21 +123,27 @@ def run_transformers(job) -> dict:
         for _ in range(4):
             model(ids[:, :1], use_cache=True, **{arg: warm})
         del warm
-        tic = time.perf_counter()
-        cache = transformers.DynamicCache(config=model.config)
-        out = model(ids, use_cache=True, logits_to_keep=1, **{arg: cache})
-        tok = out.logits[:, -1].argmax(-1, keepdim=True)
-        prefill_s = time.perf_counter() - tic
-        tokens = [tok]
-        tic = time.perf_counter()
-        for _ in range(steps):
-            out = model(tok, use_cache=True, **{arg: cache})
+
+        def once():
+            tic = time.perf_counter()
+            cache = transformers.DynamicCache(config=model.config)
+            out = model(ids, use_cache=True, logits_to_keep=1, **{arg: cache})
             tok = out.logits[:, -1].argmax(-1, keepdim=True)
-            tokens.append(tok)
-        decode_s = time.perf_counter() - tic
+            prefill_s = time.perf_counter() - tic
+            tokens = [tok]
+            tic = time.perf_counter()
+            for _ in range(steps):
+                out = model(tok, use_cache=True, **{arg: cache})
+                tok = out.logits[:, -1].argmax(-1, keepdim=True)
+                tokens.append(tok)
+            decode_ms = 1e3 * (time.perf_counter() - tic) / steps
+            return dict(prefill_s=prefill_s, decode_ms=decode_ms, cache=cache,
+                        tokens=torch.cat(tokens, 1).tolist())
+
+        run = repeated(once, job.get("repeats", 1))
+    cache = run.pop("cache")
     kv = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
-    return dict(prefill_s=prefill_s, decode_ms=1e3 * decode_s / steps, kv_bytes=int(kv),
-                kv_held=int(kv), tokens=torch.cat(tokens, 1).tolist(), cr=1.0, overflow=0)
+    return dict(run, kv_bytes=int(kv), kv_held=int(kv), cr=1.0, overflow=0)
 
 
 def force_flag_rate(model, prompt, flag_rate: float, rounds: int = 4, seed: int = 0):
@@ -194,14 +206,32 @@ def run_dms_jax(job) -> dict:
     # warm-up on the same programs (same plan, chunk and decode buffer): one chunk of the prompt
     # (first executions of a compiled program are slower; transformers gets the same warm-up)
     dms_jax.generate(model, ids[:, :min(job["chunk"], job["context"])], **kw)
-    out = dms_jax.generate(model, ids, **kw)
-    s = out.stats
-    steps = job["new_tokens"]
-    return dict(prefill_s=s.prefill_seconds, decode_ms=1e3 * s.decode_seconds / steps,
-                compile_s=s.compile_seconds, kv_bytes=int(s.allocated_kv_bytes),
-                kv_held=float(s.peak_kv_bytes), cr=float(s.compression_ratio),
-                overflow=int(s.overflow), capacity=int(s.capacity),
-                tokens=np.asarray(out.tokens).tolist())
+    def once():
+        out = dms_jax.generate(model, ids, **kw)
+        s = out.stats
+        return dict(prefill_s=s.prefill_seconds,
+                    decode_ms=1e3 * s.decode_seconds / job["new_tokens"],
+                    compile_s=s.compile_seconds, kv_bytes=int(s.allocated_kv_bytes),
+                    kv_held=float(s.peak_kv_bytes), cr=float(s.compression_ratio),
+                    overflow=int(s.overflow), capacity=int(s.capacity),
+                    tokens=np.asarray(out.tokens).tolist())
+
+    return repeated(once, job.get("repeats", 1))
+
+
+def repeated(once, most: int, timed_s: float = MIN_TIMED_S) -> dict:
+    """`once()` (a dict with prefill_s and decode_ms) run until `timed_s` seconds have been timed
+    or `most` times (at least once): the first run's record with the median prefill and decode
+    times of all runs and the number of runs (`repeats`). A sub-second prefill then rests on
+    several runs, not on one that a shared machine slowed down."""
+    import numpy as np
+
+    runs, spent = [], 0.0
+    while not runs or (len(runs) < most and spent < timed_s):
+        runs.append(once())
+        spent += runs[-1]["prefill_s"] + 1e-3 * runs[-1]["decode_ms"]
+    median = {k: float(np.median([r[k] for r in runs])) for k in ("prefill_s", "decode_ms")}
+    return dict(runs[0], **median, repeats=len(runs))
 
 
 def worker(job: dict) -> dict:
@@ -332,11 +362,12 @@ def load_results(paths):
 # ----------------------------------------------------------------------------- profile
 
 
-def profile(shape: str, context: int, batch: int, policy: str = "full", chunk: int = 512,
-            steps: int = 16, trace_dir: str = "/tmp/dms_vs_transformers_profile"):
+def profile(shape: str, context: int, batch: int, policy: str = "full", layout: str = "slots",
+            chunk: int = 512, steps: int = 16, trace_dir: str = "/tmp/dms_vs_transformers_profile"):
     """Per-op time (jax.profiler trace, ops grouped by the source line they came from) of the
     last prefill chunk of a `context`-token prompt and of a decode step, on random weights of
-    `shape`, through the library's own jitted `prefill_step` and `decode_loop`."""
+    `shape`, through the library's own jitted `prefill_step` and `decode_loop`, on the cache
+    `layout` ("slots" or "paged")."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -350,7 +381,8 @@ def profile(shape: str, context: int, batch: int, policy: str = "full", chunk: i
     gen = importlib.import_module("dms_jax.generate")  # the module (dms_jax.generate: the function)
     with tempfile.TemporaryDirectory() as tmp:
         model = dms_jax.from_pretrained(build_hf_model(shape, tmp))
-    plan = plan_inference(model.config, policy=policy, max_len=context + 2 * steps + 2)
+    plan = plan_inference(model.config, policy=policy, max_len=context + 2 * steps + 2,
+                          layout=layout)
     graphdef, params = nnx.split(model)
     cache = init_cache(plan, batch)
     ids = jnp.asarray(prompts_for(model.config.vocab_size, batch, context))
@@ -405,10 +437,13 @@ def main(argv=None):
     p.add_argument("--new-tokens", type=int, default=32, help="decode steps timed")
     p.add_argument("--window", type=int, default=256, help="DMS window w")
     p.add_argument("--chunk", type=int, default=512, help="dms_jax prefill chunk")
+    p.add_argument("--repeats", type=int, default=5,
+                   help=f"timed runs per configuration at most: repeated until {MIN_TIMED_S:g} s "
+                        "are timed, the median reported")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per process")
     p.add_argument("--plot", default="docs/results/vs_transformers.png")
     p.add_argument("--quick", action="store_true", help="tiny shape, context 256, batch 2")
-    p.add_argument("--profile", default="", metavar="SHAPE,CONTEXT,BATCH[,POLICY]",
+    p.add_argument("--profile", default="", metavar="SHAPE,CONTEXT,BATCH[,POLICY[,LAYOUT]]",
                    help="per-op time of a prefill chunk and a decode step instead")
     p.add_argument("--json", default="", help="also save the results here (JSON records)")
     p.add_argument("--merge", default="", metavar="A.json,B.json",
@@ -454,14 +489,14 @@ def main(argv=None):
                     for system in systems:
                         job = dict(system=system, model_dir=model_dir, context=context,
                                    batch=batch, new_tokens=args.new_tokens, window=args.window,
-                                   chunk=args.chunk)
+                                   chunk=args.chunk, repeats=args.repeats)
                         t0 = time.perf_counter()
                         by_sys[system] = r = spawn(job, args.timeout)
                         print(f"  {shape} ctx={context} B={batch} {system:12s} "
                               + (r["error"] if "error" in r else
                                  f"prefill {r['prefill_s']:.2f} s decode {r['decode_ms']:.2f} "
                                  f"ms/step rss {r['max_rss'] / MiB:.0f} MiB cr {r['cr']:.2f} "
-                                 f"overflow {r['overflow']}")
+                                 f"overflow {r['overflow']} (median of {r.get('repeats', 1)})")
                               + f" ({time.perf_counter() - t0:.0f} s)", file=sys.stderr,
                               flush=True)
     print(table(results, systems))

@@ -76,3 +76,19 @@ def test_saved_runs_merge_into_one_table_and_plot(bench, tmp_path, capsys):
     module.save_results({("kv", 1024, 4): {"full": fig}}, str(tmp_path / "no_tf.json"))
     with pytest.raises(SystemExit, match="transformers"):
         module.main(["--merge", str(tmp_path / "no_tf.json")])
+
+
+def test_short_runs_are_repeated_and_their_medians_reported(bench):
+    """A configuration timed in under MIN_TIMED_S is run again (at most `most` times) and the
+    record holds the median prefill and decode times; a long one runs once."""
+    module, _ = bench
+    times = iter([(0.1, 1.0), (0.3, 3.0), (0.2, 2.0), (9.0, 9.0)])
+
+    def once():
+        prefill_s, decode_ms = next(times)
+        return dict(prefill_s=prefill_s, decode_ms=decode_ms, tokens=[[prefill_s]])
+
+    run = module.repeated(once, most=3)
+    assert (run["prefill_s"], run["decode_ms"], run["repeats"]) == (0.2, 2.0, 3)
+    assert run["tokens"] == [[0.1]]  # the first run's record
+    assert module.repeated(once, most=3)["repeats"] == 1  # 9 s timed: enough
