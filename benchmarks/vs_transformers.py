@@ -180,24 +180,29 @@ def force_flag_rate(model, prompt, flag_rate: float, rounds: int = 4, seed: int 
     return float((np.asarray(out.decisions) > 0).mean())
 
 
+def system_model(system: str, model_dir: str, context: int, window: int):
+    """(model, generate's policy keywords) of a dms_jax system: "full", or "dms<CR>" (a DMS
+    adapter whose flag rate is set to 1 - 1 / CR on a calibration prompt: `force_flag_rate`)."""
+    import dms_jax
+    from dms_jax import DMSConfig
+
+    if system == "full":
+        return dms_jax.from_pretrained(model_dir), dict(policy="full")
+    cr = float(system[3:])
+    model = dms_jax.from_pretrained(model_dir, dms=DMSConfig(
+        mode="adapter", window=window, scale=100.0, offset=-1.0))
+    calib = prompts_for(model.config.vocab_size, 1, min(context, 1024), seed=7)
+    force_flag_rate(model, calib, 1.0 - 1.0 / cr)
+    return model, dict(policy="dms", target_cr=cr)
+
+
 def run_dms_jax(job) -> dict:
     import numpy as np
 
     import dms_jax
-    from dms_jax import DMSConfig
 
     system, _, layout = job["system"].partition("-")  # "dms8-paged": dms8 on the paged cache
-    ids = None
-    if system == "full":
-        model = dms_jax.from_pretrained(job["model_dir"])
-        kw = dict(policy="full")
-    else:
-        cr = float(system[3:])
-        model = dms_jax.from_pretrained(job["model_dir"], dms=DMSConfig(
-            mode="adapter", window=job["window"], scale=100.0, offset=-1.0))
-        calib = prompts_for(model.config.vocab_size, 1, min(job["context"], 1024), seed=7)
-        force_flag_rate(model, calib, 1.0 - 1.0 / cr)
-        kw = dict(policy="dms", target_cr=cr)
+    model, kw = system_model(system, job["model_dir"], job["context"], job["window"])
     ids = prompts_for(model.config.vocab_size, job["batch"], job["context"])
     kw.update(max_new_tokens=job["new_tokens"] + 1, chunk_size=job["chunk"],
               max_len=job["context"] + job["new_tokens"] + 1)
@@ -362,27 +367,29 @@ def load_results(paths):
 # ----------------------------------------------------------------------------- profile
 
 
-def profile(shape: str, context: int, batch: int, policy: str = "full", layout: str = "slots",
-            chunk: int = 512, steps: int = 16, trace_dir: str = "/tmp/dms_vs_transformers_profile"):
+def profile(shape: str, context: int, batch: int, system: str = "full", layout: str = "slots",
+            chunk: int = 512, steps: int = 16, window: int = 256,
+            trace_dir: str = "/tmp/dms_vs_transformers_profile"):
     """Per-op time (jax.profiler trace, ops grouped by the source line they came from) of the
     last prefill chunk of a `context`-token prompt and of a decode step, on random weights of
-    `shape`, through the library's own jitted `prefill_step` and `decode_loop`, on the cache
-    `layout` ("slots" or "paged")."""
+    `shape`, through the library's own jitted `prefill_step` and `decode_loop`, for `system`
+    ("full" or "dms<CR>", as in the table) on the cache `layout` ("slots" or "paged")."""
     import jax
     import jax.numpy as jnp
-    import numpy as np
     from flax import nnx
 
-    import dms_jax
     from dms_jax.cache import init_cache
     from dms_jax.plan import plan_inference
+    here = os.path.dirname(os.path.abspath(__file__))
+    if here not in sys.path:  # imported as a module (the tests), not run as a script
+        sys.path.insert(0, here)
     from decode import _hlo_sources, _trace_breakdown  # benchmarks/decode.py
 
     gen = importlib.import_module("dms_jax.generate")  # the module (dms_jax.generate: the function)
     with tempfile.TemporaryDirectory() as tmp:
-        model = dms_jax.from_pretrained(build_hf_model(shape, tmp))
-    plan = plan_inference(model.config, policy=policy, max_len=context + 2 * steps + 2,
-                          layout=layout)
+        model, kw = system_model(system, build_hf_model(shape, tmp), context, window)
+    plan = plan_inference(model.config, max_len=context + 2 * steps + 2, layout=layout,
+                          chunk_size=chunk, **kw)
     graphdef, params = nnx.split(model)
     cache = init_cache(plan, batch)
     ids = jnp.asarray(prompts_for(model.config.vocab_size, batch, context))
@@ -400,7 +407,7 @@ def profile(shape: str, context: int, batch: int, policy: str = "full", layout: 
                                 last)
         jax.block_until_ready(hidden)
     jax.profiler.stop_trace()
-    print(f"{shape} {policy} B={batch}: prefill chunk of {chunk} at position "
+    print(f"{shape} {system} B={batch}: prefill chunk of {chunk} at position "
           f"{context - chunk} over {plan.capacity} slots: {time.perf_counter() - tic:.2f} s")
     print(_trace_breakdown(os.path.join(trace_dir, "prefill"), _hlo_sources(step.as_text()), 1))
     stop, row_max = jnp.full((2,), -1, jnp.int32), jnp.full((batch,), steps + 1, jnp.int32)
@@ -443,7 +450,7 @@ def main(argv=None):
     p.add_argument("--timeout", type=float, default=1800, help="seconds per process")
     p.add_argument("--plot", default="docs/results/vs_transformers.png")
     p.add_argument("--quick", action="store_true", help="tiny shape, context 256, batch 2")
-    p.add_argument("--profile", default="", metavar="SHAPE,CONTEXT,BATCH[,POLICY[,LAYOUT]]",
+    p.add_argument("--profile", default="", metavar="SHAPE,CONTEXT,BATCH[,SYSTEM[,LAYOUT]]",
                    help="per-op time of a prefill chunk and a decode step instead")
     p.add_argument("--json", default="", help="also save the results here (JSON records)")
     p.add_argument("--merge", default="", metavar="A.json,B.json",
@@ -464,8 +471,9 @@ def main(argv=None):
             print(f"plot: {args.plot}")
         return results
     if args.profile:
-        shape, context, batch, *policy = args.profile.split(",")
-        return profile(shape, int(context), int(batch), *policy, chunk=args.chunk)
+        shape, context, batch, *system_layout = args.profile.split(",")
+        return profile(shape, int(context), int(batch), *system_layout, chunk=args.chunk,
+                       window=args.window)
     if args.quick:
         args.contexts, args.batches, args.shapes, args.new_tokens = "256", "2", "tiny", 4
         args.window, args.chunk = 32, 64

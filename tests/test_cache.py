@@ -527,6 +527,43 @@ def test_tile_block_takes_the_narrowest_bias_and_matches_the_full_one(case):
         np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("query_rows,chunk_rows", [(8, 4), (8, 2), (4, 4)])
+def test_tiled_prefill_in_sub_tiles_equals_live_attention(monkeypatch, query_rows, chunk_rows):
+    """Query tiles taller over the cache's keys than over the chunk's own (QUERY_ROWS >
+    CHUNK_ROWS: each tile split in sub-tiles for the chunk, each reading the chunk keys it can
+    see) give `live_attention`'s outputs and keys seen: flagged keys, a window, partly live
+    slots, padding queries; float32 queries prescaled, bfloat16 ones not."""
+    from dms_jax.ops import live_attention as la
+
+    monkeypatch.setattr(la, "QUERY_ROWS", query_rows)
+    monkeypatch.setattr(la, "CHUNK_ROWS", chunk_rows)
+    rng = np.random.default_rng(11)
+    batch, chunk, heads, kv_heads, dim, slots = 2, 8, 4, 2, 4, 13
+    keys, values = (rng.standard_normal((batch, kv_heads, slots, dim)) for _ in range(2))
+    pos = np.tile(np.arange(slots, dtype=np.int32), (batch, kv_heads, 1))
+    pos[1, :, 9:] = -1  # row 1 holds 9 tokens
+    flags = rng.random(pos.shape) < 0.5
+    q = rng.standard_normal((batch, chunk, heads, dim))
+    q_pos = np.tile(np.arange(slots, slots + chunk, dtype=np.int32), (batch, 1))
+    q_valid = np.arange(chunk)[None] < np.array([chunk, 5])[:, None]
+    tail = (rng.standard_normal((batch, kv_heads, chunk, dim)),
+            rng.standard_normal((batch, kv_heads, chunk, dim)),
+            np.broadcast_to(q_pos[:, None], (batch, kv_heads, chunk)),
+            rng.random((batch, kv_heads, chunk)) < 0.5,
+            np.broadcast_to(q_valid[:, None], (batch, kv_heads, chunk)))
+    rule = dict(window=3, use_flags=True, sliding_window=None, scale=0.5, block=4)
+    for dtype, tol in ((jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)):
+        cast = lambda a: jnp.asarray(a, dtype)  # noqa: E731
+        slot_args = (cast(keys), cast(values), jnp.asarray(pos), jnp.asarray(flags))
+        tail_args = (cast(tail[0]), cast(tail[1])) + tuple(map(jnp.asarray, tail[2:]))
+        got, got_seen = la.tiled_attention(cast(q), q_pos, q_valid, slot_args, tail_args, **rule)
+        want, want_seen = la.live_attention(cast(q), q_pos, q_valid, slot_args, tail_args,
+                                            la.live_extent(jnp.asarray(pos)), **rule)
+        np.testing.assert_allclose(np.asarray(got, np.float32)[q_valid],
+                                   np.asarray(want, np.float32)[q_valid], rtol=tol, atol=tol)
+        np.testing.assert_array_equal(got_seen, want_seen)
+
+
 def test_tiled_prefill_skips_query_tiles_without_a_real_query():
     """A query tile with no real query (a row whose prompt ended before the chunk, a padding
     row) attends nothing: its outputs are 0 and it sees no key; the other tiles and rows are

@@ -92,3 +92,16 @@ def test_short_runs_are_repeated_and_their_medians_reported(bench):
     assert (run["prefill_s"], run["decode_ms"], run["repeats"]) == (0.2, 2.0, 3)
     assert run["tokens"] == [[0.1]]  # the first run's record
     assert module.repeated(once, most=3)["repeats"] == 1  # 9 s timed: enough
+
+
+@pytest.mark.parametrize("system,layout", [("dms8", "paged"), ("full", "slots")])
+def test_profile_breaks_a_chunk_and_a_step_down_by_source_line(bench, tmp_path, capsys, system,
+                                                               layout):
+    """`--profile SHAPE,CTX,B,SYSTEM,LAYOUT`: a `dms<CR>` system gets the forced decisions of the
+    table's, and the chunk's and the decode step's per-op times come out by source line."""
+    module, _ = bench
+    module.profile("tiny", 128, 2, system, layout, chunk=32, steps=2, window=16,
+                   trace_dir=str(tmp_path))
+    out = capsys.readouterr().out
+    assert f"tiny {system} B=2: prefill chunk of 32 at position 96" in out
+    assert out.count("all XLA ops") == 2 and "decode at 128" in out

@@ -14,8 +14,8 @@ blocks costs about twice their bytes, and a buffer mostly live is cheaper read w
 
 On a CPU a prefill chunk runs stream by stream instead (`tiled_over`, the plan's "tiled"): a
 `lax.map` over (row, KV head), and per stream a map over query tiles of at most QUERY_ROWS
-rows, each tile reading its stream's key blocks and then only the chunk's key blocks up to its
-newest query position. The score tiles stay in a core's cache between the dots and the softmax,
+rows, each tile reading its stream's key blocks and then, in sub-tiles of at most CHUNK_ROWS
+rows, only the chunk's key blocks up to each sub-tile's newest query position. The score tiles stay in a core's cache between the dots and the softmax,
 a stream reads only its own live blocks, and the chunk's self-attention costs about half
 (causal). One process, gqa shape (8 layers, 8 / 2 heads of 64), B 4, a 4,096-token `full`
 prefill: 30.3-31.8 s batched, 23.5-24.4 s tiled. Accelerators keep the batched blocks, which
@@ -42,8 +42,16 @@ from dms_jax.ops.mask import hard_evict_bias, visibility_bias, visible
 DECODE_BLOCK = 1024
 PREFILL_BLOCK = 256
 # Rows (query heads of a group x queries) of one query tile of the tiled prefill
-# (`tiled_attention`): a [rows, PREFILL_BLOCK] f32 score tile is 256 KiB, within a core's L2.
-QUERY_ROWS = 256
+# (`tiled_attention`) over the keys before the chunk: a [rows, PREFILL_BLOCK] f32 score tile is
+# 512 KiB, a core's L2 here, and the taller dots run faster (one stream's chunk of 512 at
+# position 15,872, one thread: 38.5 -> 35.1 ms with 1 query head per KV head, 270 -> 253 ms
+# with 4, against 256 rows; with the queries prescaled, a kv-shape 16k prompt at B 4 through
+# `generate`: 22.2-23.9 -> 19.0-21.8 s). Over the chunk's own keys a tile is split into
+# sub-tiles of at most CHUNK_ROWS rows, each reading only the chunk keys it can see: 512-row
+# tiles there would score twice the causal triangle (a chunk at position 0, B 4, 4 KV heads:
+# 16.6 -> 20.1 ms).
+QUERY_ROWS = 512
+CHUNK_ROWS = 256
 
 
 def live_extent(pos):
@@ -91,10 +99,12 @@ def attend_block(carry, qg, k_blk, v_blk, bias, q_valid, scale):
 
 
 def _attend_scored(carry, qg, k_blk, v_blk, bias, seen, scale):
-    """`attend_block` given its count of keys seen [B, Hkv]; bias None: every key visible."""
+    """`attend_block` given its count of keys seen [B, Hkv]; bias None: every key visible;
+    scale None: the queries come scaled (`_prescaled`)."""
     state, total = carry
-    scores = jnp.einsum("bhgqd,bhkd->bhgqk", qg, k_blk,
-                        preferred_element_type=jnp.float32) * scale
+    scores = jnp.einsum("bhgqd,bhkd->bhgqk", qg, k_blk, preferred_element_type=jnp.float32)
+    if scale is not None:
+        scores = scores * scale
     if bias is not None:
         scores = scores + bias
     return online_softmax_step(state, scores, v_blk), total + seen
@@ -167,11 +177,21 @@ def _heads_last(out, q):
     return out.transpose(0, 3, 1, 2, 4).reshape(batch, chunk, num_heads, head_dim).astype(q.dtype)
 
 
-def query_tile(chunk, group):
+def query_tile(chunk, group, rows=None):
     """Queries per tile of the tiled prefill: the largest divisor of the chunk whose tile has at
-    most QUERY_ROWS rows (query heads of a group x queries)."""
-    most = max(1, min(chunk, QUERY_ROWS // group))
+    most `rows` rows (query heads of a group x queries; default QUERY_ROWS)."""
+    most = max(1, min(chunk, (rows or QUERY_ROWS) // group))
     return max(t for t in range(1, most + 1) if chunk % t == 0)
+
+
+def _prescaled(q, scale):
+    """(queries, scale left to apply to the scores): float32 queries take the scale once per
+    chunk instead of every score tile taking it (a pass over each [rows, n] tile saved; equal up
+    to float rounding, exactly for a power-of-two scale such as head_dim 64's 1/8); other dtypes
+    keep it on the f32 scores, where scaling the queries would round them to their dtype."""
+    if q.dtype == jnp.float32:
+        return q * scale, None
+    return q, scale
 
 
 def stream_block(a, stream, start, size):
@@ -183,17 +203,18 @@ def stream_block(a, stream, start, size):
 
 def _stream_tiles(stream, qg, q_pos, q_valid, sources, tail, *, rule, scale):
     """One stream's prefill chunk, `stream` = (row, KV head), query tile by query tile: each
-    tile reads every source's key blocks for this stream, then the chunk's key blocks up to the
-    last one holding a key at or before the tile's newest query position (the blocks after it
-    are masked for every query of the tile by the rule's causality, so skipping them changes
-    nothing). A tile with no real query (the chunks of a row whose prompt ended, a padding row)
-    reads nothing: its outputs are 0 and it sees no key. Arguments are `tiled_over`'s, every
-    stream's. Returns the output [1, 1, G, C, D] (f32; 0 for the queries of a tile without a real
-    one) and the keys seen by real queries [1, 1]."""
+    tile (at most QUERY_ROWS rows) reads every source's key blocks for this stream, then, in
+    sub-tiles of at most CHUNK_ROWS rows, the chunk's key blocks each sub-tile can see
+    (`_chunk_keys`). A tile with no real query (the chunks of a row whose prompt ended, a
+    padding row) reads nothing: its outputs are 0 and it sees no key. Arguments are
+    `tiled_over`'s, every stream's. Returns the output [1, 1, G, C, D] (f32; 0 for the queries
+    of a tile without a real one) and the keys seen by real queries [1, 1]."""
     _, _, group, chunk, head_dim = qg.shape
     tile = query_tile(chunk, group)
+    sub = query_tile(tile, group, CHUNK_ROWS)  # queries per sub-tile over the chunk's own keys
     row = lambda a: lax.dynamic_slice_in_dim(a, stream[0], 1, axis=0)  # noqa: E731
     q_s = lax.dynamic_slice(qg, (stream[0], stream[1], 0, 0, 0), (1, 1) + qg.shape[2:])
+    q_s, scale = _prescaled(q_s, scale)
     pos_q, real_q = row(q_pos), row(q_valid)  # [1, C]
     trips = [trips_of(stream) for trips_of, _, _ in sources]
 
@@ -211,18 +232,15 @@ def _stream_tiles(stream, qg, q_pos, q_valid, sources, tail, *, rule, scale):
                                              source_rule, scale)
                 carry = (source_block(0, carry) if isinstance(n, int) and n == 1
                          else lax.fori_loop(0, n, source_block, carry))
-            t_keys, t_values, t_pos, t_flags, t_valid = tail
-            mine = lambda a: stream_block(a, stream, 0, chunk)[0, 0]  # noqa: E731
-            reach = 1 + jnp.max(jnp.where(mine(t_valid) & (mine(t_pos) <= jnp.max(pos_t)),
-                                          jnp.arange(chunk), -1))
-
-            def chunk_block(j, carry):
-                take = lambda a: stream_block(a, stream, j * tile, tile)  # noqa: E731
-                return attend_tile_block(carry, q_t, pos_t, real_t, tuple(map(take, tail)),
-                                         rule, scale)
-
-            carry = lax.fori_loop(0, (reach + tile - 1) // tile, chunk_block, carry)
             state, seen = carry
+            parts = []
+            for s in range(0, tile, sub):  # the chunk's own keys, sub-tile by sub-tile
+                part = (tuple(a[:, :, :, s:s + sub] for a in state), seen)
+                part, seen = _chunk_keys(part, stream, q_t[:, :, :, s:s + sub],
+                                         pos_t[:, s:s + sub], real_t[:, s:s + sub], tail,
+                                         rule=rule, scale=scale)
+                parts.append(part)
+            state = tuple(jnp.concatenate(a, axis=3) for a in zip(*parts))
             return online_softmax_finish(state), seen
 
         def padding(_):  # no real query in the tile (a short row's or a padding row's chunk)
@@ -234,6 +252,24 @@ def _stream_tiles(stream, qg, q_pos, q_valid, sources, tail, *, rule, scale):
     outs, seen = lax.map(one_tile, jnp.arange(chunk // tile))  # [T, 1, 1, G, tile, D], [T, 1, 1]
     out = jnp.moveaxis(outs, 0, 3).reshape(1, 1, group, chunk, head_dim)
     return out, seen.sum(axis=0)
+
+
+def _chunk_keys(carry, stream, q_t, pos_t, real_t, tail, *, rule, scale):
+    """A query (sub-)tile's softmax carry after the chunk's own keys of `stream`, in blocks of
+    the tile's width up to the last block holding a key at or before the tile's newest query
+    position (the blocks after it are masked for every query of the tile by the rule's
+    causality, so skipping them changes nothing). Arguments are `_stream_tiles`'."""
+    size, chunk = q_t.shape[3], tail[0].shape[2]
+    t_pos, t_valid = tail[2], tail[4]
+    mine = lambda a: stream_block(a, stream, 0, chunk)[0, 0]  # noqa: E731
+    reach = 1 + jnp.max(jnp.where(mine(t_valid) & (mine(t_pos) <= jnp.max(pos_t)),
+                                  jnp.arange(chunk), -1))
+
+    def chunk_block(j, carry):
+        take = lambda a: stream_block(a, stream, j * size, size)  # noqa: E731
+        return attend_tile_block(carry, q_t, pos_t, real_t, tuple(map(take, tail)), rule, scale)
+
+    return lax.fori_loop(0, (reach + size - 1) // size, chunk_block, carry)
 
 
 def slot_source(slots, *, rule, block):
