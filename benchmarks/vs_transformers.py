@@ -397,7 +397,8 @@ def profile(shape: str, context: int, batch: int, system: str = "full", layout: 
     hidden = jnp.zeros((batch, model.config.hidden_size), jnp.float32)
     positions = jnp.arange(context, dtype=jnp.int32)[None].repeat(batch, 0)
     step = gen.prefill_step.lower(graphdef, params, cache, ids[:, :chunk], valid,
-                                  positions[:, :chunk], hidden, last, plan=plan).compile()
+                                  positions[:, :chunk], hidden, last, plan=plan,
+                                  last_only=gen.prefill_last_only(plan)).compile()
     for c in range(context // chunk):
         cols = slice(c * chunk, (c + 1) * chunk)
         if c == context // chunk - 1:

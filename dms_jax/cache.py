@@ -44,7 +44,8 @@ import numpy as np
 
 from dms_jax.config import resolve_dtype
 from dms_jax.ops.attention import grouped_attention
-from dms_jax.ops.live_attention import live_attention, live_extent, tiled_attention
+from dms_jax.ops.live_attention import (PREFILL_BLOCK, live_attention, live_extent, one_query,
+                                        slot_source, tiled_attention)
 from dms_jax.ops.mask import MASK_VALUE, hard_evict_bias, visibility_bias
 from dms_jax.policies import DMS, Candidates, Policy, get_policy
 
@@ -340,7 +341,7 @@ def store_tokens(old: KeyBlock, new: KeyBlock, keep_old, dest, scores):
 
 def attend_and_update(cache: LayerCache, q, k_new, v_new, decisions, positions, new_valid, *,
                       window: int, policy: Policy | str = DMS, sliding_window=None, scale=None,
-                      attention: str = "dense", key_block: int | None = None):
+                      attention: str = "dense", key_block: int | None = None, out_rows=None):
     """Attend a chunk of C new tokens over the cache and the chunk, then store the chunk.
 
     cache: LayerCache with S slots; q: [B, C, H, D] (RoPE applied); k_new, v_new: [B, C, Hkv, D]
@@ -353,7 +354,11 @@ def attend_and_update(cache: LayerCache, q, k_new, v_new, decisions, positions, 
     a policy that needs attention scores gets the dense one) or "tiled" (the same, a prefill
     chunk stream by stream in query tiles: `tiled_attention`).
     The model passes its `InferencePlan`'s window, policy, sliding window and attention_impl.
-    returns (out [B, C, H, D] in q.dtype, updated LayerCache)
+    out_rows: int32 [B] or None: the one query per row whose output is needed (`outputs_at` of
+    `dms_jax.model.Decoder.forward`; -1: none in this row), attended alone (`one_query`) while
+    every token is stored and every real query's keys are counted as usual; for policies that
+    need no attention scores.
+    returns (out [B, C, H, D] in q.dtype ([B, 1, H, D] with out_rows), updated LayerCache)
 
     A decode step (C == 1) evicts first, writes the new token into its slot, then attends over
     the slots only: the donated buffers are updated in place (attending first would make XLA copy
@@ -414,6 +419,26 @@ def attend_and_update(cache: LayerCache, q, k_new, v_new, decisions, positions, 
         with jax.named_scope("attend"):
             out, seen, received = attend([KeyBlock(keys, values, pos, flags, pos >= 0)])
             scores = accumulate_scores(policy, scores, received, scoring)
+    elif out_rows is not None:  # chunk, one query's output per row: attend with it alone
+        if scoring is not None:
+            raise ValueError(f"out_rows: policy {policy.name!r} scores keys by every query's "
+                             "attention; pass out_rows=None")
+        with jax.named_scope("attend"):
+            slot_keys = (old.keys, old.values, old.pos, old.flags)
+            rule = dict(window=window, use_flags=policy.uses_decisions,
+                        sliding_window=sliding_window)
+            out, seen = one_query(
+                q, positions, new_valid, out_rows,
+                lambda q1, pos1, valid1: live_attention(
+                    q1, pos1, valid1, slot_keys, tuple(new), live_extent(old.pos), **rule,
+                    scale=scale, block=key_block)[0],
+                [slot_source(slot_keys, rule=rule, block=key_block or PREFILL_BLOCK)],
+                tuple(new), rule=rule)
+        with jax.named_scope("evict"):
+            keep_old, dest, dropped = place(cand_scores)
+            dest = ordered_after(dest, out, slots)
+        with jax.named_scope("store"):
+            keys, values, pos, flags, scores = store_tokens(old, new, keep_old, dest, cand_scores)
     else:  # chunk: attend over [slots | chunk], then evict and store
         with jax.named_scope("attend"):
             out, seen, received = attend([old, new])

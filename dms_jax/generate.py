@@ -51,26 +51,39 @@ from dms_jax.stats import GenerateStats, make_generate_stats
 # ----------------------------------------------------------------------------- jitted steps
 
 
-def _forward_over_cache(graphdef, params, cache, ids, valid, positions, plan: InferencePlan):
+def _forward_over_cache(graphdef, params, cache, ids, valid, positions, plan: InferencePlan,
+                        outputs_at=None):
     """The model over one chunk (or one decode token) of each row, as the plan says."""
     model = nnx.merge(graphdef, params)
     out = model.forward(ids, attention_mask=valid, positions=positions, return_logits=False,
-                        cache=cache, plan=plan)
+                        cache=cache, plan=plan, outputs_at=outputs_at)
     return model, out.hidden, out.cache
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "plan"),
+def prefill_last_only(plan: InferencePlan) -> bool:
+    """Whether a prompt's chunks need only each row's last hidden state from the last layer
+    (`prefill_step`'s last_only): every policy but those that score keys by attention."""
+    return not plan.policy.needs_attention
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "plan", "last_only"),
                    donate_argnames=("cache", "last_hidden"))
 def prefill_step(graphdef, params, cache, ids, valid, positions, last_hidden, last_index, *,
-                 plan: InferencePlan):
+                 plan: InferencePlan, last_only: bool = False):
     """One prefill chunk. ids, positions: int32 [B, C]; valid: bool [B, C];
     last_hidden: [B, d] carried across chunks; last_index: int32 [B], the chunk index of the
     row's last prompt token when it lies in this chunk, else -1.
+    last_only: the last layer attends and runs its MLP for each row's `last_index` token only
+    (`Decoder.forward`'s outputs_at; generation reads nothing else): the same cache, stats and
+    last_hidden, hidden [B, 1, d].
 
-    returns (hidden [B, C, d] after the final norm, last_hidden [B, d], updated cache)
+    returns (hidden [B, C, d] after the final norm ([B, 1, d] with last_only), last_hidden
+             [B, d], updated cache)
     """
-    _, hidden, cache = _forward_over_cache(graphdef, params, cache, ids, valid, positions, plan)
-    picked = jnp.take_along_axis(hidden, jnp.maximum(last_index, 0)[:, None, None], axis=1)[:, 0]
+    _, hidden, cache = _forward_over_cache(graphdef, params, cache, ids, valid, positions, plan,
+                                           last_index if last_only else None)
+    at = jnp.zeros_like(last_index) if last_only else jnp.maximum(last_index, 0)
+    picked = jnp.take_along_axis(hidden, at[:, None, None], axis=1)[:, 0]
     last_hidden = jnp.where((last_index >= 0)[:, None], picked.astype(last_hidden.dtype),
                             last_hidden)
     return hidden, last_hidden, cache
@@ -414,7 +427,8 @@ def _chunked_prefill(graphdef, params, cache, rows, start, plan: InferencePlan, 
     t0 = time.perf_counter()
     cols = slice(0, chunk)
     run_step = _precompile(prefill_step, graphdef, params, cache, ids[:, cols], valid[:, cols],
-                           positions[:, cols], last_hidden, last_index, plan=plan)
+                           positions[:, cols], last_hidden, last_index, plan=plan,
+                           last_only=prefill_last_only(plan))
     compile_s = time.perf_counter() - t0
     if progress is not None:
         progress(0, longest)

@@ -96,8 +96,10 @@ class Attention(nnx.Module):
             z = z[..., :1]
         return z, q
 
-    def __call__(self, residual, x, ctx: LayerContext, key=None, cache=None):
-        """residual: stream entering the layer, x: its input-normed version, both [B, T, d]."""
+    def __call__(self, residual, x, ctx: LayerContext, key=None, cache=None, out_rows=None):
+        """residual: stream entering the layer, x: its input-normed version, both [B, T, d].
+        out_rows: int32 [B] or None: with a cache, the output of one query per row only
+        ([B, 1, d]; `dms_jax.cache.attend_and_update`)."""
         cfg = self.cfg
         batch, seq = x.shape[:2]
         q = self.q_proj(x).reshape(batch, seq, cfg.num_heads, cfg.head_dim)
@@ -135,15 +137,15 @@ class Attention(nnx.Module):
                     out, cache = paged.attend_and_update(
                         cache, q, k, v, hard, ctx.positions, valid, window=plan.window,
                         policy=plan.policy, sliding_window=plan.sliding_window,
-                        attention=plan.attention_impl)
+                        attention=plan.attention_impl, out_rows=out_rows)
                 else:
                     out, cache = attend_and_update(
                         cache, q, k, v, hard, ctx.positions, valid, window=plan.window,
                         policy=plan.policy, sliding_window=plan.sliding_window,
-                        attention=plan.attention_impl)
+                        attention=plan.attention_impl, out_rows=out_rows)
         else:
             out = self._attend(q, k, v, evict_bias, ctx.window if dms_on else 0, ctx)
-        out = self.o_proj(out.reshape(batch, seq, cfg.num_heads * cfg.head_dim))
+        out = self.o_proj(out.reshape(batch, out.shape[1], cfg.num_heads * cfg.head_dim))
         return out, (decisions, alpha, z), cache
 
     def _attend(self, q, k, v, evict_bias, window, ctx: LayerContext):
@@ -176,9 +178,13 @@ class DecoderLayer(nnx.Module):
             param_dtype=param_dtype, kernel_init=weight_init(cfg), rngs=rngs,
         )
 
-    def __call__(self, x, ctx: LayerContext, key=None, cache=None):
+    def __call__(self, x, ctx: LayerContext, key=None, cache=None, out_rows=None):
+        """x: [B, T, d] -> [B, T, d] ([B, 1, d], row b's token out_rows[b], with out_rows)."""
         with jax.named_scope("attention"):
-            attn_out, aux, cache = self.attn(x, self.input_norm(x), ctx, key=key, cache=cache)
+            attn_out, aux, cache = self.attn(x, self.input_norm(x), ctx, key=key, cache=cache,
+                                             out_rows=out_rows)
+        if out_rows is not None:
+            x = jnp.take_along_axis(x, jnp.maximum(out_rows, 0)[:, None, None], axis=1)
         x = x + attn_out
         with jax.named_scope("mlp"):
             x = x + self.mlp(self.post_attn_norm(x))
@@ -217,7 +223,7 @@ class Decoder(nnx.Module):
 
     def forward(self, input_ids, *, attention_mask=None, positions=None, mode=None, key=None,
                 return_logits=True, attention_impl=None, cache=None, plan=None, window=None,
-                remat=False, segment_ids=None):
+                remat=False, segment_ids=None, outputs_at=None):
         """Run the decoder.
 
         input_ids: int [B, T]; attention_mask: [B, T] (1 real, 0 padding) or None;
@@ -235,6 +241,12 @@ class Decoder(nnx.Module):
         activations plus every layer's input, for ~1/3 more compute).
         segment_ids: int [B, T] ids of the documents packed into each row (a token sees only its
         own document; RoPE is relative, so positions need not restart), or None.
+        outputs_at: int [B] or None, with a cache: the one token per row whose hidden state is
+        needed (a prompt's last; -1: none in this row, its output is meaningless). The last
+        layer attends with that token's query alone and runs its MLP on that token alone (no
+        other output reads the rest), while every token's K / V is stored and every query's keys
+        seen are counted as usual; `hidden` (and logits) are then [B, 1, ...]. Not for policies
+        that score keys by attention (H2O, TOVA, SnapKV's observation).
         """
         cfg = self.config
         validate_input_ids(input_ids, cfg.vocab_size)
@@ -260,6 +272,9 @@ class Decoder(nnx.Module):
         if segment_ids is not None and cache is not None:
             raise ValueError("segment_ids are for packed training rows; a KV cache holds one "
                              "sequence per row")
+        if outputs_at is not None and cache is None:
+            raise ValueError("outputs_at selects the outputs of a cached forward (a prompt chunk);"
+                             " without a cache, index the full output instead")
         if remat and cache is not None:
             raise ValueError("remat is for training (it trades compute for activation memory); "
                              "leave it off with a KV cache")
@@ -278,27 +293,32 @@ class Decoder(nnx.Module):
         with jax.named_scope("embed"):
             x = self.embed(input_ids)
 
+        out_rows = None if outputs_at is None else jnp.asarray(outputs_at, jnp.int32)
         if isinstance(cache, StackedCache):
-            x, (decisions, alpha, z), new_caches = self._scan_cached_layers(x, ctx, cache)
+            x, (decisions, alpha, z), new_caches = self._scan_cached_layers(x, ctx, cache,
+                                                                            out_rows)
         elif cfg.scan_layers and cache is None:
             x, (decisions, alpha, z) = self._scan_layers(x, ctx, keys if mode == "train" else None,
                                                          remat)
             new_caches = None
         else:
-            x, (decisions, alpha, z), new_caches = self._loop_layers(x, ctx, keys, cache, remat)
+            x, (decisions, alpha, z), new_caches = self._loop_layers(x, ctx, keys, cache, remat,
+                                                                     out_rows)
         with jax.named_scope("final_norm"):
             hidden = self.final_norm(x)
         logits = self.unembed(hidden) if return_logits else None
         return ModelOutput(logits, hidden, decisions, alpha, z, new_caches)
 
-    def _loop_layers(self, x, ctx: LayerContext, keys, cache, remat):
+    def _loop_layers(self, x, ctx: LayerContext, keys, cache, remat, out_rows=None):
         """The layers in a Python loop, one program region each: the unrolled layout, and any
         forward with a KV cache (a tuple of per-layer caches; a stacked model hands each
-        iteration its layer i, sliced out of the stacked parameters).
+        iteration its layer i, sliced out of the stacked parameters); out_rows: the last
+        layer's (`forward`'s outputs_at).
         Returns (x, (decisions, alpha, z) each [L, ...] or None, the new caches or None)."""
+        last = self.config.num_layers - 1
 
-        def run_layer(layer, x, key, layer_cache):
-            return layer(x, ctx, key=key, cache=layer_cache)
+        def run_layer(layer, x, key, layer_cache, rows=None):
+            return layer(x, ctx, key=key, cache=layer_cache, out_rows=rows)
 
         if remat:  # keep only each layer's input; recompute the layer in the backward pass
             run_layer = nnx.remat(run_layer)
@@ -307,7 +327,8 @@ class Decoder(nnx.Module):
             layer = layer_at(self.layers, i) if self.config.scan_layers else self.layers[i]
             layer_cache = None if cache is None else cache[i]
             with jax.named_scope(f"layer_{i}"):
-                x, aux, layer_cache = run_layer(layer, x, keys[i], layer_cache)
+                x, aux, layer_cache = run_layer(layer, x, keys[i], layer_cache,
+                                                out_rows if i == last else None)
             per_layer.append(aux)
             new_caches.append(layer_cache)
         stacked = tuple(None if aux[0] is None else jnp.stack(aux) for aux in zip(*per_layer))
@@ -330,25 +351,39 @@ class Decoder(nnx.Module):
         with jax.named_scope("layers"):
             return jax.lax.scan(body, x, (params, keys))
 
-    def _scan_cached_layers(self, x, ctx: LayerContext, cache: StackedCache):
+    def _scan_cached_layers(self, x, ctx: LayerContext, cache: StackedCache, out_rows=None):
         """The stacked layers under `lax.scan` over a StackedCache: one compiled body for every
         layer. The stacked cache rides in the carry and the body reads layer i's cache and
         writes it back with dynamic_update_slice, so a donated cache is updated in place (as
-        the scan's output it would need a second buffer of the whole cache).
+        the scan's output it would need a second buffer of the whole cache). With out_rows
+        (`forward`'s outputs_at) the scan runs the first L - 1 layers and the last one runs
+        after it with out_rows (its output has another shape than the carry).
         Returns (x, (decisions, alpha, z) each [L, ...] or None, the new StackedCache)."""
         graphdef, params = nnx.split(self.layers)  # params: [L, ...] leaves
+        layers = self.config.num_layers
 
-        def body(carry, layer_params):
-            x, stacked, i = carry
-            layer_cache = jax.tree.map(
-                lambda a: jax.lax.dynamic_index_in_dim(a, i, keepdims=False), stacked)
-            x, aux, layer_cache = nnx.merge(graphdef, layer_params)(x, ctx, cache=layer_cache)
+        def layer_step(x, stacked, i, rows=None):
+            at = lambda a: jax.lax.dynamic_index_in_dim(a, i, keepdims=False)  # noqa: E731
+            layer_cache = jax.tree.map(at, stacked)
+            x, aux, layer_cache = nnx.merge(graphdef, jax.tree.map(at, params))(
+                x, ctx, cache=layer_cache, out_rows=rows)
             stacked = jax.tree.map(lambda a, u: jax.lax.dynamic_update_index_in_dim(a, u, i, 0),
                                    stacked, layer_cache)
-            return (x, stacked, i + 1), aux
+            return x, stacked, aux
 
+        def body(carry, i):
+            x, stacked = carry
+            x, stacked, aux = layer_step(x, stacked, i)
+            return (x, stacked), aux
+
+        scanned = layers if out_rows is None else layers - 1
         with jax.named_scope("layers"):
-            (x, stacked, _), aux = jax.lax.scan(body, (x, cache.layers, jnp.int32(0)), params)
+            (x, stacked), aux = jax.lax.scan(body, (x, cache.layers),
+                                             jnp.arange(scanned, dtype=jnp.int32))
+        if out_rows is not None:
+            with jax.named_scope("last_layer"):
+                x, stacked, last = layer_step(x, stacked, jnp.int32(layers - 1), out_rows)
+            aux = jax.tree.map(lambda a, b: jnp.concatenate([a, b[None]]), aux, last)
         return x, aux, StackedCache(stacked)
 
     def __call__(self, input_ids, attention_mask=None):

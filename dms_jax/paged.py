@@ -55,7 +55,7 @@ from jax.sharding import Mesh, PartitionSpec
 
 from dms_jax.cache import _chunk_flags, ordered_after  # the shift by one; store order
 from dms_jax.ops.live_attention import (attend_block, block_bias, empty_state, finish,
-                                        group_queries, stream_block, tiled_over)
+                                        group_queries, one_query, stream_block, tiled_over)
 from dms_jax.paged_read import (DECODE_BLOCK_TOKENS, POOL_READ_SHARE,  # noqa: F401 (re-exported)
                                 PREFILL_BLOCK_TOKENS, page_attention, page_source,
                                 pool_attention, reads_pool)
@@ -318,7 +318,7 @@ def _advance(cache: PagedLayerCache, ring_flags, new_keys, new_values, new_pos, 
 
 def attend_and_update(cache: PagedLayerCache, q, k_new, v_new, decisions, positions, new_valid,
                       *, window: int, policy, sliding_window=None, scale=None, key_block=None,
-                      attention="blockwise"):
+                      attention="blockwise", out_rows=None):
     """`dms_jax.cache.attend_and_update` on the paged layout (same arguments and result; the
     policy must be "full" or "dms", whose kept set is the window plus every unflagged token).
     A sharded cache (`cache.shards`) runs the step per device on its local pool.
@@ -332,24 +332,31 @@ def attend_and_update(cache: PagedLayerCache, q, k_new, v_new, decisions, positi
     kw = dict(window=window, policy=policy, sliding_window=sliding_window, scale=scale,
               key_block=key_block, attention=attention)
     if cache.shards is None:
-        return _attend_and_update(cache, q, k_new, v_new, decisions, positions, new_valid, **kw)
+        return _attend_and_update(cache, q, k_new, v_new, decisions, positions, new_valid,
+                                  out_rows=out_rows, **kw)
     sh = cache.shards
     rows, heads = sh.rows or None, sh.heads or None
     per_head = PartitionSpec(rows, None, heads)  # [B, C, H or Hkv, ...]
     args, specs = [q, k_new, v_new, positions, new_valid], [per_head] * 3 + [PartitionSpec(rows)] * 2
+    if out_rows is not None:  # [B]
+        args.append(out_rows)
+        specs.append(PartitionSpec(rows))
     if decisions is not None:  # [B, C, Hkv or 1]
         args.append(decisions)
         specs.append(per_head if decisions.shape[-1] == k_new.shape[2] else PartitionSpec(rows))
+    selected = out_rows is not None
 
-    def local(c, q, k, v, pos, valid, d=None):
-        return _attend_and_update(c, q, k, v, d, pos, valid, **kw)
+    def local(c, q, k, v, pos, valid, *rest):
+        rows_here = rest[0] if selected else None
+        d = rest[int(selected)] if len(rest) > int(selected) else None
+        return _attend_and_update(c, q, k, v, d, pos, valid, out_rows=rows_here, **kw)
 
     return _on_shards(local, cache, args, specs, per_head)
 
 
 def _attend_and_update(cache: PagedLayerCache, q, k_new, v_new, decisions, positions, new_valid,
                        *, window: int, policy, sliding_window=None, scale=None, key_block=None,
-                       attention="blockwise"):
+                       attention="blockwise", out_rows=None):
     """`attend_and_update` on one (local) pool."""
     batch, chunk, _, head_dim = q.shape
     num_kv_heads = k_new.shape[2]
@@ -374,22 +381,27 @@ def _attend_and_update(cache: PagedLayerCache, q, k_new, v_new, decisions, posit
     valid = jnp.broadcast_to(new_valid[:, None, :], new_pos.shape)
     newest = jnp.max(jnp.where(new_valid, positions, -1), axis=1)
     query_pos = jnp.maximum(cache.last_pos, newest)  # [B]
-    qg = group_queries(q, num_kv_heads)
     rule = dict(window=window, use_flags=use_flags, sliding_window=sliding_window)
     block = key_block or (DECODE_BLOCK_TOKENS if chunk == 1 else PREFILL_BLOCK_TOKENS)
 
-    def attend(c: PagedLayerCache, r_keys, r_values, r_pos, r_flags, tail):
-        if tail and attention == "tiled":  # pages, ring, chunk: stream by stream, in tiles
-            def ring_read(stream, i):
-                mine = lambda a: stream_block(a, stream, 0, a.shape[2])  # noqa: E731
-                ring_pos = mine(r_pos)
-                return mine(r_keys), mine(r_values), ring_pos, mine(r_flags), ring_pos >= 0
+    chunk_keys = (new_keys, new_values, new_pos, new_flags, valid)
 
-            pages = page_source(c, sliding_window=sliding_window, block_tokens=block)
-            ring = (lambda stream: 1, ring_read, rule)
-            return tiled_over(q, positions, new_valid, [pages, ring],
-                              (new_keys, new_values, new_pos, new_flags, valid), rule=rule,
-                              scale=scale)
+    def sources(c: PagedLayerCache, r_keys, r_values, r_pos, r_flags):
+        """The pages and the ring as `tiled_over`'s key sources."""
+        def ring_read(stream, i):
+            mine = lambda a: stream_block(a, stream, 0, a.shape[2])  # noqa: E731
+            ring_pos = mine(r_pos)
+            return mine(r_keys), mine(r_values), ring_pos, mine(r_flags), ring_pos >= 0
+
+        pages = page_source(c, sliding_window=sliding_window, block_tokens=block)
+        return [pages, (lambda stream: 1, ring_read, rule)]
+
+    def attend(c: PagedLayerCache, r_keys, r_values, r_pos, r_flags, tail, q=q,
+               positions=positions, new_valid=new_valid, tiled=attention == "tiled"):
+        if tail and tiled:  # pages, ring, chunk: stream by stream, in tiles
+            return tiled_over(q, positions, new_valid, sources(c, r_keys, r_values, r_pos, r_flags),
+                              chunk_keys, rule=rule, scale=scale)
+        qg = group_queries(q, num_kv_heads)
         with jax.named_scope("pages"):
             gather = lambda: page_attention(  # noqa: E731
                 empty_state(qg), qg, positions, new_valid, c, sliding_window=sliding_window,
@@ -422,9 +434,17 @@ def _attend_and_update(cache: PagedLayerCache, q, k_new, v_new, decisions, posit
         with jax.named_scope("attend"):
             out, seen = attend(updated, *parts[:4], tail=False)
     else:  # a chunk: attend over the pages, the ring and itself, then store
+        ring = (cache.ring_keys, cache.ring_values, cache.ring_pos, ring_flags)
         with jax.named_scope("attend"):
-            out, seen = attend(cache, cache.ring_keys, cache.ring_values, cache.ring_pos,
-                               ring_flags, tail=True)
+            if out_rows is None:
+                out, seen = attend(cache, *ring, tail=True)
+            else:  # one query's output per row (`dms_jax.cache.attend_and_update`'s out_rows)
+                out, seen = one_query(
+                    q, positions, new_valid, out_rows,
+                    lambda q1, pos1, valid1: attend(cache, *ring, tail=True, q=q1,
+                                                    positions=pos1, new_valid=valid1,
+                                                    tiled=False)[0],
+                    sources(cache, *ring), chunk_keys, rule=rule)
         parts = update(out)
         updated = _replace(cache, parts)
     held = updated.held

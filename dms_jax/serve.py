@@ -39,7 +39,8 @@ from flax import nnx
 
 from dms_jax import cache as kvcache
 from dms_jax import paged
-from dms_jax.generate import _forward_over_cache, _sample_hidden, prefill_step, prompt_rows
+from dms_jax.generate import (_forward_over_cache, _sample_hidden, prefill_last_only, prefill_step,
+                              prompt_rows)
 from dms_jax.plan import DEFAULT_CHUNK, DEFAULT_PAGE_SIZE, check_memory, plan_inference
 from dms_jax.sampling import Sampling, check_sampling, sample_logits
 
@@ -82,7 +83,8 @@ def _prefill_rows(graphdef, params, cache, rows, ids, valid, positions, last_hid
     rows are neither computed nor touched. returns (last_hidden [k, d], cache)."""
     part = kvcache.map_layers(lambda c: paged.select_rows(c, rows), cache)
     _, last_hidden, part = prefill_step.__wrapped__(graphdef, params, part, ids, valid, positions,
-                                                    last_hidden, last_index, plan=plan)
+                                                    last_hidden, last_index, plan=plan,
+                                                    last_only=prefill_last_only(plan))
     return last_hidden, kvcache.map_layers(lambda c, p: paged.merge_rows(c, p, rows), cache, part)
 
 

@@ -373,9 +373,10 @@ def test_state_use_empty_turns_and_strict_keep_the_output(llama_dms):
     assert len(err.value.output.sequences()[0]) == 2  # the tokens are not lost
 
 
+@pytest.mark.parametrize("last_only", [False, True])
 @pytest.mark.parametrize("layout, attention", [("slots", "tiled"), ("slots", "blockwise"),
                                                ("paged", "tiled")])
-def test_prefill_step_writes_the_donated_cache_in_place(llama_dms, layout, attention):
+def test_prefill_step_writes_the_donated_cache_in_place(llama_dms, layout, attention, last_only):
     """A prefill chunk's compiled program copies none of the cache's key / value buffers: the
     chunk attends over the donated cache and then stores into it in place (its store depends on
     the attention, `dms_jax.cache.ordered_after`; without that XLA copied every K / V buffer
@@ -391,7 +392,7 @@ def test_prefill_step_writes_the_donated_cache_in_place(llama_dms, layout, atten
         graphdef, params, cache, jnp.zeros((batch, chunk), jnp.int32),
         jnp.ones((batch, chunk), bool), jnp.zeros((batch, chunk), jnp.int32),
         jnp.zeros((batch, cfg.hidden_size)), jnp.full((batch,), -1, jnp.int32),
-        plan=plan).compile().as_text()
+        plan=plan, last_only=last_only).compile().as_text()
     big = [leaf for leaf in jax.tree.leaves(cache[0]) if leaf.ndim >= 3 and leaf.shape[-1] ==
            cfg.head_dim]  # keys and values (slots), ring and pool (pages)
     assert len(big) >= 2
@@ -400,3 +401,56 @@ def test_prefill_step_writes_the_donated_cache_in_place(llama_dms, layout, atten
               if " copy(" in line and any(line.split("=", 1)[1].strip().startswith(s)
                                           for s in shapes)]
     assert not copies, copies[:4]
+
+
+def prefill_chunks(model, rows, plan, chunk, *, last_only):
+    """Every row's prompt through `prefill_step` in chunks of `chunk`, each chunk telling the
+    step where the row's last token lies (as `generate` does). returns (last_hidden, cache)."""
+    graphdef, params = nnx.split(model)
+    batch, longest = len(rows), max(len(r) for r in rows)
+    cache = kvcache.init_cache(plan, batch)
+    last_hidden = jnp.zeros((batch, model.config.hidden_size))
+    last = np.asarray([len(r) - 1 for r in rows])
+    for lo in range(0, longest, chunk):
+        ids = np.zeros((batch, chunk), np.int32)
+        valid = np.zeros((batch, chunk), bool)
+        for b, r in enumerate(rows):
+            part = r[lo:lo + chunk]
+            ids[b, :len(part)], valid[b, :len(part)] = part, True
+        pos = np.broadcast_to(lo + np.arange(chunk, dtype=np.int32), (batch, chunk))
+        index = np.where((last >= lo) & (last < lo + chunk), last - lo, -1).astype(np.int32)
+        hidden, last_hidden, cache = prefill_step(graphdef, params, cache, ids, valid, pos,
+                                                  last_hidden, index, plan=plan,
+                                                  last_only=last_only)
+        assert hidden.shape[1] == (1 if last_only else chunk)
+    return np.asarray(last_hidden), cache
+
+
+@pytest.mark.parametrize("layout, attention, policy", [
+    ("slots", "tiled", "dms"), ("paged", "tiled", "full"), ("slots", "blockwise", "full"),
+    ("paged", "blockwise", "dms")])
+def test_last_only_prefill_keeps_the_cache_stats_and_last_hidden(llama_dms, hf_model_dirs,
+                                                                  policy, layout, attention):
+    """`prefill_step(last_only=True)` (the last layer attends and runs its MLP for each row's
+    last prompt token only) leaves the same cache, the same keys-read count of every query and
+    the same last hidden state as the step computing every token's output; rows whose prompts
+    end in different chunks, one empty row; the unrolled layers and the scanned ones."""
+    rng = np.random.default_rng(11)
+    rows = [rng.integers(0, 97, n) for n in (29, 7, 0, 18)]
+    scanned = dms_jax.from_pretrained(hf_model_dirs["llama"], dms=DMSConfig(
+        mode="adapter", window=WINDOW, offset=-4.0), scan_layers=True)
+    kernel = scanned.layers.attn.dms_proj.kernel  # [L, d, Hkv]: the same random decisions
+    kernel[...] = jnp.stack([layer.attn.dms_proj.kernel[...] for layer in llama_dms.layers])
+    for model in (llama_dms, scanned):
+        sizing = (dict(capacity=32) if layout == "slots"
+                  else dict(layout="paged", page_size=4, target_cr=1.0))
+        plan = plan_inference(model.config, policy=policy, max_len=32, attention_impl=attention,
+                              **sizing)
+        want_hidden, want = prefill_chunks(model, rows, plan, 8, last_only=False)
+        got_hidden, got = prefill_chunks(model, rows, plan, 8, last_only=True)
+        real = [b for b, r in enumerate(rows) if len(r)]
+        np.testing.assert_allclose(got_hidden[real], want_hidden[real], atol=2e-5, rtol=1e-5)
+        for w, g in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+            np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+        reads = np.asarray(kvcache.cache_stats(list(got)).kv_reads)
+        assert reads.sum() > 0

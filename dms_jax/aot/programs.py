@@ -125,7 +125,7 @@ def compile_decode(cfg: ModelConfig, devices: Sequence, s: DecodeSettings, *, li
     from flax import nnx
 
     from dms_jax import cache as kvcache
-    from dms_jax.generate import DecodeCarry, decode_loop, prefill_step
+    from dms_jax.generate import DecodeCarry, decode_loop, prefill_last_only, prefill_step
     from dms_jax.plan import plan_inference
     from dms_jax.sampling import Sampling
 
@@ -157,7 +157,8 @@ def compile_decode(cfg: ModelConfig, devices: Sequence, s: DecodeSettings, *, li
     prefill_args = (graphdef, params, cache, arg((s.batch, chunk), jnp.int32), arg((s.batch, chunk), jnp.bool_),
                     arg((s.batch, chunk), jnp.int32), arg((s.batch, cfg.hidden_size), dtype),
                     arg((s.batch,), jnp.int32))
-    _, prefill = compile_and_measure(prefill_step, prefill_args, static=dict(plan=plan), limit=limit, **parts)
+    _, prefill = compile_and_measure(prefill_step, prefill_args, limit=limit, static=dict(
+        plan=plan, last_only=prefill_last_only(plan)), **parts)
     key = jax.eval_shape(lambda: jax.random.key(0))
     carry = DecodeCarry(arg((), jnp.int32, _replicated(mesh)), arg((s.batch, s.segment), jnp.int32),
                         arg((s.batch,), jnp.int32), arg((s.batch,), jnp.bool_), arg((s.batch,), jnp.int32),

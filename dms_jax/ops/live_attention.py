@@ -335,6 +335,76 @@ def tiled_over(q, q_pos, q_valid, sources, tail, *, rule, scale):
     return _heads_last(out, q), seen.reshape(batch, num_kv_heads)
 
 
+def select_queries(q, q_pos, q_valid, rows):
+    """One query per row: the chunk index `rows[b]` of row b (-1: none; its query is padding).
+    q: [B, C, H, D]; q_pos: int32 [B, C]; q_valid: bool [B, C]; rows: int32 [B].
+    returns (q [B, 1, H, D], q_pos [B, 1], q_valid [B, 1])"""
+    index = jnp.maximum(rows, 0)[:, None]  # [B, 1]
+    take = lambda a: jnp.take_along_axis(a, index.reshape(index.shape + (1,) * (a.ndim - 2)),
+                                         axis=1)  # noqa: E731
+    return take(q), take(q_pos), take(q_valid) & (rows >= 0)[:, None]
+
+
+def count_block(pos_q, real_q, block, rule):
+    """The keys of one stream's block seen by its real queries (f32 scalar): `attend_tile_block`'s
+    count without the attention (no dots, no softmax), by the same `tile_bias` classes, so a
+    block that every query sees whole (a `full` prefill's cache blocks) or by one row of the rule
+    (DMS blocks older than the window) costs a pass over its keys, not over queries x keys.
+    pos_q: int32 [1, C]; real_q: bool [1, C]; block, rule: `attend_tile_block`'s."""
+    _, _, k_pos, k_flags, k_valid = block
+    kind, row = tile_bias(pos_q, block, rule)
+    reals = real_q.sum(dtype=jnp.float32)
+
+    def general():
+        bias = block_bias(pos_q, k_pos, k_flags, k_valid, **rule)[:, :, 0]  # [1, 1, C, n]
+        return (visible(bias) & real_q[:, None, :, None]).sum(dtype=jnp.float32)
+
+    return lax.switch(kind, [lambda: reals * k_pos.shape[-1],
+                             lambda: reals * visible(row).sum(dtype=jnp.float32), general])
+
+
+def tiled_seen(q_pos, q_valid, sources, tail, *, rule):
+    """The keys seen by the real queries of a prefill chunk [B, Hkv] f32, as `tiled_over` counts
+    them, without attending: stream by stream, every source's blocks and the chunk's own keys
+    through `count_block`. A forward that needs the outputs of a few queries only (the last
+    layer of a prompt, whose other rows nothing reads) attends with those and takes the count of
+    the whole chunk from here, so the keys-read statistics stay those of every query.
+    Arguments are `tiled_over`'s."""
+    batch, num_kv_heads, chunk = tail[2].shape
+    stream_ids = jnp.stack(jnp.divmod(jnp.arange(batch * num_kv_heads, dtype=jnp.int32),
+                                      num_kv_heads), axis=1)  # [B x Hkv, 2]: (row, KV head)
+
+    def one_stream(stream):
+        row = lambda a: lax.dynamic_slice_in_dim(a, stream[0], 1, axis=0)  # noqa: E731
+        pos_q, real_q = row(q_pos), row(q_valid)  # [1, C]
+        seen = jnp.float32(0)
+        for trips_of, read, source_rule in sources:
+            n = trips_of(stream)
+            def source_block(i, seen, read=read, source_rule=source_rule):
+                return seen + count_block(pos_q, real_q, read(stream, i), source_rule)
+            seen = (source_block(0, seen) if isinstance(n, int) and n == 1
+                    else lax.fori_loop(0, n, source_block, seen))
+        own = tuple(None if a is None else stream_block(a, stream, 0, chunk) for a in tail)
+        return seen + count_block(pos_q, real_q, own, rule)
+
+    with jax.named_scope("keys_seen"):
+        return lax.map(one_stream, stream_ids).reshape(batch, num_kv_heads)
+
+
+def one_query(q, q_pos, q_valid, rows, attend, sources, tail, *, rule):
+    """A chunk's attention output for one query per row and the keys seen by all its queries.
+
+    The query of chunk index `rows[b]` of each row (`select_queries`) goes through
+    `attend(q1, pos1, valid1) -> out [B, 1, H, D]` (skipped, zeros, when no row has its query
+    in this chunk); the keys seen by every real query of the chunk come from `tiled_seen` over
+    `sources` and `tail` (`tiled_over`'s arguments). returns (out [B, 1, H, D], seen [B, Hkv])
+    """
+    q1, pos1, valid1 = select_queries(q, q_pos, q_valid, rows)
+    out = lax.cond(jnp.any(valid1), lambda: attend(q1, pos1, valid1),
+                   lambda: jnp.zeros(q1.shape, q1.dtype))
+    return out, tiled_seen(q_pos, q_valid, sources, tail, rule=rule)
+
+
 def live_attention(q, q_pos, q_valid, slots, tail, extent, *, window, use_flags, sliding_window,
                    scale, block=None):
     """The chunk's queries over the live slots, then over the chunk itself (if given).
