@@ -437,11 +437,13 @@ def test_last_only_prefill_keeps_the_cache_stats_and_last_hidden(llama_dms, hf_m
     end in different chunks, one empty row; the unrolled layers and the scanned ones."""
     rng = np.random.default_rng(11)
     rows = [rng.integers(0, 97, n) for n in (29, 7, 0, 18)]
-    scanned = dms_jax.from_pretrained(hf_model_dirs["llama"], dms=DMSConfig(
-        mode="adapter", window=WINDOW, offset=-4.0), scan_layers=True)
-    kernel = scanned.layers.attn.dms_proj.kernel  # [L, d, Hkv]: the same random decisions
-    kernel[...] = jnp.stack([layer.attn.dms_proj.kernel[...] for layer in llama_dms.layers])
-    for model in (llama_dms, scanned):
+    if policy == "dms":
+        scanned = dms_jax.from_pretrained(hf_model_dirs["llama"], dms=DMSConfig(
+            mode="adapter", window=WINDOW, offset=-4.0), scan_layers=True)
+        kernel = scanned.layers.attn.dms_proj.kernel  # [L, d, Hkv]: the same random decisions
+        kernel[...] = jnp.stack([layer.attn.dms_proj.kernel[...] for layer in llama_dms.layers])
+    # the scanned layers (the last one run after the scan) with the dms policy on each layout
+    for model in (llama_dms, scanned) if policy == "dms" else (llama_dms,):
         sizing = (dict(capacity=32) if layout == "slots"
                   else dict(layout="paged", page_size=4, target_cr=1.0))
         plan = plan_inference(model.config, policy=policy, max_len=32, attention_impl=attention,
