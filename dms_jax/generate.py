@@ -42,6 +42,7 @@ from dms_jax import cache as kvcache
 from dms_jax import sharding as shd
 from dms_jax.config import resolve_dtype
 from dms_jax.model import Decoder, validate_input_ids
+from dms_jax.ops.live_attention import take_rows
 from dms_jax.plan import (DEFAULT_CHUNK, InferencePlan, check_memory, check_settings,
                           plan_inference)
 from dms_jax.policies import FULL, SnapKVPolicy, get_policy
@@ -82,8 +83,7 @@ def prefill_step(graphdef, params, cache, ids, valid, positions, last_hidden, la
     """
     _, hidden, cache = _forward_over_cache(graphdef, params, cache, ids, valid, positions, plan,
                                            last_index if last_only else None)
-    at = jnp.zeros_like(last_index) if last_only else jnp.maximum(last_index, 0)
-    picked = jnp.take_along_axis(hidden, at[:, None, None], axis=1)[:, 0]
+    picked = take_rows(hidden, jnp.zeros_like(last_index) if last_only else last_index)[:, 0]
     last_hidden = jnp.where((last_index >= 0)[:, None], picked.astype(last_hidden.dtype),
                             last_hidden)
     return hidden, last_hidden, cache

@@ -26,6 +26,7 @@ from dms_jax.config import ModelConfig, resolve_dtype
 from dms_jax.layers import MLP, RMSNorm, apply_rope, rope_inv_freq
 from dms_jax.ops import gating
 from dms_jax.ops.attention import dense_attention
+from dms_jax.ops.live_attention import take_rows
 from dms_jax.ops.mask import is_held
 
 MODES = ("plain", "train", "eval")
@@ -184,7 +185,7 @@ class DecoderLayer(nnx.Module):
             attn_out, aux, cache = self.attn(x, self.input_norm(x), ctx, key=key, cache=cache,
                                              out_rows=out_rows)
         if out_rows is not None:
-            x = jnp.take_along_axis(x, jnp.maximum(out_rows, 0)[:, None, None], axis=1)
+            x = take_rows(x, out_rows)
         x = x + attn_out
         with jax.named_scope("mlp"):
             x = x + self.mlp(self.post_attn_norm(x))

@@ -338,18 +338,19 @@ def attend_and_update(cache: PagedLayerCache, q, k_new, v_new, decisions, positi
     rows, heads = sh.rows or None, sh.heads or None
     per_head = PartitionSpec(rows, None, heads)  # [B, C, H or Hkv, ...]
     args, specs = [q, k_new, v_new, positions, new_valid], [per_head] * 3 + [PartitionSpec(rows)] * 2
-    if out_rows is not None:  # [B]
-        args.append(out_rows)
-        specs.append(PartitionSpec(rows))
+    optional = {}  # the arguments that may be None, by name: (array, its spec)
     if decisions is not None:  # [B, C, Hkv or 1]
-        args.append(decisions)
-        specs.append(per_head if decisions.shape[-1] == k_new.shape[2] else PartitionSpec(rows))
-    selected = out_rows is not None
+        optional["decisions"] = (decisions, per_head if decisions.shape[-1] == k_new.shape[2]
+                                 else PartitionSpec(rows))
+    if out_rows is not None:  # [B]
+        optional["out_rows"] = (out_rows, PartitionSpec(rows))
+    args += [a for a, _ in optional.values()]
+    specs += [spec for _, spec in optional.values()]
 
     def local(c, q, k, v, pos, valid, *rest):
-        rows_here = rest[0] if selected else None
-        d = rest[int(selected)] if len(rest) > int(selected) else None
-        return _attend_and_update(c, q, k, v, d, pos, valid, out_rows=rows_here, **kw)
+        given = dict(zip(optional, rest))
+        return _attend_and_update(c, q, k, v, given.get("decisions"), pos, valid,
+                                  out_rows=given.get("out_rows"), **kw)
 
     return _on_shards(local, cache, args, specs, per_head)
 

@@ -93,9 +93,22 @@ def empty_state(qg):
 def attend_block(carry, qg, k_blk, v_blk, bias, q_valid, scale):
     """One key block into the running softmax and the count of keys seen by real queries.
     qg: [B, Hkv, G, C, D]; k_blk, v_blk: [B, Hkv, n, D]; bias: f32 [B, Hkv, 1, C, n]."""
-    real = q_valid[:, None, :, None]  # [B, 1, C, 1]
-    seen = (visible(bias[:, :, 0]) & real).sum(axis=(2, 3), dtype=jnp.float32)
-    return _attend_scored(carry, qg, k_blk, v_blk, bias, seen, scale)
+    return _attend_scored(carry, qg, k_blk, v_blk, bias, seen_under(bias, q_valid), scale)
+
+
+def seen_under(bias, q_valid):
+    """Keys seen by the real queries under a block's bias: f32 [B, Hkv].
+    bias: f32 [B, Hkv, 1, C, n]; q_valid: bool [B, C]."""
+    return (visible(bias[:, :, 0]) & q_valid[:, None, :, None]).sum(axis=(2, 3),
+                                                                   dtype=jnp.float32)
+
+
+def seen_by_kind(real_t, row, n):
+    """Keys seen by a tile's real queries in the two `tile_bias` classes without a per-query
+    bias, (every key: class 0, one bias row: class 1), f32 scalars. real_t: bool [1, tile];
+    row: `tile_bias`'s; n: keys in the block."""
+    reals = real_t.sum(dtype=jnp.float32)
+    return reals * n, reals * visible(row).sum(dtype=jnp.float32)
 
 
 def _attend_scored(carry, qg, k_blk, v_blk, bias, seen, scale):
@@ -148,15 +161,13 @@ def attend_tile_block(carry, q_t, pos_t, real_t, block, rule, scale):
     """
     keys, values, k_pos, k_flags, k_valid = block
     kind, row = tile_bias(pos_t, block, rule)
-    reals = real_t.sum(dtype=jnp.float32)
+    seen_all, seen_row = seen_by_kind(real_t, row, k_pos.shape[-1])
 
     def none(carry):
-        seen = jnp.full((1, 1), reals * k_pos.shape[-1], jnp.float32)
-        return _attend_scored(carry, q_t, keys, values, None, seen, scale)
+        return _attend_scored(carry, q_t, keys, values, None, jnp.full((1, 1), seen_all), scale)
 
     def one_row(carry):
-        seen = reals * visible(row).sum(dtype=jnp.float32)
-        return _attend_scored(carry, q_t, keys, values, row, jnp.full((1, 1), seen), scale)
+        return _attend_scored(carry, q_t, keys, values, row, jnp.full((1, 1), seen_row), scale)
 
     def general(carry):
         bias = block_bias(pos_t, k_pos, k_flags, k_valid, **rule)
@@ -339,10 +350,15 @@ def select_queries(q, q_pos, q_valid, rows):
     """One query per row: the chunk index `rows[b]` of row b (-1: none; its query is padding).
     q: [B, C, H, D]; q_pos: int32 [B, C]; q_valid: bool [B, C]; rows: int32 [B].
     returns (q [B, 1, H, D], q_pos [B, 1], q_valid [B, 1])"""
-    index = jnp.maximum(rows, 0)[:, None]  # [B, 1]
-    take = lambda a: jnp.take_along_axis(a, index.reshape(index.shape + (1,) * (a.ndim - 2)),
-                                         axis=1)  # noqa: E731
-    return take(q), take(q_pos), take(q_valid) & (rows >= 0)[:, None]
+    return (take_rows(q, rows), take_rows(q_pos, rows),
+            take_rows(q_valid, rows) & (rows >= 0)[:, None])
+
+
+def take_rows(a, rows):
+    """a[b, rows[b]] kept as axis 1 of length 1 (rows -1 taken as 0): a [B, C, ...] ->
+    [B, 1, ...]; rows int32 [B]."""
+    index = jnp.maximum(rows, 0).reshape((-1, 1) + (1,) * (a.ndim - 2))
+    return jnp.take_along_axis(a, index, axis=1)
 
 
 def count_block(pos_q, real_q, block, rule):
@@ -353,14 +369,12 @@ def count_block(pos_q, real_q, block, rule):
     pos_q: int32 [1, C]; real_q: bool [1, C]; block, rule: `attend_tile_block`'s."""
     _, _, k_pos, k_flags, k_valid = block
     kind, row = tile_bias(pos_q, block, rule)
-    reals = real_q.sum(dtype=jnp.float32)
+    seen_all, seen_row = seen_by_kind(real_q, row, k_pos.shape[-1])
 
     def general():
-        bias = block_bias(pos_q, k_pos, k_flags, k_valid, **rule)[:, :, 0]  # [1, 1, C, n]
-        return (visible(bias) & real_q[:, None, :, None]).sum(dtype=jnp.float32)
+        return seen_under(block_bias(pos_q, k_pos, k_flags, k_valid, **rule), real_q)[0, 0]
 
-    return lax.switch(kind, [lambda: reals * k_pos.shape[-1],
-                             lambda: reals * visible(row).sum(dtype=jnp.float32), general])
+    return lax.switch(kind, [lambda: seen_all, lambda: seen_row, general])
 
 
 def tiled_seen(q_pos, q_valid, sources, tail, *, rule):
