@@ -5,11 +5,14 @@ import os
 import shutil
 import tempfile
 
-# LLVM's -O0 for the tests' programs: they are tiny, so compiling them is most of the suite's time
-# (a tiny model's prefill program: 6.6 s -> 4.3 s); the tests check results, not speed, and
-# XLA's graph passes (fusion, layout) still run.
+# LLVM's -O0 and XLA's elemental (pre-"fusion emitter") kernel generator for the tests'
+# programs: they are tiny, so compiling them is most of the suite's time (a tiny model's prefill
+# program: 6.6 s -> 4.3 s with -O0; a 3-layer prefill 1.5-2.0 s -> 1.0 s with the elemental
+# emitter, the whole suite 11.9 -> ~9 min); the tests check results, not speed, and XLA's graph
+# passes (fusion, layout) still run. Users' programs compile with XLA's defaults.
 os.environ.setdefault("XLA_FLAGS",
-                      "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0")
+                      "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0 "
+                      "--xla_cpu_use_fusion_emitters=false")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Many tests compile the same programs (the same tiny shapes through the trainer, generate and the
 # CLIs, in this process and in the subprocesses the CLI tests start, which inherit these): one

@@ -212,6 +212,26 @@ def stream_block(a, stream, start, size):
     return lax.dynamic_slice(a, index, (1, 1, size) + a.shape[3:])
 
 
+def map_streams(fn, batch, num_kv_heads):
+    """`lax.map` of fn over every stream of a [B, Hkv] cache, row-major: fn(stream) with stream
+    = int32 [2] (row, KV head); returns fn's outputs stacked on a leading B x Hkv axis."""
+    ids = jnp.arange(batch * num_kv_heads, dtype=jnp.int32)
+    return lax.map(fn, jnp.stack(jnp.divmod(ids, num_kv_heads), axis=1))
+
+
+def fold_sources(stream, sources, trips, carry, step):
+    """`carry` through every block of every key source of `stream`, source by source, block by
+    block: carry = step(carry, read(stream, i), source_rule). sources: `tiled_over`'s;
+    trips: each source's block count for this stream (its trips(stream), which the caller may
+    hoist out of a loop; the int 1 runs the single block without a loop)."""
+    for n, (_, read, source_rule) in zip(trips, sources):
+        def source_block(i, carry, read=read, source_rule=source_rule):
+            return step(carry, read(stream, i), source_rule)
+        carry = (source_block(0, carry) if isinstance(n, int) and n == 1
+                 else lax.fori_loop(0, n, source_block, carry))
+    return carry
+
+
 def _stream_tiles(stream, qg, q_pos, q_valid, sources, tail, *, rule, scale):
     """One stream's prefill chunk, `stream` = (row, KV head), query tile by query tile: each
     tile (at most QUERY_ROWS rows) reads every source's key blocks for this stream, then, in
@@ -236,14 +256,10 @@ def _stream_tiles(stream, qg, q_pos, q_valid, sources, tail, *, rule, scale):
         real_t = lax.dynamic_slice_in_dim(real_q, lo, tile, axis=1)
 
         def attend_tile(_):
-            carry = empty_state(q_t)
-            for n, (_, read, source_rule) in zip(trips, sources):
-                def source_block(i, carry, read=read, source_rule=source_rule):
-                    return attend_tile_block(carry, q_t, pos_t, real_t, read(stream, i),
-                                             source_rule, scale)
-                carry = (source_block(0, carry) if isinstance(n, int) and n == 1
-                         else lax.fori_loop(0, n, source_block, carry))
-            state, seen = carry
+            state, seen = fold_sources(
+                stream, sources, trips, empty_state(q_t),
+                lambda carry, block, source_rule: attend_tile_block(
+                    carry, q_t, pos_t, real_t, block, source_rule, scale))
             parts = []
             for s in range(0, tile, sub):  # the chunk's own keys, sub-tile by sub-tile
                 part = (tuple(a[:, :, :, s:s + sub] for a in state), seen)
@@ -334,14 +350,13 @@ def tiled_over(q, q_pos, q_valid, sources, tail, *, rule, scale):
     """
     batch, num_kv_heads = q.shape[0], tail[0].shape[1]
     qg = group_queries(q, num_kv_heads)
-    stream_ids = jnp.stack(jnp.divmod(jnp.arange(batch * num_kv_heads, dtype=jnp.int32),
-                                      num_kv_heads), axis=1)  # [B x Hkv, 2]: (row, KV head)
 
     def one_stream(stream):
         return _stream_tiles(stream, qg, q_pos, q_valid, sources, tail, rule=rule, scale=scale)
 
     with jax.named_scope("tiled"):
-        out, seen = lax.map(one_stream, stream_ids)  # [B x Hkv, 1, 1, G, C, D], [B x Hkv, 1, 1]
+        # [B x Hkv, 1, 1, G, C, D], [B x Hkv, 1, 1]
+        out, seen = map_streams(one_stream, batch, num_kv_heads)
     out = out.reshape(batch, num_kv_heads, *out.shape[3:])
     return _heads_last(out, q), seen.reshape(batch, num_kv_heads)
 
@@ -385,24 +400,18 @@ def tiled_seen(q_pos, q_valid, sources, tail, *, rule):
     the whole chunk from here, so the keys-read statistics stay those of every query.
     Arguments are `tiled_over`'s."""
     batch, num_kv_heads, chunk = tail[2].shape
-    stream_ids = jnp.stack(jnp.divmod(jnp.arange(batch * num_kv_heads, dtype=jnp.int32),
-                                      num_kv_heads), axis=1)  # [B x Hkv, 2]: (row, KV head)
 
     def one_stream(stream):
         row = lambda a: lax.dynamic_slice_in_dim(a, stream[0], 1, axis=0)  # noqa: E731
         pos_q, real_q = row(q_pos), row(q_valid)  # [1, C]
-        seen = jnp.float32(0)
-        for trips_of, read, source_rule in sources:
-            n = trips_of(stream)
-            def source_block(i, seen, read=read, source_rule=source_rule):
-                return seen + count_block(pos_q, real_q, read(stream, i), source_rule)
-            seen = (source_block(0, seen) if isinstance(n, int) and n == 1
-                    else lax.fori_loop(0, n, source_block, seen))
+        seen = fold_sources(stream, sources, [trips_of(stream) for trips_of, _, _ in sources],
+                            jnp.float32(0), lambda seen, block, source_rule:
+                            seen + count_block(pos_q, real_q, block, source_rule))
         own = tuple(None if a is None else stream_block(a, stream, 0, chunk) for a in tail)
         return seen + count_block(pos_q, real_q, own, rule)
 
     with jax.named_scope("keys_seen"):
-        return lax.map(one_stream, stream_ids).reshape(batch, num_kv_heads)
+        return map_streams(one_stream, batch, num_kv_heads).reshape(batch, num_kv_heads)
 
 
 def one_query(q, q_pos, q_valid, rows, attend, sources, tail, *, rule):
