@@ -8,7 +8,7 @@ import tempfile
 # LLVM's -O0 and XLA's elemental (pre-"fusion emitter") kernel generator for the tests'
 # programs: they are tiny, so compiling them is most of the suite's time (a tiny model's prefill
 # program: 6.6 s -> 4.3 s with -O0; a 3-layer prefill 1.5-2.0 s -> 1.0 s with the elemental
-# emitter, the whole suite 11.9 -> ~9 min); the tests check results, not speed, and XLA's graph
+# emitter, the whole suite 11.9 -> 7.3 min); the tests check results, not speed, and XLA's graph
 # passes (fusion, layout) still run. Users' programs compile with XLA's defaults.
 os.environ.setdefault("XLA_FLAGS",
                       "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0 "
