@@ -54,11 +54,13 @@ def load_model(job):
     import dms_jax
     from dms_jax import DMSConfig
 
+    dtype = job.get("dtype", "float32")
     if job["system"] == "full":
-        return dms_jax.from_pretrained(job["model_dir"]), dict(policy="full")
+        return (dms_jax.from_pretrained(job["model_dir"], dtype=dtype, param_dtype=dtype),
+                dict(policy="full"))
     vs = _vs()
     cr = float(job["system"][3:])
-    model = dms_jax.from_pretrained(job["model_dir"], dms=DMSConfig(
+    model = dms_jax.from_pretrained(job["model_dir"], dtype=dtype, param_dtype=dtype, dms=DMSConfig(
         mode="adapter", window=job["window"], scale=100.0, offset=-1.0))
     calib = vs.prompts_for(model.config.vocab_size, 1, min(job["context"], 1024), seed=7)
     vs.force_flag_rate(model, calib, 1.0 - 1.0 / cr)
@@ -115,7 +117,9 @@ def run_system(job) -> dict:
 
 def spawn(job, timeout):
     env = dict(os.environ)
-    env.setdefault("XLA_FLAGS", SINGLE_THREAD_XLA)
+    if job.get("device", "cpu") == "cpu":
+        env.setdefault("XLA_FLAGS", SINGLE_THREAD_XLA)
+        env["JAX_PLATFORMS"] = "cpu"
     proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(job)],
                           capture_output=True, text=True, timeout=timeout, env=env)
     for line in proc.stdout.splitlines():
@@ -139,6 +143,10 @@ def main(argv=None):
     p.add_argument("--chunk", type=int, default=512)
     p.add_argument("--timeout", type=float, default=3600)
     p.add_argument("--quick", action="store_true", help="tiny shape, context 256, 6 requests")
+    p.add_argument("--device", default="cpu", choices=("cpu", "gpu"),
+                   help="gpu: JAX's default backend (one CUDA device)")
+    p.add_argument("--dtype", default=None, choices=("float32", "bfloat16"),
+                   help="weights, compute and K/V (default: float32 on cpu, bfloat16 on gpu)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
@@ -148,18 +156,21 @@ def main(argv=None):
         args.shape, args.context, args.requests, args.new_tokens = "tiny", 256, 6, 8
         args.window, args.chunk, args.page_size = 32, 64, 16
     vs = _vs()
+    dtype = args.dtype or ("bfloat16" if args.device == "gpu" else "float32")
     print(f"shape {args.shape} (L, d, ffn, H, Hkv, D, V = {vs.SHAPES[args.shape]}); "
           f"{args.requests} requests of {args.context // 2}-{args.context} prompt tokens + "
           f"{args.new_tokens} new; pool = {args.full_rows} full requests; window {args.window}; "
-          f"pages of {args.page_size}; one core per process", flush=True)
+          f"pages of {args.page_size}; {dtype}; "
+          + ("one core per process" if args.device == "cpu" else "the GPU"), flush=True)
     results = []
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = vs.build_hf_model(args.shape, os.path.join(tmp, args.shape))
+        model_dir = vs.build_hf_model(args.shape, os.path.join(tmp, args.shape), dtype=dtype)
         for system in ("full", f"dms{args.cr:g}"):
             job = dict(system=system, model_dir=model_dir, context=args.context,
                        requests=args.requests, new_tokens=args.new_tokens,
                        full_rows=args.full_rows, max_rows=args.max_rows, window=args.window,
-                       page_size=args.page_size, chunk=args.chunk)
+                       page_size=args.page_size, chunk=args.chunk, device=args.device,
+                       dtype=dtype)
             r = spawn(job, args.timeout)
             results.append(r)
             print("  " + (f"{system}: {r['error']}" if "error" in r else

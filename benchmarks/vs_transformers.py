@@ -61,7 +61,11 @@ SHAPES = {
     "kv": (2, 128, 512, 4, 4, 64, 512),
     # for --quick (a seconds-scale smoke run)
     "tiny": (2, 64, 128, 4, 2, 16, 256),
+    # for an accelerator (--device gpu): Llama-3.2-1B's layer (d 2048, GQA 32/8, head dim 64,
+    # ffn 8192), 8 of them, vocab 32000: 0.62 B parameters, K/V 16 KiB per token in bfloat16
+    "gqa-1b": (8, 2048, 8192, 32, 8, 64, 32000),
 }
+DEVICES = ("cpu", "gpu")
 SYSTEMS = ("transformers", "full", "dms4", "dms8", "full-paged", "dms8-paged")
 DEFAULT_SYSTEMS = ("transformers", "full", "dms4", "dms8")
 # o_proj and down_proj scaled by this at build time (timing does not depend on weight values)
@@ -74,8 +78,8 @@ MIN_TIMED_S = 5.0
 # ----------------------------------------------------------------------------- the weights
 
 
-def build_hf_model(shape: str, out_dir: str, seed: int = 0) -> str:
-    """A random LlamaForCausalLM of `shape` saved to out_dir (float32, untied head)."""
+def build_hf_model(shape: str, out_dir: str, seed: int = 0, dtype: str = "float32") -> str:
+    """A random LlamaForCausalLM of `shape` saved to out_dir (in `dtype`, untied head)."""
     import torch
     import transformers
 
@@ -91,7 +95,7 @@ def build_hf_model(shape: str, out_dir: str, seed: int = 0) -> str:
         for layer in model.model.layers:  # token's embedding, so the forced DMS decisions
             layer.self_attn.o_proj.weight.mul_(RESIDUAL_SCALE)  # depend on the token, not on
             layer.mlp.down_proj.weight.mul_(RESIDUAL_SCALE)  # the row (see force_flag_rate)
-    model.save_pretrained(out_dir)
+    model.to(getattr(torch, dtype)).save_pretrained(out_dir)
     return out_dir
 
 
@@ -108,11 +112,16 @@ def run_transformers(job) -> dict:
     import torch
     import transformers
 
-    torch.set_num_threads(1)
+    gpu = job.get("device", "cpu") == "gpu"
+    if not gpu:
+        torch.set_num_threads(1)
+    device = torch.device("cuda" if gpu else "cpu")
+    sync = torch.cuda.synchronize if gpu else (lambda: None)  # CUDA runs asynchronously
     model = transformers.LlamaForCausalLM.from_pretrained(
-        job["model_dir"], attn_implementation="sdpa", dtype=torch.float32).eval()
+        job["model_dir"], attn_implementation="sdpa",
+        dtype=getattr(torch, job.get("dtype", "float32"))).to(device).eval()
     ids = torch.from_numpy(prompts_for(model.config.vocab_size, job["batch"], job["context"])
-                           ).long()
+                           ).long().to(device)
     steps = job["new_tokens"]
     # the cache argument: `cache` in newer transformers, `past_key_values` before (deprecated since)
     arg = ("cache" if "cache" in inspect.signature(type(model).forward).parameters
@@ -129,6 +138,7 @@ def run_transformers(job) -> dict:
             cache = transformers.DynamicCache(config=model.config)
             out = model(ids, use_cache=True, logits_to_keep=1, **{arg: cache})
             tok = out.logits[:, -1].argmax(-1, keepdim=True)
+            sync()
             prefill_s = time.perf_counter() - tic
             tokens = [tok]
             tic = time.perf_counter()
@@ -136,6 +146,7 @@ def run_transformers(job) -> dict:
                 out = model(tok, use_cache=True, **{arg: cache})
                 tok = out.logits[:, -1].argmax(-1, keepdim=True)
                 tokens.append(tok)
+            sync()
             decode_ms = 1e3 * (time.perf_counter() - tic) / steps
             return dict(prefill_s=prefill_s, decode_ms=decode_ms, cache=cache,
                         tokens=torch.cat(tokens, 1).tolist())
@@ -143,6 +154,8 @@ def run_transformers(job) -> dict:
         run = repeated(once, job.get("repeats", 1))
     cache = run.pop("cache")
     kv = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
+    if gpu:
+        run["device_peak"] = int(torch.cuda.max_memory_allocated())
     return dict(run, kv_bytes=int(kv), kv_held=int(kv), cr=1.0, overflow=0)
 
 
@@ -169,7 +182,7 @@ def force_flag_rate(model, prompt, flag_rate: float, rounds: int = 4, seed: int 
         proj.kernel[...] = jax.random.normal(key, proj.kernel.shape, proj.kernel.dtype)
     for _ in range(rounds):
         out, _ = model.eval_forward(jnp.asarray(prompt))
-        raw = (np.asarray(out.decision_logits) + dms.offset) / dms.scale  # [L, B, T, Hkv]
+        raw = (np.asarray(out.decision_logits, np.float32) + dms.offset) / dms.scale  # [L, B, T, Hkv]
         quant = np.quantile(raw, 1.0 - flag_rate, axis=(1, 2))  # [L, Hkv]
         # the right sign: rescale to the threshold; the wrong one: negate (next round rescales)
         factor = np.where(quant * threshold > 0, threshold / np.where(quant == 0, 1, quant), -1.0)
@@ -177,19 +190,21 @@ def force_flag_rate(model, prompt, flag_rate: float, rounds: int = 4, seed: int 
             proj = layer.attn.dms_proj
             proj.kernel[...] = proj.kernel[...] * jnp.asarray(f, proj.kernel.dtype)
     out, _ = model.eval_forward(jnp.asarray(prompt))
-    return float((np.asarray(out.decisions) > 0).mean())
+    return float((np.asarray(out.decisions, np.float32) > 0).mean())
 
 
-def system_model(system: str, model_dir: str, context: int, window: int):
+def system_model(system: str, model_dir: str, context: int, window: int,
+                 dtype: str = "float32"):
     """(model, generate's policy keywords) of a dms_jax system: "full", or "dms<CR>" (a DMS
-    adapter whose flag rate is set to 1 - 1 / CR on a calibration prompt: `force_flag_rate`)."""
+    adapter whose flag rate is set to 1 - 1 / CR on a calibration prompt: `force_flag_rate`);
+    weights and compute in `dtype`."""
     import dms_jax
     from dms_jax import DMSConfig
 
     if system == "full":
-        return dms_jax.from_pretrained(model_dir), dict(policy="full")
+        return dms_jax.from_pretrained(model_dir, dtype=dtype, param_dtype=dtype), dict(policy="full")
     cr = float(system[3:])
-    model = dms_jax.from_pretrained(model_dir, dms=DMSConfig(
+    model = dms_jax.from_pretrained(model_dir, dtype=dtype, param_dtype=dtype, dms=DMSConfig(
         mode="adapter", window=window, scale=100.0, offset=-1.0))
     calib = prompts_for(model.config.vocab_size, 1, min(context, 1024), seed=7)
     force_flag_rate(model, calib, 1.0 - 1.0 / cr)
@@ -202,7 +217,8 @@ def run_dms_jax(job) -> dict:
     import dms_jax
 
     system, _, layout = job["system"].partition("-")  # "dms8-paged": dms8 on the paged cache
-    model, kw = system_model(system, job["model_dir"], job["context"], job["window"])
+    model, kw = system_model(system, job["model_dir"], job["context"], job["window"],
+                             job.get("dtype", "float32"))
     ids = prompts_for(model.config.vocab_size, job["batch"], job["context"])
     kw.update(max_new_tokens=job["new_tokens"] + 1, chunk_size=job["chunk"],
               max_len=job["context"] + job["new_tokens"] + 1)
@@ -221,7 +237,11 @@ def run_dms_jax(job) -> dict:
                     overflow=int(s.overflow), capacity=int(s.capacity),
                     tokens=np.asarray(out.tokens).tolist())
 
-    return repeated(once, job.get("repeats", 1))
+    run = repeated(once, job.get("repeats", 1))
+    if job.get("device", "cpu") == "gpu":
+        import jax
+        run["device_peak"] = int(jax.local_devices()[0].memory_stats()["peak_bytes_in_use"])
+    return run
 
 
 def repeated(once, most: int, timed_s: float = MIN_TIMED_S) -> dict:
@@ -247,9 +267,13 @@ def worker(job: dict) -> dict:
 
 
 def spawn(job: dict, timeout: float) -> dict:
-    """`job` in a fresh single-threaded process; its result, or {"error": ...}."""
-    env = dict(os.environ, XLA_FLAGS=os.environ.get("XLA_FLAGS", SINGLE_THREAD_XLA),
-               OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    """`job` in a fresh process (single-threaded on a CPU); its result, or {"error": ...}."""
+    env = dict(os.environ)
+    if job.get("device", "cpu") == "cpu":
+        env.update(XLA_FLAGS=os.environ.get("XLA_FLAGS", SINGLE_THREAD_XLA), OMP_NUM_THREADS="1",
+                   MKL_NUM_THREADS="1", JAX_PLATFORMS="cpu")
+    else:  # the device's memory taken as needed, so its peak is the program's own
+        env.update(XLA_PYTHON_CLIENT_PREALLOCATE="false")
     try:
         proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(job)],
                               capture_output=True, text=True, timeout=timeout, env=env)
@@ -257,7 +281,8 @@ def spawn(job: dict, timeout: float) -> dict:
         return {"error": f"timed out after {timeout:.0f} s"}
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode or not lines:
-        return {"error": (proc.stderr.strip().splitlines() or ["no output"])[-1][:200]}
+        err = proc.stderr.strip().splitlines() or ["no output"]
+        return {"error": err[-1][:200], "stderr_tail": err[-30:]}  # the tail: saved with --json
     return json.loads(lines[-1][len("RESULT "):])
 
 
@@ -275,7 +300,11 @@ def table(results, systems) -> str:
     for s in systems[1:]:
         head += [f"{s} prefill", f"{s} decode"]
     dms = [s for s in systems if s.startswith("dms")]
-    head += ["CR " + "/".join(dms), "peak RSS MiB " + "/".join(systems),
+    # on an accelerator the peak of its memory (allocator's figure), else the process's peak RSS
+    peak = ("device_peak" if any("device_peak" in r for by in results.values()
+                                 for r in by.values()) else "max_rss")
+    head += ["CR " + "/".join(dms),
+             ("peak GPU MiB " if peak == "device_peak" else "peak RSS MiB ") + "/".join(systems),
              "KV MiB " + "/".join(systems), "tokens = tf"]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for key, by_sys in results.items():
@@ -293,7 +322,7 @@ def table(results, systems) -> str:
                     f"{r['decode_ms']:.1f} ({ratio(tf.get('decode_ms'), r['decode_ms'])})"]
         row.append("/".join(f"{by_sys[s]['cr']:.1f}" if "cr" in by_sys.get(s, {}) else "-"
                             for s in dms) or "-")
-        row.append("/".join(f"{by_sys[s]['max_rss'] / MiB:.0f}" if "max_rss" in by_sys.get(s, {})
+        row.append("/".join(f"{by_sys[s][peak] / MiB:.0f}" if peak in by_sys.get(s, {})
                             else "-" for s in systems))
         row.append("/".join(f"{by_sys[s]['kv_bytes'] / MiB:.1f}"
                             if "kv_bytes" in by_sys.get(s, {}) else "-" for s in systems))
@@ -306,7 +335,7 @@ def table(results, systems) -> str:
     return "\n".join(lines)
 
 
-def plot(results, systems, path):
+def plot(results, systems, path, where="1 CPU core each, float32"):
     """Per (shape, batch) panel: decode step time against context per system (log-log), and
     below it the prefill time when the results hold more than one context."""
     import matplotlib
@@ -336,7 +365,7 @@ def plot(results, systems, path):
             ax.set_title(f"{shape} shape, batch {batch}")
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
-    fig.suptitle("time vs context (1 CPU core each, float32)", fontsize=10)
+    fig.suptitle(f"time vs context ({where})", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -451,6 +480,12 @@ def main(argv=None):
     p.add_argument("--timeout", type=float, default=1800, help="seconds per process")
     p.add_argument("--plot", default="docs/results/vs_transformers.png")
     p.add_argument("--quick", action="store_true", help="tiny shape, context 256, batch 2")
+    p.add_argument("--device", default="cpu", choices=DEVICES,
+                   help="gpu: both systems on the first CUDA device (torch 'cuda', JAX's default "
+                        "backend), timings synchronised, peak device memory reported")
+    p.add_argument("--dtype", default=None, choices=("float32", "bfloat16"),
+                   help="weights, compute and K/V of both systems (default: float32 on cpu, "
+                        "bfloat16 on gpu)")
     p.add_argument("--profile", default="", metavar="SHAPE,CONTEXT,BATCH[,SYSTEM[,LAYOUT]]",
                    help="per-op time of a prefill chunk and a decode step instead")
     p.add_argument("--json", default="", help="also save the results here (JSON records)")
@@ -461,6 +496,8 @@ def main(argv=None):
     if args.worker:
         print("RESULT " + json.dumps(worker(json.loads(args.worker))), flush=True)
         return
+    dtype = args.dtype or ("bfloat16" if args.device == "gpu" else "float32")
+    where = (f"1 CPU core each, {dtype}" if args.device == "cpu" else f"one GPU, {dtype}")
     if args.merge:
         results, systems = load_results(args.merge.split(","))
         if systems[0] != "transformers":
@@ -468,7 +505,7 @@ def main(argv=None):
                              "baseline); save a run that includes them with --json")
         print(table(results, systems))
         if args.plot:
-            plot(results, systems, args.plot)
+            plot(results, systems, args.plot, where)  # --device / --dtype: the saved runs'
             print(f"plot: {args.plot}")
         return results
     if args.profile:
@@ -483,14 +520,16 @@ def main(argv=None):
     systems = args.systems.split(",")
     if systems[0] != "transformers" or not set(systems) <= set(SYSTEMS):
         raise SystemExit(f"--systems must start with transformers and be of {SYSTEMS}")
-    print(f"each configuration in a fresh process on one core (affinity {sorted(os.sched_getaffinity(0))}); "
-          f"torch threads 1; XLA_FLAGS={os.environ.get('XLA_FLAGS', SINGLE_THREAD_XLA)!r}; "
-          f"float32; dms_jax compilation excluded; {args.new_tokens} decode steps; window "
+    print("each configuration in a fresh process " + (
+          f"on one core (affinity {sorted(os.sched_getaffinity(0))}); torch threads 1; "
+          f"XLA_FLAGS={os.environ.get('XLA_FLAGS', SINGLE_THREAD_XLA)!r}"
+          if args.device == "cpu" else "on the GPU") +
+          f"; {dtype}; dms_jax compilation excluded; {args.new_tokens} decode steps; window "
           f"{args.window}; prefill chunk {args.chunk}", flush=True)
     results, tic = {}, time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         for shape in args.shapes.split(","):
-            model_dir = build_hf_model(shape, os.path.join(tmp, shape))
+            model_dir = build_hf_model(shape, os.path.join(tmp, shape), dtype=dtype)
             print(f"shape {shape}: L, d, ffn, H, Hkv, D, V = {SHAPES[shape]}", flush=True)
             for context in contexts:
                 for batch in batches:
@@ -498,16 +537,22 @@ def main(argv=None):
                     for system in systems:
                         job = dict(system=system, model_dir=model_dir, context=context,
                                    batch=batch, new_tokens=args.new_tokens, window=args.window,
-                                   chunk=args.chunk, repeats=args.repeats)
+                                   chunk=args.chunk, repeats=args.repeats,
+                                   device=args.device, dtype=dtype)
                         t0 = time.perf_counter()
                         by_sys[system] = r = spawn(job, args.timeout)
                         print(f"  {shape} ctx={context} B={batch} {system:12s} "
                               + (r["error"] if "error" in r else
-                                 f"prefill {r['prefill_s']:.2f} s decode {r['decode_ms']:.2f} "
-                                 f"ms/step rss {r['max_rss'] / MiB:.0f} MiB cr {r['cr']:.2f} "
+                                 f"prefill {r['prefill_s']:.3f} s decode {r['decode_ms']:.2f} "
+                                 f"ms/step rss {r['max_rss'] / MiB:.0f} MiB "
+                                 + (f"gpu {r['device_peak'] / MiB:.0f} MiB "
+                                    if "device_peak" in r else "") +
+                                 f"cr {r['cr']:.2f} "
                                  f"overflow {r['overflow']} (median of {r.get('repeats', 1)})")
                               + f" ({time.perf_counter() - t0:.0f} s)", file=sys.stderr,
                               flush=True)
+                        if args.json:  # as it goes: a run cut short keeps what it measured
+                            save_results(results, args.json)
     print(table(results, systems))
     if args.json:
         save_results(results, args.json)
@@ -517,7 +562,7 @@ def main(argv=None):
           "greedy tokens of dms_jax full equal to transformers'")
     if args.plot:
         os.makedirs(os.path.dirname(args.plot) or ".", exist_ok=True)
-        plot(results, systems, args.plot)
+        plot(results, systems, args.plot, where)
         print(f"plot: {args.plot}")
     print(f"total {time.perf_counter() - tic:.0f} s")
     return results

@@ -495,15 +495,18 @@ def compact(cache: LayerCache, priority, scores, capacity: int) -> LayerCache:
 # ----------------------------------------------------------------------------- stats
 
 
-class CacheStats(NamedTuple):
+@flax.struct.dataclass
+class CacheStats:
     held: Any  # int32 [L, B, Hkv] tokens held now
     seen: Any  # int32 [B] tokens seen per row
     compression_ratio: Any  # f32 scalar, 1 / mean(held / seen) over layers, rows (seen > 0), heads
     held_bytes: Any  # f32 scalar, key + value bytes of the held tokens
     peak_held_bytes: Any  # f32 scalar, sum over (layer, row, head) of its peak held bytes
-    allocated_bytes: int  # key + value buffers allocated (static)
-    overflow: Any  # int32 [L, B, Hkv] tokens dropped because slots were full
-    kv_reads: Any  # f32 [L, B, Hkv] sum over real queries of the keys each one saw
+    # key + value buffers allocated: a host int, static under jit (an array output would be int32,
+    # which a cache over 2 GiB overflows)
+    allocated_bytes: int = flax.struct.field(pytree_node=False)
+    overflow: Any = None  # int32 [L, B, Hkv] tokens dropped because slots were full
+    kv_reads: Any = None  # f32 [L, B, Hkv] sum over real queries of the keys each one saw
 
 
 def compression_ratio(held, seen, axis=None):

@@ -36,6 +36,34 @@ def test_full_matches_transformers_and_dms_holds_less(bench):
         assert dms["overflow"] >= 0  # reported (a tiny model's heads vary; the table shows it)
 
 
+def test_bfloat16_workers_run_both_systems_in_bfloat16(bench, tmp_path):
+    """`--dtype bfloat16` (the GPU runs' default): a bfloat16 checkpoint, both systems' K/V in
+    bfloat16 (half the float32 bytes), the forced decisions still reach the flag rate."""
+    module, _ = bench
+    model_dir = module.build_hf_model("tiny", str(tmp_path / "bf16"), dtype="bfloat16")
+    job = dict(model_dir=model_dir, context=96, batch=2, new_tokens=3, window=16, chunk=32,
+               dtype="bfloat16")
+    ref = module.run_transformers(dict(job, system="transformers"))
+    assert ref["kv_bytes"] == 2 * 2 * 2 * (96 + 3) * 2 * 16 * 2  # L, B, Hkv, tokens, K+V, D, bf16
+    full = module.run_dms_jax(dict(job, system="full"))
+    dms = module.run_dms_jax(dict(job, system="dms8-paged"))
+    assert full["kv_held"] == ref["kv_bytes"]
+    assert full["tokens"][0][0] == ref["tokens"][0][0]  # the prefill's token
+    assert dms["cr"] > 1.5 and dms["kv_bytes"] < full["kv_bytes"]
+
+
+def test_the_table_reports_device_memory_when_measured(bench):
+    module, _ = bench
+    fig = dict(prefill_s=1.0, decode_ms=10.0, cr=1.0, kv_bytes=1 << 20, max_rss=1 << 28)
+    gpu = {("gqa-1b", 8192, 8): {"transformers": dict(fig, device_peak=3 << 30),
+                                 "full": dict(fig, device_peak=1 << 30)}}
+    text = module.table(gpu, ["transformers", "full"])
+    assert "peak GPU MiB transformers/full" in text and "| 3072/1024 |" in text
+    cpu = {k: {s: {f: v for f, v in r.items() if f != "device_peak"} for s, r in by.items()}
+           for k, by in gpu.items()}
+    assert "peak RSS MiB" in module.table(cpu, ["transformers", "full"])
+
+
 @pytest.mark.parametrize("cr", [4, 8])
 def test_forced_decisions_reach_the_flag_rate(bench, cr):
     import dms_jax
