@@ -414,6 +414,29 @@ def test_admitted_prompts_are_prefilled_together_padding_rows_untouched(llama_dm
         assert int(c.num_free) == server.num_pages
 
 
+def test_sampled_serving_follows_its_key_through_the_compiled_step(llama_dms):
+    """The decode step is compiled once and called as that executable; its key is split on the
+    device, step after step: the same key serves the same tokens, another key others."""
+    import jax
+
+    from dms_jax.serve import Server
+
+    rng = np.random.default_rng(16)
+    requests = [(rng.integers(0, 97, n).tolist(), 12) for n in (9, 5, 14)]
+
+    def serve(seed):
+        server = Server(llama_dms, rows=3, max_len=32, page_size=4, target_cr=1.0,
+                        chunk_size=8, temperature=1.0, key=jax.random.key(seed))
+        done = server.run(requests)
+        assert isinstance(server._decode_program, jax.stages.Compiled)
+        return {c.request_id: c.tokens for c in done}
+
+    first = serve(0)
+    assert serve(0) == first
+    assert serve(1) != first
+    assert all(len(t) == 12 and all(0 <= x < 97 for x in t) for t in first.values())
+
+
 def test_a_request_the_pool_can_never_hold_is_refused(llama_dms):
     from dms_jax.serve import Server, ServeError
 
