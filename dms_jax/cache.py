@@ -433,7 +433,7 @@ def attend_and_update(cache: LayerCache, q, k_new, v_new, decisions, positions, 
                     q1, pos1, valid1, slot_keys, tuple(new), live_extent(old.pos), **rule,
                     scale=scale, block=key_block)[0],
                 [slot_source(slot_keys, rule=rule, block=key_block or PREFILL_BLOCK)],
-                tuple(new), rule=rule)
+                tuple(new), rule=rule, at_once=attention != "tiled")
         with jax.named_scope("evict"):
             keep_old, dest, dropped = place(cand_scores)
             dest = ordered_after(dest, out, slots)

@@ -445,7 +445,7 @@ def _attend_and_update(cache: PagedLayerCache, q, k_new, v_new, decisions, posit
                     lambda q1, pos1, valid1: attend(cache, *ring, tail=True, q=q1,
                                                     positions=pos1, new_valid=valid1,
                                                     tiled=False)[0],
-                    sources(cache, *ring), chunk_keys, rule=rule)
+                    sources(cache, *ring), chunk_keys, rule=rule, at_once=attention != "tiled")
         parts = update(out)
         updated = _replace(cache, parts)
     held = updated.held

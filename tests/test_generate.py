@@ -428,13 +428,15 @@ def prefill_chunks(model, rows, plan, chunk, *, last_only):
 
 @pytest.mark.parametrize("layout, attention, policy", [
     ("slots", "tiled", "dms"), ("paged", "tiled", "full"), ("slots", "blockwise", "full"),
-    ("paged", "blockwise", "dms")])
+    ("slots", "blockwise", "dms"), ("paged", "blockwise", "dms")])
 def test_last_only_prefill_keeps_the_cache_stats_and_last_hidden(llama_dms, hf_model_dirs,
                                                                   policy, layout, attention):
     """`prefill_step(last_only=True)` (the last layer attends and runs its MLP for each row's
     last prompt token only) leaves the same cache, the same keys-read count of every query and
     the same last hidden state as the step computing every token's output; rows whose prompts
-    end in different chunks, one empty row; the unrolled layers and the scanned ones."""
+    end in different chunks, one empty row; the unrolled layers and the scanned ones. The
+    blockwise (accelerator) plans count the keys of every stream at once (`tiled_seen`'s
+    at_once), the tiled ones stream by stream."""
     rng = np.random.default_rng(11)
     rows = [rng.integers(0, 97, n) for n in (29, 7, 0, 18)]
     if policy == "dms":
