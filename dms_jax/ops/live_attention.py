@@ -405,8 +405,8 @@ def tiled_seen(q_pos, q_valid, sources, tail, *, rule, at_once=False):
     the whole chunk from here, so the keys-read statistics stay those of every query.
     Arguments are `tiled_over`'s. at_once: every stream in one loop (the same count, `vmap`ped
     over the streams: the block loop runs the longest stream's trips and `count_block` computes
-    its classes as selects), for accelerators, where a loop trip costs a launch and a host
-    round trip and the streams one after another (`lax.map`) would take B x Hkv times the trips
+    its classes as selects), for accelerators, where a loop trip costs kernel launches and the
+    streams one after another (`lax.map`) would take B x Hkv times the trips
     (a 32k prompt at B 8 with 8 KV heads: ~260,000 per layer instead of ~4,000)."""
     batch, num_kv_heads, chunk = tail[2].shape
 
