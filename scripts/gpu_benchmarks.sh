@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU figures of the README (issue 13): dms_jax against transformers, and continuous batching,
 # on one CUDA device in bfloat16, on the `gqa-1b` shape of benchmarks/vs_transformers.py
-# (Llama-3.2-1B's layer, 8 layers). Needs jax with CUDA, torch with CUDA, transformers, flax.
+# (Llama-3.2-1B's layer, 8 layers), and the experimental fused prefill kernel against the
+# accelerator plan's attention. Needs jax with CUDA, torch with CUDA, transformers, flax.
 #
 #   bash scripts/gpu_benchmarks.sh [OUT_DIR] [SECONDS]
 #
@@ -32,6 +33,11 @@ for r in bad:
     print("FAILED", r["system"], "\n".join(r.get("stderr_tail", [r["error"]])))
 sys.exit(1 if bad else 0)
 EOF
+
+# the experimental fused prefill kernel (Pallas) against live_attention on one layer's chunk
+if (($(left) > 120)); then
+  timeout 240 python3 benchmarks/fused_prefill.py --device gpu 2>&1 | tee "$out/fused_prefill_gpu.log"
+fi
 
 # side by side with transformers: prefill, decode, peak GPU memory, KV bytes
 if (($(left) > 120)); then

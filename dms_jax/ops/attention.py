@@ -76,21 +76,27 @@ def dense_attention(q, k, v, *, q_pos, k_pos, evict_bias=None, window=0, k_valid
     return out
 
 
-def online_softmax_step(state, scores, values):
+def _grouped_product(p, values):
+    """[B, Hkv, G, Tq, Tk] weights x [B, Hkv, Tk, D] values -> f32 [B, Hkv, G, Tq, D]."""
+    return jnp.einsum("bhgqk,bhkd->bhgqd", p, values, preferred_element_type=jnp.float32)
+
+
+def online_softmax_step(state, scores, values, product=_grouped_product):
     """One key block of an online softmax (FlashAttention): the running max, sum and unnormalised
     output after the block. The one copy of the blockwise update: the cache's live attention
-    (`dms_jax.ops.live_attention`) and the training forward (`dms_jax.ops.blockwise`).
+    (`dms_jax.ops.live_attention`), the training forward (`dms_jax.ops.blockwise`) and the fused
+    prefill kernel (`dms_jax.ops.fused_prefill`).
 
     state: (m [..., Tq], l [..., Tq], acc [..., Tq, D]) f32, starting at (-inf, 0, 0);
     scores: f32 [..., Tq, Tk], the block's scaled scores plus the visibility bias;
-    values: [B, Hkv, Tk, D] (scores' leading axes are [B, Hkv, G]).
+    values: [B, Hkv, Tk, D] (scores' leading axes are [B, Hkv, G]), or what `product` takes:
+    product(weights in values' dtype, values) -> f32 [..., Tq, D] (default: grouped queries).
     """
     m, l, acc = state
     m_new = jnp.maximum(m, jnp.max(scores, axis=-1))
     correction = jnp.exp(m - m_new)
     p = jnp.exp(scores - m_new[..., None])
-    pv = jnp.einsum("bhgqk,bhkd->bhgqd", p.astype(values.dtype), values,
-                    preferred_element_type=jnp.float32)
+    pv = product(p.astype(values.dtype), values)
     return m_new, l * correction + jnp.sum(p, axis=-1), acc * correction[..., None] + pv
 
 
