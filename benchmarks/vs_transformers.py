@@ -44,6 +44,7 @@ import importlib
 import inspect
 import json
 import os
+import re
 import resource
 import subprocess
 import sys
@@ -259,10 +260,25 @@ def repeated(once, most: int, timed_s: float = MIN_TIMED_S) -> dict:
     return dict(runs[0], **median, repeats=len(runs))
 
 
+def peak_rss_bytes() -> int:
+    """This process's own peak resident memory: VmHWM of /proc/self/status (Linux: the peak of
+    this address space, new at exec), else `ru_maxrss`, which on Linux carries the parent's peak
+    across fork and exec (a parent that built a large model would floor every worker's figure;
+    the parents of the CPU tables peaked at 379-500 MiB, below every worker's)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+
+
 def worker(job: dict) -> dict:
     run = run_transformers if job["system"] == "transformers" else run_dms_jax
     result = run(job)
-    result["max_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    result["max_rss"] = peak_rss_bytes()
     return result
 
 
@@ -282,7 +298,9 @@ def spawn(job: dict, timeout: float) -> dict:
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode or not lines:
         err = proc.stderr.strip().splitlines() or ["no output"]
-        return {"error": err[-1][:200], "stderr_tail": err[-30:]}  # the tail: saved with --json
+        # the exception's own line (JAX appends a note after it), else the last line
+        named = [ln for ln in err if re.match(r"^[\w.]*(Error|Exception|Interrupt)\b", ln)]
+        return {"error": (named or err)[-1][:200], "stderr_tail": err[-30:]}  # tail: --json
     return json.loads(lines[-1][len("RESULT "):])
 
 

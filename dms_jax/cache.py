@@ -505,8 +505,8 @@ class CacheStats:
     # key + value buffers allocated: a host int, static under jit (an array output would be int32,
     # which a cache over 2 GiB overflows)
     allocated_bytes: int = flax.struct.field(pytree_node=False)
-    overflow: Any = None  # int32 [L, B, Hkv] tokens dropped because slots were full
-    kv_reads: Any = None  # f32 [L, B, Hkv] sum over real queries of the keys each one saw
+    overflow: Any  # int32 [L, B, Hkv] tokens dropped because slots were full
+    kv_reads: Any  # f32 [L, B, Hkv] sum over real queries of the keys each one saw
 
 
 def compression_ratio(held, seen, axis=None):

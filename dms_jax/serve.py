@@ -252,7 +252,10 @@ class Server:
     def _decode(self, active: np.ndarray) -> np.ndarray:
         """One decode step of the active rows; the next tokens on the host. The step is compiled
         once and then called as that executable: a call through `jax.jit` would hash the static
-        model graph every token (~0.7 ms a step on the CPU, most of a small model's step)."""
+        model graph every token (~0.7 ms a step on the CPU, most of a small model's step).
+        The executable takes exactly the shapes, dtypes and shardings it was compiled for (it
+        raises on others, never recompiles): the server's are fixed (no mesh), unlike
+        `generate`'s, which keeps jit's dispatch for inputs that arrive sharded otherwise."""
         args = (self.params, self.cache, self.cur, active, self.pos, self.key)
         if self._decode_program is None:
             self._decode_program = _decode_step.lower(

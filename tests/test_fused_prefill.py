@@ -3,6 +3,8 @@ interpreter on the CPU: the outputs and keys-seen counts of `live_attention` for
 under the DMS rule (flags, a window, partly live slots, padding queries), `full` (no flags) and a
 sliding window, in float32 and bfloat16, with several tiles per stream and tiles that straddle
 query groups."""
+import re
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -55,9 +57,26 @@ def test_fused_prefill_equals_live_attention(rule, block_q, block_k):
         np.testing.assert_array_equal(got_seen, want_seen)
 
 
+@pytest.mark.parametrize("slots, dtype", [(128, jnp.bfloat16), (40, jnp.float32)])
+def test_the_kernel_lowers_to_triton_for_cuda(slots, dtype):
+    """Lowered for CUDA on this CPU (no GPU needed): one Triton kernel (Pallas' Triton backend,
+    not Mosaic GPU), power-of-two tiles only (a 40-slot cache read in blocks of 32)."""
+    q, q_pos, q_valid, cache, tail = chunk_case(2, chunk=64, heads=8, kv_heads=2, dim=64,
+                                                slots=slots, live=(slots, slots - 17))
+    cast = lambda a: jnp.asarray(a, dtype)  # noqa: E731
+    lowered = fused_chunk_attention.trace(
+        cast(q), jnp.asarray(q_pos), jnp.asarray(q_valid),
+        (cast(cache[0]), cast(cache[1]), jnp.asarray(cache[2]), jnp.asarray(cache[3])),
+        (cast(tail[0]), cast(tail[1])) + tuple(map(jnp.asarray, tail[2:])), jnp.int32(slots),
+        window=5, use_flags=True, sliding_window=None, scale=0.125,
+    ).lower(lowering_platforms=("cuda",))
+    targets = re.findall(r"custom_call @([\w$.]+)", lowered.as_text())
+    assert targets == ["__gpu$xla.gpu.triton"]
+
+
 def test_fused_prefill_refuses_tiles_that_do_not_divide_the_queries():
     q, q_pos, q_valid, slots, tail = chunk_case(1)
-    with pytest.raises(ValueError, match="block_q=24 must divide"):
+    with pytest.raises(ValueError, match="block_q=24 and block_k=64 must be powers of two"):
         fused_chunk_attention(jnp.asarray(q), q_pos, q_valid, tuple(map(jnp.asarray, slots)),
                               tuple(map(jnp.asarray, tail)), jnp.int32(40), window=5,
                               use_flags=True, sliding_window=None, scale=0.3, block_q=24,

@@ -12,8 +12,12 @@ the keys' positions and flags, and the same online softmax update
 it returns what `live_attention` returns for a chunk: (out [B, C, H, D], seen [B, Hkv]).
 
 Status: exact against `live_attention` in Pallas' interpreter (`interpret=True`, the tests, on
-a CPU); written for Pallas' Triton lowering on GPUs but NOT yet compiled or timed on one, so no
-plan selects it. `benchmarks/fused_prefill.py --device gpu` is the one-command check for a
+a CPU), and it lowers to Triton for CUDA (a test lowers it on the CPU: Pallas' Triton backend is
+asked for explicitly, since Mosaic GPU, the default of recent jax, would copy each stream's
+whole K / V block into shared memory); NOT yet compiled to GPU code or timed, so no plan
+selects it. Loaded tiles are powers of two (Triton's rule): `block_q` and `block_k` must be,
+a cache smaller than `block_k` is read in the largest power-of-two blocks it holds, and the
+chunk must be a multiple of a power-of-two block. `benchmarks/fused_prefill.py --device gpu` is the one-command check for a
 session with a GPU: it compiles the kernel for a Llama-3.2-1B-sized layer and times it against
 `live_attention` on the same cache.
 """
@@ -25,6 +29,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pl_triton
 
 from dms_jax.ops.attention import online_softmax_finish, online_softmax_step
 from dms_jax.ops.live_attention import _heads_last, group_queries
@@ -34,6 +39,15 @@ from dms_jax.ops.mask import hard_evict_bias, visibility_bias, visible
 def _product(p, values):
     """[Tq, Tk] weights x [Tk, D] values -> f32 [Tq, D] (one tile's)."""
     return jnp.dot(p, values, preferred_element_type=jnp.float32)
+
+
+def _floor_pow2(n):
+    return 1 << (int(n).bit_length() - 1)
+
+
+def _chunk_block(chunk, block_k):
+    """The chunk's key block: block_k, or the chunk itself when smaller (a power of two)."""
+    return min(block_k, chunk)
 
 
 def _kernel(extent_ref, q_ref, q_pos_ref, count_ref, k_ref, v_ref, k_pos_ref, k_flags_ref,
@@ -58,7 +72,7 @@ def _kernel(extent_ref, q_ref, q_pos_ref, count_ref, k_ref, v_ref, k_pos_ref, k_
         seen = seen + jnp.sum((visible(bias) & counted).astype(jnp.float32))
         return online_softmax_step(state, scores, v, _product), seen
 
-    bk = min(block_k, capacity)
+    bk = min(block_k, _floor_pow2(capacity))  # the last block overlaps the one before
 
     def slot_block(i, carry):  # slots [start, start + bk); those below i * bk done already
         start = jnp.minimum(i * bk, capacity - bk)
@@ -72,7 +86,7 @@ def _kernel(extent_ref, q_ref, q_pos_ref, count_ref, k_ref, v_ref, k_pos_ref, k_
               jnp.zeros((rows, head_dim), jnp.float32)), jnp.float32(0))
     carry = lax.fori_loop(0, (extent_ref[0] + bk - 1) // bk, slot_block, carry)
     chunk = t_k_ref.shape[0]
-    tk = min(block_k, chunk)
+    tk = _chunk_block(chunk, block_k)
 
     def chunk_block(j, carry):
         part = pl.ds(j * tk, tk)
@@ -94,7 +108,9 @@ def fused_chunk_attention(q, q_pos, q_valid, slots, tail, extent, *, window, use
     q: [B, C, H, D]; q_pos: int32 [B, C]; q_valid: bool [B, C]; slots: (keys [B, Hkv, S, D],
     values, pos int32 [B, Hkv, S] (-1: free), flags bool [B, Hkv, S]); tail: the chunk's (keys
     [B, Hkv, C, D], values, pos [B, Hkv, C], flags, valid); extent: int32 scalar (`live_extent`).
-    block_q must divide G x C, and the chunk must be a multiple of min(block_k, C).
+    block_q, block_k: powers of two; block_q must divide G x C, and the chunk C must be a
+    multiple of min(block_k, C), itself a power of two. interpret: run in Pallas' interpreter
+    (any backend; the tests); otherwise Pallas' Triton backend (GPUs).
     returns (out [B, C, H, D] in q.dtype, keys seen by real queries [B, Hkv] f32)
     """
     keys, values, pos, flags = slots
@@ -103,9 +119,12 @@ def fused_chunk_attention(q, q_pos, q_valid, slots, tail, extent, *, window, use
     num_kv_heads, capacity = keys.shape[1], keys.shape[2]
     group = num_heads // num_kv_heads
     rows = group * chunk
-    if rows % block_q or chunk % min(block_k, chunk):
-        raise ValueError(f"block_q={block_q} must divide G x C = {rows} and the chunk ({chunk}) "
-                         f"a multiple of min(block_k={block_k}, C)")
+    tk = _chunk_block(chunk, block_k)
+    if (rows % block_q or chunk % tk or _floor_pow2(block_q) != block_q
+            or _floor_pow2(block_k) != block_k or _floor_pow2(tk) != tk):
+        raise ValueError(f"block_q={block_q} and block_k={block_k} must be powers of two, "
+                         f"block_q must divide G x C = {rows}, and the chunk ({chunk}) must be a "
+                         f"multiple of min(block_k, C), a power of two (Triton's tiles)")
     tiles = rows // block_q
     qg = group_queries(q, num_kv_heads).reshape(batch, num_kv_heads, rows, head_dim)
     q_pos_rows = jnp.tile(q_pos.astype(jnp.int32), (1, group))  # row g * C + c: query c
@@ -138,6 +157,8 @@ def fused_chunk_attention(q, q_pos, q_valid, slots, tail, extent, *, window, use
             out_shape=[jax.ShapeDtypeStruct((batch, num_kv_heads, rows, head_dim), q.dtype),
                        jax.ShapeDtypeStruct((batch, num_kv_heads, tiles, 1), jnp.float32)],
             interpret=interpret,
+            compiler_params=None if interpret else pl_triton.CompilerParams(num_warps=4,
+                                                                            num_stages=2),
         )(jnp.reshape(extent, (1,)).astype(jnp.int32), qg, q_pos_rows, count, keys, values,
           pos, as_int8(flags), t_keys, t_values, t_pos, as_int8(t_flags), as_int8(t_valid))
     out = out.reshape(batch, num_kv_heads, group, chunk, head_dim)
