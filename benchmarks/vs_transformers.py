@@ -416,11 +416,12 @@ def load_results(paths):
 
 def profile(shape: str, context: int, batch: int, system: str = "full", layout: str = "slots",
             chunk: int = 512, steps: int = 16, window: int = 256,
-            trace_dir: str = "/tmp/dms_vs_transformers_profile"):
+            trace_dir: str = "/tmp/dms_vs_transformers_profile", dtype: str = "float32"):
     """Per-op time (jax.profiler trace, ops grouped by the source line they came from) of the
     last prefill chunk of a `context`-token prompt and of a decode step, on random weights of
     `shape`, through the library's own jitted `prefill_step` and `decode_loop`, for `system`
-    ("full" or "dms<CR>", as in the table) on the cache `layout` ("slots" or "paged")."""
+    ("full" or "dms<CR>", as in the table) on the cache `layout` ("slots" or "paged"), weights
+    and compute in `dtype`, on JAX's default backend."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -434,14 +435,14 @@ def profile(shape: str, context: int, batch: int, system: str = "full", layout: 
 
     gen = importlib.import_module("dms_jax.generate")  # the module (dms_jax.generate: the function)
     with tempfile.TemporaryDirectory() as tmp:
-        model, kw = system_model(system, build_hf_model(shape, tmp), context, window)
+        model, kw = system_model(system, build_hf_model(shape, tmp), context, window, dtype)
     plan = plan_inference(model.config, max_len=context + 2 * steps + 2, layout=layout,
                           chunk_size=chunk, **kw)
     graphdef, params = nnx.split(model)
     cache = init_cache(plan, batch)
     ids = jnp.asarray(prompts_for(model.config.vocab_size, batch, context))
     valid, last = jnp.ones((batch, chunk), bool), jnp.full((batch,), -1, jnp.int32)
-    hidden = jnp.zeros((batch, model.config.hidden_size), jnp.float32)
+    hidden = jnp.zeros((batch, model.config.hidden_size), dtype)
     positions = jnp.arange(context, dtype=jnp.int32)[None].repeat(batch, 0)
     step = gen.prefill_step.lower(graphdef, params, cache, ids[:, :chunk], valid,
                                   positions[:, :chunk], hidden, last, plan=plan,
@@ -529,7 +530,7 @@ def main(argv=None):
     if args.profile:
         shape, context, batch, *system_layout = args.profile.split(",")
         return profile(shape, int(context), int(batch), *system_layout, chunk=args.chunk,
-                       window=args.window)
+                       window=args.window, dtype=dtype)
     if args.quick:
         args.contexts, args.batches, args.shapes, args.new_tokens = "256", "2", "tiny", 4
         args.window, args.chunk = 32, 64

@@ -53,4 +53,10 @@ if (($(left) > 240)); then
   timeout "$(left)" python3 benchmarks/serve.py --device gpu --shape gqa-1b --context 16384 \
       --requests 8 --new-tokens 256 2>&1 | tee "$out/serve_gpu.log"
 fi
+# a per-op profile of a 32k `full` prefill chunk and decode step (untried on a GPU: the trace
+# breakdown was written for the CPU's; kept last)
+if (($(left) > 180)); then
+  timeout "$(left)" python3 benchmarks/vs_transformers.py --device gpu \
+      --profile gqa-1b,32768,8,full 2>&1 | tee "$out/profile_gpu.log"
+fi
 echo "done in $SECONDS s"
