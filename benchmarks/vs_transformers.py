@@ -225,6 +225,8 @@ def run_dms_jax(job) -> dict:
               max_len=job["context"] + job["new_tokens"] + 1)
     if layout:
         kw.update(layout=layout)
+    if job.get("attention"):  # the plan's cache attention (e.g. "fused"), else the platform's
+        kw.update(attention_impl=job["attention"])
     # warm-up on the same programs (same plan, chunk and decode buffer): one chunk of the prompt
     # (first executions of a compiled program are slower; transformers gets the same warm-up)
     dms_jax.generate(model, ids[:, :min(job["chunk"], job["context"])], **kw)
@@ -502,6 +504,10 @@ def main(argv=None):
     p.add_argument("--device", default="cpu", choices=DEVICES,
                    help="gpu: both systems on the first CUDA device (torch 'cuda', JAX's default "
                         "backend), timings synchronised, peak device memory reported")
+    p.add_argument("--attention", default="",
+                   help="dms_jax's cache attention (plan_inference's attention_impl, e.g. fused: "
+                        "the experimental Pallas prefill kernel; slot layout only); default: "
+                        "the platform's")
     p.add_argument("--dtype", default=None, choices=("float32", "bfloat16"),
                    help="weights, compute and K/V of both systems (default: float32 on cpu, "
                         "bfloat16 on gpu)")
@@ -557,7 +563,7 @@ def main(argv=None):
                         job = dict(system=system, model_dir=model_dir, context=context,
                                    batch=batch, new_tokens=args.new_tokens, window=args.window,
                                    chunk=args.chunk, repeats=args.repeats,
-                                   device=args.device, dtype=dtype)
+                                   device=args.device, dtype=dtype, attention=args.attention)
                         t0 = time.perf_counter()
                         by_sys[system] = r = spawn(job, args.timeout)
                         print(f"  {shape} ctx={context} B={batch} {system:12s} "

@@ -404,6 +404,12 @@ def attend_and_update(cache: LayerCache, q, k_new, v_new, decisions, positions, 
             keys = (slots.keys, slots.values, slots.pos, slots.flags)
             if attention == "tiled" and chunk > 1:  # a prefill chunk, stream by stream
                 out, seen = tiled_attention(q, positions, new_valid, keys, tail, **rule)
+            elif attention == "fused" and chunk > 1:  # a prefill chunk as one Pallas kernel
+                from dms_jax.ops.fused_prefill import fused_chunk_attention  # Pallas: on demand
+                out, seen = fused_chunk_attention(
+                    q, positions, new_valid, keys, tail, live_extent(slots.pos), window=window,
+                    use_flags=policy.uses_decisions, sliding_window=sliding_window, scale=scale,
+                    interpret=jax.default_backend() == "cpu")
             else:
                 out, seen = live_attention(q, positions, new_valid, keys, tail,
                                            live_extent(slots.pos), **rule)

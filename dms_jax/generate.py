@@ -192,7 +192,7 @@ def generate(model: Decoder, prompts, *, max_new_tokens=64, policy=None, window=
              chunk_size=None, temperature=0.0, top_k=0, top_p=1.0, key=None,
              stop_tokens=None, strict=False, state: GenerationState | None = None,
              progress=None, on_tokens=None, decode_segment=None, mesh=None, layout="slots",
-             page_size=None, pool_pages=None) -> GenerateOutput:
+             page_size=None, pool_pages=None, attention_impl=None) -> GenerateOutput:
     """Prefill the prompts into a fixed-shape KV cache and generate.
 
     prompts: a list of token-id sequences (lengths may differ; integers only), one sequence, or
@@ -205,6 +205,8 @@ def generate(model: Decoder, prompts, *, max_new_tokens=64, policy=None, window=
       `target_cr` with `margin`; default 0.5, 0.1 for a paged pool). layout, page_size,
       pool_pages: the cache layout, "slots" or "paged" (full and dms: a ring of the window per
       stream and one pool of pages per layer, `dms_jax.paged`; see `plan_inference`).
+      attention_impl: the plan's cache attention (default: the platform's; "fused": the
+      experimental Pallas prefill kernel, `plan_inference`).
       SnapKV prefills the whole prompt before compressing it to the budget
       (`_snapkv_prefill`; its peak KV bytes say so). max_len: tokens per row the cache must take
       over all turns (default: longest prompt + max_new_tokens); a cache that would
@@ -233,6 +235,7 @@ def generate(model: Decoder, prompts, *, max_new_tokens=64, policy=None, window=
                               budget=budget, target_cr=target_cr, max_len=max_len,
                               chunk_size=DEFAULT_CHUNK if chunk_size is None else chunk_size,
                               margin=margin, layout=layout, pool_pages=pool_pages,
+                              attention_impl=attention_impl,
                               **({} if page_size is None else {"page_size": page_size}))
         check_memory(plan, len(rows), mesh=mesh)
         cache = kvcache.init_cache(plan, len(rows), mesh=mesh)

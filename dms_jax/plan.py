@@ -64,7 +64,7 @@ DEFAULT_MARGIN = 0.5
 DEFAULT_PAGED_MARGIN = 0.1
 DEFAULT_PAGE_SIZE = 64
 LAYOUTS = ("slots", "paged")
-ATTENTION_IMPLS = ("dense", "auto", "blockwise", "tiled")
+ATTENTION_IMPLS = ("dense", "auto", "blockwise", "tiled", "fused")
 # positions are int32: the largest length (and window) a plan takes
 MAX_POSITION = 2 ** 31 - 1
 
@@ -300,6 +300,9 @@ def resolve_attention(policy: Policy, attention_impl: str | None = None,
     causally, `dms_jax.ops.live_attention.tiled_attention`), "blockwise" elsewhere (every stream
     at once, block by block: an accelerator runs the streams in parallel; decode steps are the
     same in both). None: decided by the policy; "auto" is the platform's choice where allowed.
+    "fused" (asked for only, never chosen): "blockwise" with each prefill chunk's attention as
+    one Pallas kernel (`dms_jax.ops.fused_prefill`, experimental: exact in Pallas' interpreter,
+    which runs it on a CPU, not yet timed on a GPU); the slot layout only.
     platform: the platform the programs are compiled for (default: the first device's)."""
     ranks = policy.needs_attention or (hasattr(policy, "observe")  # SnapKV: at prefill
                                        and policy.observe().needs_attention)
@@ -432,6 +435,10 @@ def plan_inference(model_config: ModelConfig, *, policy=None, window=None, capac
     pol = resolve_policy(cfg, policy)
     eff_window = resolve_window(cfg, pol, window)
     impl = resolve_attention(pol, attention_impl, platform)
+    if impl == "fused" and layout == "paged":
+        raise PlanError("attention_impl='fused' reads the slot layout only; use layout='slots' "
+                        "or attention_impl='blockwise' with the paged cache",
+                        field="attention_impl", value=impl)
     alloc = allocated_length(int(max_len))
     cr = default_target_cr(cfg) if target_cr is None else target_cr
     paging = {}

@@ -48,6 +48,14 @@ if (($(left) > 120)); then
       2>&1 | tee "$out/vs_transformers_gpu.log"
 fi
 
+# the same through the experimental fused prefill kernel (slot layout)
+if (($(left) > 180)); then
+  timeout "$(left)" python3 benchmarks/vs_transformers.py --device gpu --shapes gqa-1b \
+      --contexts 8192,32768 --batches 8 --systems transformers,full,dms8 --attention fused \
+      --new-tokens 64 --repeats 3 --timeout 180 --json "$out/vs_transformers_gpu_fused.json" \
+      --plot "" 2>&1 | tee "$out/vs_transformers_gpu_fused.log"
+fi
+
 # continuous batching on the same pool: full against dms 8x, prompt-heavy 16k stream
 if (($(left) > 240)); then
   timeout "$(left)" python3 benchmarks/serve.py --device gpu --shape gqa-1b --context 16384 \

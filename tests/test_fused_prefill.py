@@ -74,7 +74,7 @@ def test_the_kernel_lowers_to_triton_for_cuda(slots, dtype):
     assert targets == ["__gpu$xla.gpu.triton"]
 
 
-def test_fused_prefill_refuses_tiles_that_do_not_divide_the_queries():
+def test_fused_prefill_refuses_tiles_that_are_not_powers_of_two():
     q, q_pos, q_valid, slots, tail = chunk_case(1)
     with pytest.raises(ValueError, match="block_q=24 and block_k=64 must be powers of two"):
         fused_chunk_attention(jnp.asarray(q), q_pos, q_valid, tuple(map(jnp.asarray, slots)),

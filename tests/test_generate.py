@@ -428,7 +428,7 @@ def prefill_chunks(model, rows, plan, chunk, *, last_only):
 
 @pytest.mark.parametrize("layout, attention, policy", [
     ("slots", "tiled", "dms"), ("paged", "tiled", "full"), ("slots", "blockwise", "full"),
-    ("slots", "blockwise", "dms"), ("paged", "blockwise", "dms")])
+    ("slots", "blockwise", "dms"), ("paged", "blockwise", "dms"), ("slots", "fused", "dms")])
 def test_last_only_prefill_keeps_the_cache_stats_and_last_hidden(llama_dms, hf_model_dirs,
                                                                   policy, layout, attention):
     """`prefill_step(last_only=True)` (the last layer attends and runs its MLP for each row's
@@ -458,3 +458,23 @@ def test_last_only_prefill_keeps_the_cache_stats_and_last_hidden(llama_dms, hf_m
             np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
         reads = np.asarray(kvcache.cache_stats(list(got)).kv_reads)
         assert reads.sum() > 0
+
+
+@pytest.mark.parametrize("policy", ["dms", "full"])
+def test_a_fused_plan_generates_what_the_blockwise_one_does(llama_dms, policy):
+    """attention_impl="fused" (the experimental Pallas prefill kernel, here in Pallas'
+    interpreter) through `generate`: the same greedy tokens, held tokens and keys read as the
+    blockwise plan's; prompts of different lengths ending in different chunks. The paged layout
+    refuses it."""
+    rng = np.random.default_rng(17)
+    prompts = [rng.integers(0, 97, n).tolist() for n in (21, 6, 14)]
+    kw = dict(max_new_tokens=5, policy=policy, chunk_size=8, max_len=32)
+    want = generate(llama_dms, prompts, attention_impl="blockwise", **kw)
+    got = generate(llama_dms, prompts, attention_impl="fused", **kw)
+    assert got.sequences() == want.sequences()
+    np.testing.assert_array_equal(got.stats.held_tokens, want.stats.held_tokens)
+    assert got.stats.kv_reads_prefill == want.stats.kv_reads_prefill > 0
+    from dms_jax.plan import PlanError
+
+    with pytest.raises(PlanError, match="slot layout only"):
+        generate(llama_dms, prompts, attention_impl="fused", layout="paged", **kw)

@@ -15,11 +15,14 @@ Status: exact against `live_attention` in Pallas' interpreter (`interpret=True`,
 a CPU), and it lowers to Triton for CUDA (a test lowers it on the CPU: Pallas' Triton backend is
 asked for explicitly, since Mosaic GPU, the default of recent jax, would copy each stream's
 whole K / V block into shared memory); NOT yet compiled to GPU code or timed, so no plan
-selects it. Loaded tiles are powers of two (Triton's rule): `block_q` and `block_k` must be,
-a cache smaller than `block_k` is read in the largest power-of-two blocks it holds, and the
-chunk must be a multiple of a power-of-two block. `benchmarks/fused_prefill.py --device gpu` is the one-command check for a
-session with a GPU: it compiles the kernel for a Llama-3.2-1B-sized layer and times it against
-`live_attention` on the same cache.
+selects it by default: a plan takes it when asked (`attention_impl="fused"`, slot layout), on a
+CPU through the interpreter. Loaded tiles are powers of two (Triton's rule): `block_q` and
+`block_k` must be, a tile takes the largest power of two that divides the query rows or the
+chunk, and a cache smaller than `block_k` is read in the largest power-of-two blocks it holds.
+`benchmarks/fused_prefill.py --device gpu` is the one-command check for a session with a GPU:
+it compiles the kernel for a Llama-3.2-1B-sized layer and times it against `live_attention` on
+the same cache; `benchmarks/vs_transformers.py --device gpu --attention fused` runs it through
+`generate`.
 """
 from __future__ import annotations
 
@@ -45,9 +48,9 @@ def _floor_pow2(n):
     return 1 << (int(n).bit_length() - 1)
 
 
-def _chunk_block(chunk, block_k):
-    """The chunk's key block: block_k, or the chunk itself when smaller (a power of two)."""
-    return min(block_k, chunk)
+def _tile(n, most):
+    """The largest power of two <= most that divides n."""
+    return min(most, n & -n)
 
 
 def _kernel(extent_ref, q_ref, q_pos_ref, count_ref, k_ref, v_ref, k_pos_ref, k_flags_ref,
@@ -86,7 +89,7 @@ def _kernel(extent_ref, q_ref, q_pos_ref, count_ref, k_ref, v_ref, k_pos_ref, k_
               jnp.zeros((rows, head_dim), jnp.float32)), jnp.float32(0))
     carry = lax.fori_loop(0, (extent_ref[0] + bk - 1) // bk, slot_block, carry)
     chunk = t_k_ref.shape[0]
-    tk = _chunk_block(chunk, block_k)
+    tk = _tile(chunk, block_k)
 
     def chunk_block(j, carry):
         part = pl.ds(j * tk, tk)
@@ -108,9 +111,10 @@ def fused_chunk_attention(q, q_pos, q_valid, slots, tail, extent, *, window, use
     q: [B, C, H, D]; q_pos: int32 [B, C]; q_valid: bool [B, C]; slots: (keys [B, Hkv, S, D],
     values, pos int32 [B, Hkv, S] (-1: free), flags bool [B, Hkv, S]); tail: the chunk's (keys
     [B, Hkv, C, D], values, pos [B, Hkv, C], flags, valid); extent: int32 scalar (`live_extent`).
-    block_q, block_k: powers of two; block_q must divide G x C, and the chunk C must be a
-    multiple of min(block_k, C), itself a power of two. interpret: run in Pallas' interpreter
-    (any backend; the tests); otherwise Pallas' Triton backend (GPUs).
+    block_q, block_k: the most query rows and keys per tile, powers of two; a tile takes the
+    largest power of two at most that which divides G x C (queries) or C (the chunk's keys).
+    interpret: run in Pallas' interpreter (any backend; the tests); otherwise Pallas' Triton
+    backend (GPUs, whose dots want tiles of at least 16).
     returns (out [B, C, H, D] in q.dtype, keys seen by real queries [B, Hkv] f32)
     """
     keys, values, pos, flags = slots
@@ -119,12 +123,10 @@ def fused_chunk_attention(q, q_pos, q_valid, slots, tail, extent, *, window, use
     num_kv_heads, capacity = keys.shape[1], keys.shape[2]
     group = num_heads // num_kv_heads
     rows = group * chunk
-    tk = _chunk_block(chunk, block_k)
-    if (rows % block_q or chunk % tk or _floor_pow2(block_q) != block_q
-            or _floor_pow2(block_k) != block_k or _floor_pow2(tk) != tk):
-        raise ValueError(f"block_q={block_q} and block_k={block_k} must be powers of two, "
-                         f"block_q must divide G x C = {rows}, and the chunk ({chunk}) must be a "
-                         f"multiple of min(block_k, C), a power of two (Triton's tiles)")
+    if _floor_pow2(block_q) != block_q or _floor_pow2(block_k) != block_k:
+        raise ValueError(f"block_q={block_q} and block_k={block_k} must be powers of two "
+                         "(Triton's tiles)")
+    block_q = _tile(rows, block_q)
     tiles = rows // block_q
     qg = group_queries(q, num_kv_heads).reshape(batch, num_kv_heads, rows, head_dim)
     q_pos_rows = jnp.tile(q_pos.astype(jnp.int32), (1, group))  # row g * C + c: query c
