@@ -67,6 +67,8 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--kept", default="full,dms8")
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--blocks", default="64x64,128x64,128x128", metavar="QxK,...",
+                   help="the kernel's (block_q, block_k) tiles to time, each a row")
     p.add_argument("--device", default="gpu", choices=("cpu", "gpu"),
                    help="cpu: the kernel in Pallas' interpreter (correctness only)")
     p.add_argument("--quick", action="store_true", help="tiny shapes on the CPU, interpreted")
@@ -80,14 +82,16 @@ def main(argv=None):
 
     if args.quick:
         args.contexts, args.batch, args.device, args.repeats = "96", 2, "cpu", 1
+        args.blocks = "16x16,32x16"
     interpret = args.device == "cpu"
     kv_heads, group, dim, chunk, window = (2, 2, 16, 32, 8) if args.quick else (8, 4, 64, 512, 256)
     dtype = jnp.float32 if interpret else jnp.bfloat16
     print(f"backend {jax.default_backend()}, {jax.devices()[0].device_kind}; B {args.batch}, "
           f"{kv_heads} KV heads x {group} queries of {dim}, chunk {chunk}, window {window}, "
           f"{jnp.dtype(dtype).name}{'; interpreted' if interpret else ''}", flush=True)
-    print("| context | kept | held | live_attention ms | fused ms | live / fused | max abs diff "
-          "| seen equal |\n| --- | --- | --- | --- | --- | --- | --- | --- |", flush=True)
+    print("| context | kept | held | tiles q x k | live_attention ms | fused ms | live / fused "
+          "| max abs diff | seen equal |\n|" + " --- |" * 9, flush=True)
+    blocks = [tuple(map(int, b.split("x"))) for b in args.blocks.split(",")]
     for context in map(int, args.contexts.split(",")):
         for kept in args.kept.split(","):
             q, q_pos, q_valid, slots, tail, extent = layer_case(
@@ -97,13 +101,18 @@ def main(argv=None):
             inputs = (q, q_pos, q_valid, slots, tail, extent)  # arguments, not constants of the
             live_jit = jax.jit(functools.partial(la.live_attention, **rule))  # programs
             live = lambda: live_jit(*inputs)  # noqa: E731
-            fused = lambda: fused_chunk_attention(*inputs, **rule, interpret=interpret)  # noqa: E731
-            (want, want_seen), (got, got_seen) = live(), fused()
-            diff = float(jnp.max(jnp.abs(got.astype(jnp.float32) - want.astype(jnp.float32))))
-            t_live, t_fused = timed(live, args.repeats), timed(fused, args.repeats)
-            print(f"| {context} | {kept} | {slots[2].shape[-1]} | {1e3 * t_live:.2f} | "
-                  f"{1e3 * t_fused:.2f} | {t_live / t_fused:.2f}x | {diff:.2e} | "
-                  f"{bool(np.array_equal(got_seen, want_seen))} |", flush=True)
+            want, want_seen = live()
+            t_live = timed(live, args.repeats)
+            for block_q, block_k in blocks:
+                fused = functools.partial(fused_chunk_attention, *inputs, **rule,
+                                          block_q=block_q, block_k=block_k, interpret=interpret)
+                got, got_seen = fused()
+                diff = float(jnp.max(jnp.abs(got.astype(jnp.float32)
+                                             - want.astype(jnp.float32))))
+                t_fused = timed(fused, args.repeats)
+                print(f"| {context} | {kept} | {slots[2].shape[-1]} | {block_q} x {block_k} | "
+                      f"{1e3 * t_live:.2f} | {1e3 * t_fused:.2f} | {t_live / t_fused:.2f}x | "
+                      f"{diff:.2e} | {bool(np.array_equal(got_seen, want_seen))} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -95,5 +95,5 @@ def test_the_benchmark_runs_interpreted_and_the_two_agree(capsys):
     spec.loader.exec_module(module)
     module.main(["--quick"])
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 96 |")]
-    assert len(rows) == 2 and all(row.endswith("| True |") for row in rows)
-    assert all(float(row.split("|")[7]) < 1e-5 for row in rows)  # max abs diff
+    assert len(rows) == 4 and all(row.endswith("| True |") for row in rows)  # 2 kept x 2 tiles
+    assert all(float(row.split("|")[8]) < 1e-5 for row in rows)  # max abs diff
