@@ -45,6 +45,7 @@ def _product(p, values):
 
 
 def _floor_pow2(n):
+    """The largest power of two <= n (n >= 1)."""
     return 1 << (int(n).bit_length() - 1)
 
 
