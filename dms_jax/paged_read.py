@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from dms_jax.ops.live_attention import attend_block, block_bias, stream_block
+from dms_jax.ops.live_attention import attend_block, block_at, block_bias, stream_block
 from dms_jax.ops.mask import MASK_VALUE, visible
 
 if TYPE_CHECKING:
@@ -62,9 +62,8 @@ def _gather_pages(cache: PagedLayerCache, table, retained, i, k):
     [b, h, k x page], valid) for page tables `table` [b, h, width] holding `retained` [b, h]
     tokens. The last block overlaps the one before it; its pages already read are not valid."""
     page, width = cache.page_size, table.shape[-1]
-    start = jnp.minimum(i * k, width - k)
+    start, fresh = block_at(i, k, width)  # pages of an earlier iteration count once
     ids = lax.dynamic_slice_in_dim(table, start, k, axis=2)  # [b, h, k]
-    fresh = start + jnp.arange(k) >= i * k  # pages of an earlier iteration count once
     safe = jnp.maximum(ids, 0)
     b, h = ids.shape[:2]
     keys = cache.pool_keys[safe].reshape(b, h, k * page, -1)

@@ -35,7 +35,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
 
 from dms_jax.ops.attention import online_softmax_finish, online_softmax_step
-from dms_jax.ops.live_attention import _heads_last, group_queries
+from dms_jax.ops.live_attention import _heads_last, block_at, group_queries
 from dms_jax.ops.mask import hard_evict_bias, visibility_bias, visible
 
 
@@ -79,9 +79,8 @@ def _kernel(extent_ref, q_ref, q_pos_ref, count_ref, k_ref, v_ref, k_pos_ref, k_
     bk = min(block_k, _floor_pow2(capacity))  # the last block overlaps the one before
 
     def slot_block(i, carry):  # slots [start, start + bk); those below i * bk done already
-        start = jnp.minimum(i * bk, capacity - bk)
+        start, fresh = block_at(i, bk, capacity)
         k_pos = k_pos_ref[pl.ds(start, bk)]
-        fresh = start + jnp.arange(bk) >= i * bk
         return attend(carry, k_ref[pl.ds(start, bk), :], v_ref[pl.ds(start, bk), :], k_pos,
                       k_flags_ref[pl.ds(start, bk)], (k_pos >= 0) & fresh)
 

@@ -212,6 +212,14 @@ def stream_block(a, stream, start, size):
     return lax.dynamic_slice(a, index, (1, 1, size) + a.shape[3:])
 
 
+def block_at(i, block, total):
+    """Loop trip i's block of `block` entries out of `total` (block <= total): (start, fresh
+    bool [block]). The last block is moved back to end at `total`, overlapping the one before;
+    `fresh` marks the entries no earlier trip read, so every entry counts once."""
+    start = jnp.minimum(i * block, total - block)
+    return start, start + jnp.arange(block) >= i * block
+
+
 def stream_ids(batch, num_kv_heads):
     """int32 [B x Hkv, 2]: every stream's (row, KV head), row-major."""
     ids = jnp.arange(batch * num_kv_heads, dtype=jnp.int32)
@@ -316,10 +324,9 @@ def slot_source(slots, *, rule, block):
         return (live_extent(stream_block(pos, stream, 0, capacity)) + block - 1) // block
 
     def read(stream, i):
-        start = jnp.minimum(i * block, capacity - block)
+        start, fresh = block_at(i, block, capacity)
         take = lambda a: stream_block(a, stream, start, block)  # noqa: E731
         k_pos = take(pos)
-        fresh = start + jnp.arange(block) >= i * block  # slots below i * block are done already
         return take(keys), take(values), k_pos, take(flags), (k_pos >= 0) & fresh
 
     return trips, read, rule
@@ -466,10 +473,9 @@ def live_attention(q, q_pos, q_valid, slots, tail, extent, *, window, use_flags,
         return attend_block(carry, qg, k_blk, v_blk, bias, q_valid, scale)
 
     def slot_block(i, carry):  # slots [start, start + block); those below i * block done already
-        start = jnp.minimum(i * block, capacity - block)
+        start, fresh = block_at(i, block, capacity)
         take = lambda a: lax.dynamic_slice_in_dim(a, start, block, axis=2)  # noqa: E731
         k_pos = take(pos)
-        fresh = start + jnp.arange(block) >= i * block
         bias = block_bias(q_pos, k_pos, take(flags), (k_pos >= 0) & fresh, **rule)
         return attend(carry, take(keys), take(values), bias)
 
