@@ -67,6 +67,30 @@ def load_model(job):
     return model, dict(policy="dms", target_cr=cr)
 
 
+def work_flops(cfg, requests) -> tuple[float, float]:
+    """The stream's work, counted (not timed): floating-point operations (2 per multiply-add) of
+    the projections, the MLP, the unembedding and the attention's two products, from the shapes
+    and each request's `Completion` (prompt and generated tokens, keys read by its prompt and by
+    its decode steps, per KV head: each of its G query heads reads them). As the server runs
+    them: a prompt's last layer projects every token but attends, projects out and runs its MLP
+    for the last one only (`prefill_step(last_only=True)`; its keys read still count every
+    query's, so the prompt's attention is taken as (L - 1) / L of them, exact when every layer
+    holds the same tokens, as `full`'s do); each generated token but the last goes through every
+    layer. Norms, RoPE, the DMS adapter and the softmax are left out.
+    returns (prefill flops, decode flops)."""
+    d, D, L = cfg.hidden_size, cfg.head_dim, cfg.num_layers
+    qkv = 2 * d * (cfg.num_heads + 2 * cfg.num_kv_heads) * D
+    rest = 2 * cfg.num_heads * D * d + 6 * d * cfg.intermediate_size  # o_proj, gate/up/down
+    unembed = 2 * d * cfg.vocab_size
+    per_key = 4 * D * (cfg.num_heads // cfg.num_kv_heads)
+    prefill = decode = 0.0
+    for c in requests:
+        prefill += (c.prompt_len * (L * qkv + (L - 1) * rest) + rest + unembed
+                    + per_key * c.kv_reads_prefill * (L - 1) / L)
+        decode += (len(c.tokens) - 1) * (L * (qkv + rest) + unembed) + per_key * c.kv_reads_decode
+    return prefill, decode
+
+
 def run_system(job) -> dict:
     """One system over the stream (in this process): its throughput and the pool's use."""
     import numpy as np
@@ -107,11 +131,15 @@ def run_system(job) -> dict:
     held = sum(c.held for c in done)
     seen = sum(c.seen for c in done)
     per_token = cfg.num_layers * cfg.num_kv_heads
+    kv_reads = sum(c.kv_reads_prefill + c.kv_reads_decode for c in done)
+    prefill_flops, decode_flops = work_flops(cfg, done)
     return dict(system=job["system"], rows=rows, pool_pages=pool, seconds=seconds,
                 prefill_s=server.prefill_seconds, decode_s=server.decode_seconds,
                 tokens=server.generated_tokens, tokens_per_s=server.generated_tokens / seconds,
                 requests_per_s=len(done) / seconds, mean_busy_rows=busy / max(steps, 1),
-                cr=seen * per_token / max(held, 1),
+                cr=seen * per_token / max(held, 1), kv_reads=kv_reads,
+                prefill_gflop=prefill_flops / 1e9, decode_gflop=decode_flops / 1e9,
+                gflop=(prefill_flops + decode_flops) / 1e9,
                 overflow=int(np.sum([c.overflow for c in done])), requests=len(done))
 
 
@@ -176,22 +204,31 @@ def main(argv=None):
             print("  " + (f"{system}: {r['error']}" if "error" in r else
                           f"{system}: {r['rows']} rows, {r['tokens_per_s']:.1f} tokens/s, "
                           f"{r['requests_per_s']:.3f} requests/s, {r['mean_busy_rows']:.1f} rows "
-                          f"busy, CR {r['cr']:.2f}, overflow {r['overflow']} ({r['seconds']:.0f} s: "
+                          f"busy, CR {r['cr']:.2f}, overflow {r['overflow']}, "
+                          f"{r['kv_reads']:.4g} keys read, {r['gflop']:.4g} GFLOP counted "
+                          f"({r['seconds']:.0f} s: "
                           f"prefill {r['prefill_s']:.1f} s, decode {r['decode_s']:.1f} s)"),
                   flush=True)
     ok = [r for r in results if "error" not in r]
     lines = ["| system | rows | pool pages | tokens/s | requests/s | mean rows busy | CR | overflow "
-             "| prefill s | decode s |", "| --- " * 10 + "|"]
+             "| prefill s | decode s | keys read | GFLOP counted prefill / decode | GFLOP/s "
+             "prefill / decode |", "| --- " * 13 + "|"]
     for r in ok:
         lines.append(f"| {r['system']} | {r['rows']} | {r['pool_pages']} | {r['tokens_per_s']:.1f} | "
                      f"{r['requests_per_s']:.3f} | {r['mean_busy_rows']:.1f} | {r['cr']:.2f} | "
-                     f"{r['overflow']} | {r['prefill_s']:.1f} | {r['decode_s']:.1f} |")
+                     f"{r['overflow']} | {r['prefill_s']:.1f} | {r['decode_s']:.1f} | "
+                     f"{r['kv_reads']:.4g} | {r['prefill_gflop']:.4g} / {r['decode_gflop']:.4g} | "
+                     f"{r['prefill_gflop'] / max(r['prefill_s'], 1e-9):.3g} / "
+                     f"{r['decode_gflop'] / max(r['decode_s'], 1e-9):.3g} |")
     print("\n".join(lines))
     if len(ok) == 2:
         full, dms = ok
         print(f"dms / full tokens/s: {dms['tokens_per_s'] / full['tokens_per_s']:.2f}x "
               f"(prefill time {full['prefill_s'] / max(dms['prefill_s'], 1e-9):.2f}x less, "
               f"decode time {full['decode_s'] / max(dms['decode_s'], 1e-9):.2f}x less)")
+        print(f"work counted, full / dms: {full['gflop'] / dms['gflop']:.2f}x (the tokens/s ratio "
+              "if both ran their operations at the same rate; keys read "
+              f"{full['kv_reads'] / max(dms['kv_reads'], 1):.2f}x)")
     return results
 
 

@@ -56,6 +56,10 @@ class Completion:
     overflow: int  # retained tokens dropped because the pool ran dry (0 unless over-committed)
     held: int  # tokens the row held at the end, summed over layers and KV heads
     seen: int  # tokens the row's cache took (prompt + generated - the last one)
+    # keys the request's queries read, summed over layers and KV heads, by its prompt and by its
+    # decode steps (as `generate`'s stats.kv_reads_prefill / kv_reads_decode for it alone)
+    kv_reads_prefill: float
+    kv_reads_decode: float
 
 
 @dataclasses.dataclass
@@ -100,6 +104,17 @@ def _row_counts(cache):
     """(overflow, held, seen) per row, summed over layers and KV heads: int32 [B] each."""
     return (sum(c.overflow.sum(-1) for c in cache), sum(c.held.sum(-1) for c in cache),
             cache[0].seen)
+
+
+@jax.jit
+def _layer_reads(cache):
+    """Keys read per layer, row and KV head: f32 [L, B, Hkv] (`_row_reads` sums it)."""
+    return jnp.stack([c.kv_reads for c in cache])
+
+
+def _row_reads(cache) -> np.ndarray:
+    """Keys read per row, summed over layers and KV heads on the host (float64 [B])."""
+    return np.asarray(_layer_reads(cache)).astype(np.float64).sum(axis=(0, 2))
 
 
 class ServeError(ValueError):
@@ -152,6 +167,7 @@ class Server:
         self.admitted = np.zeros(self.rows, int)
         self.cur = np.full(self.rows, -1, np.int32)
         self.pos = np.zeros(self.rows, np.int32)
+        self.prompt_reads = np.zeros(self.rows)  # keys read by each row's prompt
         self.generated_tokens = 0
         # wall seconds spent prefilling admitted prompts (to their first tokens) and in decode
         # steps, since construction (each part ends on a host read, so the work is done)
@@ -299,6 +315,7 @@ class Server:
         self.key, sub = jax.random.split(self.key)
         first = np.asarray(_sample_hidden(self.graphdef, self.params, stacked, sub,
                                           sampling=self.sampling))[:len(prompts)]
+        self.prompt_reads[admitted] = _row_reads(self.cache)[admitted]
         finished = []
         for b, tok in zip(admitted, first):
             self.pos[b] = len(self.slot[b].prompt)
@@ -330,6 +347,7 @@ class Server:
         if not finished:
             return []
         overflow, held, seen = (np.asarray(a) for a in _row_counts(self.cache))
+        reads = _row_reads(self.cache)
         if self.strict and overflow[finished].any():
             raise kvcache.CacheOverflowError(
                 f"KV pool ran dry: {int(overflow[finished].sum())} retained tokens dropped "
@@ -340,7 +358,9 @@ class Server:
             req = self.slot[b]
             done.append(Completion(req.request_id, len(req.prompt), list(self.out[b]),
                                    req.submitted_step, int(self.admitted[b]), self.step_count,
-                                   int(overflow[b]), int(held[b]), int(seen[b])))
+                                   int(overflow[b]), int(held[b]), int(seen[b]),
+                                   float(self.prompt_reads[b]),
+                                   float(reads[b] - self.prompt_reads[b])))
             self.slot[b] = None
             self.cur[b] = -1
         rows = np.zeros(self.rows, bool)

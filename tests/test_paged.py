@@ -363,6 +363,8 @@ def test_served_requests_equal_generate_alone_and_pages_come_back(llama_dms):
         assert c.tokens == alone.sequences()[0]
         assert c.overflow == 0 and c.seen == len(prompt) + max_new - 1
         assert c.held == int(alone.stats.held_tokens.sum())
+        assert (c.kv_reads_prefill, c.kv_reads_decode) == (alone.stats.kv_reads_prefill,
+                                                           alone.stats.kv_reads_decode)
     assert server.idle and server.reserved_pages == 0
     for c in server.cache:
         check_pool(c)
@@ -409,6 +411,8 @@ def test_admitted_prompts_are_prefilled_together_padding_rows_untouched(llama_dm
                          capacity=32)
         assert c.tokens == alone.sequences()[0]
         assert c.overflow == 0 and c.held == int(alone.stats.held_tokens.sum())
+        assert (c.kv_reads_prefill, c.kv_reads_decode) == (alone.stats.kv_reads_prefill,
+                                                           alone.stats.kv_reads_decode)
     for c in server.cache:
         check_pool(c)
         assert int(c.num_free) == server.num_pages

@@ -40,6 +40,14 @@ def test_serve_benchmark_completes_the_stream_on_one_pool(model_dir):
     assert dms["pool_pages"] == 2 * full.request_pages(128 + 2)  # the pool of two full rows
     assert dms["rows"] > 2  # DMS admits more requests at once on it
     assert dms["cr"] > 1.5
+    # the keys read, which the work count rests on: under `full` a query at position p reads
+    # p + 1 keys in each layer and KV head, as a prompt token and as a decode step
+    cfg = dms_jax.from_pretrained(model_dir).config
+    full_run = serve.run_system(dict(job, system="full"))
+    lengths = [len(p) for p, _ in serve.requests_for(cfg.vocab_size, 3, 128, 2)]
+    causal = sum(n * (n + 1) // 2 + sum(n + j + 1 for j in range(2 - 1)) for n in lengths)
+    assert full_run["kv_reads"] == causal * cfg.num_layers * cfg.num_kv_heads
+    assert full_run["gflop"] > dms["gflop"] > 0  # fewer keys read, the same tokens
 
 
 def test_capacity_bisection_and_a_confirming_run(model_dir):
