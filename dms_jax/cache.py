@@ -391,28 +391,28 @@ def attend_and_update(cache: LayerCache, q, k_new, v_new, decisions, positions, 
     newest = jnp.max(jnp.where(new_valid, positions, -1), axis=1)
     query_pos = jnp.maximum(cache.last_pos, newest)  # [B], the newest position after the step
     scoring = scoring_queries(policy, positions, new_valid, newest)
-    attend = functools.partial(
-        attend_blocks, q, positions, new_valid, window=window, use_flags=policy.uses_decisions,
-        sliding_window=sliding_window, scale=scale, scoring=scoring)
+    rule = dict(window=window, use_flags=policy.uses_decisions,  # the visibility rule's
+                sliding_window=sliding_window)  # settings, for every reader below
+    attend = functools.partial(attend_blocks, q, positions, new_valid, scale=scale,
+                               scoring=scoring, **rule)
     place = functools.partial(place_tokens, policy, old, new, query_pos=query_pos, window=window,
                               sliding_window=sliding_window)
     if attention != "dense" and scoring is None:  # the live slots only, no probabilities
         def attend(blocks):
             slots, tail = blocks[0], (blocks[1] if len(blocks) > 1 else None)
-            rule = dict(window=window, use_flags=policy.uses_decisions,
-                        sliding_window=sliding_window, scale=scale, block=key_block)
             keys = (slots.keys, slots.values, slots.pos, slots.flags)
             if attention == "tiled" and chunk > 1:  # a prefill chunk, stream by stream
-                out, seen = tiled_attention(q, positions, new_valid, keys, tail, **rule)
+                out, seen = tiled_attention(q, positions, new_valid, keys, tail, scale=scale,
+                                            block=key_block, **rule)
             elif attention == "fused" and chunk > 1:  # a prefill chunk as one Pallas kernel
                 from dms_jax.ops.fused_prefill import fused_chunk_attention  # Pallas: on demand
-                out, seen = fused_chunk_attention(
-                    q, positions, new_valid, keys, tail, live_extent(slots.pos), window=window,
-                    use_flags=policy.uses_decisions, sliding_window=sliding_window, scale=scale,
-                    interpret=jax.default_backend() == "cpu")
+                out, seen = fused_chunk_attention(  # its own tiles: key_block is not used
+                    q, positions, new_valid, keys, tail, live_extent(slots.pos), scale=scale,
+                    interpret=jax.default_backend() == "cpu", **rule)
             else:
                 out, seen = live_attention(q, positions, new_valid, keys, tail,
-                                           live_extent(slots.pos), **rule)
+                                           live_extent(slots.pos), scale=scale, block=key_block,
+                                           **rule)
             return out, seen, None
 
     cand_scores = jnp.concatenate(  # new tokens start at the policy's new_score
@@ -431,8 +431,6 @@ def attend_and_update(cache: LayerCache, q, k_new, v_new, decisions, positions, 
                              "attention; pass out_rows=None")
         with jax.named_scope("attend"):
             slot_keys = (old.keys, old.values, old.pos, old.flags)
-            rule = dict(window=window, use_flags=policy.uses_decisions,
-                        sliding_window=sliding_window)
             out, seen = one_query(
                 q, positions, new_valid, out_rows,
                 lambda q1, pos1, valid1: live_attention(
