@@ -51,18 +51,28 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> np.ndarr
     )
 
 
-def apply_rope(x, positions, inv_freq):
-    """Rotary embedding, Hugging Face 'rotate_half' convention.
+def rope_tables(positions, inv_freq):
+    """The rotary embedding's cos and sin for `positions`, built once per forward for every
+    layer's queries and keys: (cos, sin), float32 [B, T, D // 2] each (half of D: `apply_rope`
+    rotates the two halves of a head by the same angles).
 
-    x: [B, T, H, D]; positions: int [B, T]; inv_freq: [D // 2]  -> [B, T, H, D] (x.dtype)
-    """
+    positions: int [B, T]; inv_freq: [D // 2]."""
     angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)
-    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]  # [B, T, 1, D]
-    cos, sin = jnp.cos(angles), jnp.sin(angles)
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x, rope):
+    """Rotary embedding, Hugging Face 'rotate_half' convention: the first half of each head
+    x1 * cos - x2 * sin, the second x2 * cos + x1 * sin.
+
+    x: [B, T, H, D]; rope: (cos, sin) from `rope_tables`  -> [B, T, H, D] (x.dtype)
+    """
+    cos, sin = rope
     half = x.shape[-1] // 2
     x32 = x.astype(jnp.float32)
-    rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
-    return (x32 * cos + rotated * sin).astype(x.dtype)
+    x1, x2 = x32[..., :half], x32[..., half:]
+    cos, sin = cos[:, :, None], sin[:, :, None]  # over the heads
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
 class MLP(nnx.Module):

@@ -23,7 +23,7 @@ from flax import nnx
 from dms_jax import paged
 from dms_jax.cache import StackedCache, attend_and_update, compression_ratio
 from dms_jax.config import ModelConfig, resolve_dtype
-from dms_jax.layers import MLP, RMSNorm, apply_rope, rope_inv_freq
+from dms_jax.layers import MLP, RMSNorm, apply_rope, rope_inv_freq, rope_tables
 from dms_jax.ops import gating
 from dms_jax.ops.attention import dense_attention
 from dms_jax.ops.live_attention import take_rows
@@ -51,7 +51,7 @@ class LayerContext(NamedTuple):
     positions: Any  # int32 [B, T]
     k_valid: Any  # bool [B, T] or None
     attention_impl: str
-    inv_freq: Any  # [D // 2]
+    rope: Any  # (cos, sin) f32 [B, T, D // 2] each (`rope_tables`, once per forward)
     window: int = 0  # the DMS window w the attention applies (0 without DMS)
     plan: Any = None  # the dms_jax.plan.InferencePlan when a KV cache is passed
     segment_ids: Any = None  # int32 [B, T] packed-document ids (training), or None
@@ -124,8 +124,8 @@ class Attention(nnx.Module):
             z, decisions, evict_bias = (jnp.broadcast_to(a, shape) for a in (z, decisions, evict_bias))
             alpha = None if alpha is None else jnp.broadcast_to(alpha, shape)
 
-        q = apply_rope(q, ctx.positions, ctx.inv_freq)
-        k = apply_rope(k, ctx.positions, ctx.inv_freq)
+        q = apply_rope(q, ctx.rope)
+        k = apply_rope(k, ctx.rope)
         if dms_on and cfg.dms.mode == "neuron":
             q = gating.zero_decision_neuron(q, cfg.num_kv_heads)
 
@@ -288,7 +288,8 @@ class Decoder(nnx.Module):
             mode=mode, positions=positions.astype(jnp.int32), k_valid=k_valid,
             attention_impl=attention_impl, window=window, plan=plan,
             segment_ids=None if segment_ids is None else jnp.asarray(segment_ids, jnp.int32),
-            inv_freq=rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling_dict),
+            rope=rope_tables(positions, rope_inv_freq(cfg.head_dim, cfg.rope_theta,
+                                                      cfg.rope_scaling_dict)),
         )
         keys = jax.random.split(key, cfg.num_layers) if mode == "train" else [None] * cfg.num_layers
         with jax.named_scope("embed"):

@@ -25,7 +25,7 @@ import dms_jax
 from dms_jax import ModelConfig
 from dms_jax import cache as kvcache
 from dms_jax.generate import _bucket, _snapkv_compress, prefill_step
-from dms_jax.layers import apply_rope, rope_inv_freq
+from dms_jax.layers import apply_rope, rope_inv_freq, rope_tables
 from dms_jax.plan import plan_inference
 from dms_jax.policies import (FULL, budget_for_ratio, budget_from_stats, get_policy,
                               policy_params)
@@ -379,9 +379,9 @@ def layer0_qkv(model, rows):
     attn, cfg = model.layers[0].attn, model.config
     x = model.layers[0].input_norm(model.embed(jnp.asarray(ids)))
     pos = jnp.broadcast_to(jnp.arange(length), ids.shape)
-    inv = rope_inv_freq(cfg.head_dim, cfg.rope_theta, None)
-    q = apply_rope(attn.q_proj(x).reshape(len(rows), length, H, D), pos, inv)
-    k = apply_rope(attn.k_proj(x).reshape(len(rows), length, HKV, D), pos, inv)
+    rope = rope_tables(pos, rope_inv_freq(cfg.head_dim, cfg.rope_theta, None))
+    q = apply_rope(attn.q_proj(x).reshape(len(rows), length, H, D), rope)
+    k = apply_rope(attn.k_proj(x).reshape(len(rows), length, HKV, D), rope)
     v = attn.v_proj(x).reshape(len(rows), length, HKV, D)
     return (np.asarray(a, np.float64) for a in (q, k, v))
 
