@@ -68,15 +68,17 @@ def load_model(job):
 
 
 def work_flops(cfg, requests) -> tuple[float, float]:
-    """The stream's work, counted (not timed): floating-point operations (2 per multiply-add) of
-    the projections, the MLP, the unembedding and the attention's two products, from the shapes
-    and each request's `Completion` (prompt and generated tokens, keys read by its prompt and by
-    its decode steps, per KV head: each of its G query heads reads them). As the server runs
-    them: a prompt's last layer projects every token but attends, projects out and runs its MLP
-    for the last one only (`prefill_step(last_only=True)`; its keys read still count every
-    query's, so the prompt's attention is taken as (L - 1) / L of them, exact when every layer
-    holds the same tokens, as `full`'s do); each generated token but the last goes through every
-    layer. Norms, RoPE, the DMS adapter and the softmax are left out.
+    """The requests' useful work, counted (not timed): floating-point operations (2 per
+    multiply-add) of the projections, the MLP, the unembedding and the attention's two products,
+    from the shapes and each request's `Completion` (prompt and generated tokens, keys read by
+    its prompt and by its decode steps, per KV head: each of its G query heads reads them), as
+    the server runs a request: a prompt's last layer projects every token but attends, projects
+    out and runs its MLP for the last one only (`prefill_step(last_only=True)`; its keys read
+    still count every query's, so the prompt's attention is taken as (L - 1) / L of them, as
+    `full`'s layers all hold the same tokens); each generated token but the last goes through
+    every layer. Left out: norms, RoPE, the DMS adapter, the softmax, and work the server does
+    beyond the requests' own: idle rows of a decode step (it computes all `rows`), free pages
+    read when a step reads the pool in place, padding rows and tokens of prefill batches.
     returns (prefill flops, decode flops)."""
     d, D, L = cfg.hidden_size, cfg.head_dim, cfg.num_layers
     qkv = 2 * d * (cfg.num_heads + 2 * cfg.num_kv_heads) * D
@@ -211,7 +213,7 @@ def main(argv=None):
                   flush=True)
     ok = [r for r in results if "error" not in r]
     lines = ["| system | rows | pool pages | tokens/s | requests/s | mean rows busy | CR | overflow "
-             "| prefill s | decode s | keys read | GFLOP counted prefill / decode | GFLOP/s "
+             "| prefill s | decode s | keys read | GFLOP counted prefill / decode | counted GFLOP/s "
              "prefill / decode |", "| --- " * 13 + "|"]
     for r in ok:
         lines.append(f"| {r['system']} | {r['rows']} | {r['pool_pages']} | {r['tokens_per_s']:.1f} | "

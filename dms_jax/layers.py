@@ -56,9 +56,18 @@ def rope_tables(positions, inv_freq):
     layer's queries and keys: (cos, sin), float32 [B, T, D // 2] each (half of D: `apply_rope`
     rotates the two halves of a head by the same angles).
 
-    positions: int [B, T]; inv_freq: [D // 2]."""
+    positions: int [B, T]; inv_freq: [D // 2].
+    Each table passes through a product with the identity (exact: each entry times 1, plus
+    zeros; at full f32 precision on every platform): XLA does not fuse a dot into the
+    elementwise code that reads it, so the table is a buffer evaluated once. Without it XLA fused
+    the cos / sin into every fusion that applies them and evaluated them per element there, i.e.
+    per head, per layer and again for every layout a layer's keys are written in; on a CPU that
+    was ~20% of a 512-token prefill chunk of a small model (kv shape of benchmarks/
+    vs_transformers.py; tests/test_generate.py counts the cosines of a compiled chunk)."""
     angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)
-    return jnp.cos(angles), jnp.sin(angles)
+    eye = jnp.eye(angles.shape[-1], dtype=jnp.float32)
+    once = lambda t: jnp.matmul(t, eye, precision=jax.lax.Precision.HIGHEST)  # noqa: E731
+    return once(jnp.cos(angles)), once(jnp.sin(angles))
 
 
 def apply_rope(x, rope):

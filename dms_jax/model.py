@@ -284,8 +284,9 @@ class Decoder(nnx.Module):
             positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
         k_valid = None if attention_mask is None else jnp.asarray(attention_mask).astype(bool)
         window = full_sequence_window(cfg, window)
+        positions = jnp.asarray(positions).astype(jnp.int32)
         ctx = LayerContext(
-            mode=mode, positions=positions.astype(jnp.int32), k_valid=k_valid,
+            mode=mode, positions=positions, k_valid=k_valid,
             attention_impl=attention_impl, window=window, plan=plan,
             segment_ids=None if segment_ids is None else jnp.asarray(segment_ids, jnp.int32),
             rope=rope_tables(positions, rope_inv_freq(cfg.head_dim, cfg.rope_theta,

@@ -57,7 +57,9 @@ class Completion:
     held: int  # tokens the row held at the end, summed over layers and KV heads
     seen: int  # tokens the row's cache took (prompt + generated - the last one)
     # keys the request's queries read, summed over layers and KV heads, by its prompt and by its
-    # decode steps (as `generate`'s stats.kv_reads_prefill / kv_reads_decode for it alone)
+    # decode steps (as `generate`'s stats.kv_reads_prefill / kv_reads_decode for it alone; the
+    # per-(layer, head) counters are float32, so past ~1.7e7 keys each they are rounded, by
+    # ~1e-6 of the count)
     kv_reads_prefill: float
     kv_reads_decode: float
 

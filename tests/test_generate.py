@@ -401,6 +401,10 @@ def test_prefill_step_writes_the_donated_cache_in_place(llama_dms, layout, atten
               if " copy(" in line and any(line.split("=", 1)[1].strip().startswith(s)
                                           for s in shapes)]
     assert not copies, copies[:4]
+    # RoPE's tables are evaluated once per chunk (`layers.rope_tables`), not again inside every
+    # fusion that applies them to a layer's queries or keys
+    assert sum(" cosine(" in line for line in text.splitlines()) == 1
+    assert sum(" sine(" in line for line in text.splitlines()) == 1
 
 
 def prefill_chunks(model, rows, plan, chunk, *, last_only):

@@ -48,6 +48,19 @@ def test_serve_benchmark_completes_the_stream_on_one_pool(model_dir):
     causal = sum(n * (n + 1) // 2 + sum(n + j + 1 for j in range(2 - 1)) for n in lengths)
     assert full_run["kv_reads"] == causal * cfg.num_layers * cfg.num_kv_heads
     assert full_run["gflop"] > dms["gflop"] > 0  # fewer keys read, the same tokens
+    # the work count, written out for `full`: per prompt of n tokens, every layer's q / k / v
+    # projections for every token, the other layers' o_proj and MLP, the last token's o_proj,
+    # MLP and unembedding, attention over (L - 1) of the L layers' causal keys; per decode step
+    # (one here) every layer and the unembedding, attention over position + 1 keys
+    d, f, D, L = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim, cfg.num_layers
+    H, K, V = cfg.num_heads, cfg.num_kv_heads, cfg.vocab_size
+    proj, rest, out = 2 * d * (H + 2 * K) * D, 2 * H * D * d + 6 * d * f, 2 * d * V
+    per_key = 4 * D * (H // K) * K  # each KV head's G query heads, every KV head
+    prefill = sum(n * (L * proj + (L - 1) * rest) + rest + out
+                  + per_key * (L - 1) * n * (n + 1) // 2 for n in lengths)
+    decode = sum(L * (proj + rest) + out + per_key * L * (n + 1) for n in lengths)
+    assert full_run["prefill_gflop"] == pytest.approx(prefill / 1e9, rel=1e-12)
+    assert full_run["decode_gflop"] == pytest.approx(decode / 1e9, rel=1e-12)
 
 
 def test_capacity_bisection_and_a_confirming_run(model_dir):
