@@ -63,11 +63,16 @@ def rope_tables(positions, inv_freq):
     the cos / sin into every fusion that applies them and evaluated them per element there, i.e.
     per head, per layer and again for every layout a layer's keys are written in; on a CPU that
     was ~20% of a 512-token prefill chunk of a small model (kv shape of benchmarks/
-    vs_transformers.py; tests/test_generate.py counts the cosines of a compiled chunk)."""
+    vs_transformers.py; tests/test_generate.py counts the cosines of a compiled chunk).
+    A decode step (T = 1) skips the product: its tables are B x D / 2 values, cheaper to
+    recompute in each reader than two more ops per generated token."""
     angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)
+    cos, sin = jnp.cos(angles), jnp.sin(angles)
+    if positions.shape[-1] == 1:
+        return cos, sin
     eye = jnp.eye(angles.shape[-1], dtype=jnp.float32)
     once = lambda t: jnp.matmul(t, eye, precision=jax.lax.Precision.HIGHEST)  # noqa: E731
-    return once(jnp.cos(angles)), once(jnp.sin(angles))
+    return once(cos), once(sin)
 
 
 def apply_rope(x, rope):
